@@ -1,0 +1,137 @@
+"""The one interface every backend adapter implements, and the torch.compile base they share."""
+
+from __future__ import annotations
+
+import inspect
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from adapters.errors import BackendUnavailable, InvalidOptions
+
+
+def dynamo_graph_count() -> int:
+    """Graphs dynamo has compiled in this process (torch's own counter, shared by all backends)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+class BackendAdapter(ABC):
+    """Runs the compile for one device family.
+
+    An adapter is stateless with respect to modules: the lifecycle decides *when* to compile,
+    the adapter decides *how* on its device. Third parties register their own adapters under the
+    ``dit_lifecycle.backends`` entry-point group (see ``adapters.registry``).
+    """
+
+    name: ClassVar[str]
+    device_type: ClassVar[str]
+
+    @classmethod
+    @abstractmethod
+    def is_available(cls) -> bool:
+        """Whether the runtime and a device are present (cheap, never raises)."""
+
+    @abstractmethod
+    def ensure_available(self) -> None:
+        """Raise ``BackendUnavailable`` saying what to install or attach, if not available."""
+
+    @abstractmethod
+    def validate_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        """Check compile options before any work; return the normalised options.
+
+        Raises ``InvalidOptions`` naming the bad key and the accepted ones.
+        """
+
+    @abstractmethod
+    def compile(self, module: nn.Module, options: Mapping[str, Any]) -> None:
+        """Compile ``module`` in place with validated ``options``."""
+
+    @abstractmethod
+    def decompile(self, module: nn.Module) -> None:
+        """Drop what ``compile`` installed; the module runs eagerly again."""
+
+    @abstractmethod
+    def synchronize(self) -> None:
+        """Wait for queued device work, so that timings mean something."""
+
+    def graph_count(self) -> int:
+        """Monotonic count of graphs compiled in this process; its deltas count recompiles."""
+        return dynamo_graph_count()
+
+    def describe(self) -> dict[str, Any]:
+        """What the audit records about this backend."""
+        return {"backend": self.name, "device_type": self.device_type}
+
+
+# torch.compile's keyword arguments, read from its signature so a torch upgrade is picked up.
+_TORCH_COMPILE_KEYS = frozenset(
+    name for name in inspect.signature(torch.compile).parameters if name != "model"
+)
+_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+class TorchCompileAdapter(BackendAdapter):
+    """``nn.Module.compile()`` in place, for every torch device family.
+
+    In place rather than wrapping: ``nn.Module.compile()`` keeps the object the host already
+    holds (``pipe.transformer`` keeps working), and it compiles ``_call_impl``, which calls
+    ``self.forward`` at run time. cache-dit mounts by replacing ``forward`` on the instance, so
+    the compiled code traces cache-dit's wrapped forward when the cache is mounted first. A
+    ``torch.compile(module)`` wrapper would be a new object the pipeline does not reference.
+    """
+
+    default_backend: ClassVar[str] = "inductor"
+    # Adapter-specific keys (not torch.compile's) that subclasses accept and consume themselves.
+    extra_keys: ClassVar[frozenset[str]] = frozenset()
+
+    def validate_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        if not isinstance(options, Mapping):
+            raise InvalidOptions(
+                f"compile_options must be a dict of torch.compile keyword arguments, "
+                f"got {type(options).__name__}"
+            )
+        allowed = _TORCH_COMPILE_KEYS | self.extra_keys
+        unknown = sorted(set(options) - allowed)
+        if unknown:
+            raise InvalidOptions(
+                f"unknown compile_options {unknown} for backend {self.name!r}; "
+                f"accepted: {sorted(allowed)}"
+            )
+        merged = {"backend": self.default_backend, **options}
+        backend = merged["backend"]
+        if isinstance(backend, str):
+            known = torch._dynamo.list_backends(exclude_tags=())
+            if backend not in known:
+                raise InvalidOptions(
+                    f"unknown torch.compile backend {backend!r}; available: {sorted(known)}"
+                )
+        elif not callable(backend):
+            raise InvalidOptions(f"compile backend must be a name or a callable, got {backend!r}")
+        if merged.get("mode") not in _MODES:
+            raise InvalidOptions(f"unknown compile mode {merged['mode']!r}; accepted: {_MODES[1:]}")
+        if merged.get("mode") is not None and not (backend == "inductor"):
+            raise InvalidOptions(
+                f"compile mode {merged['mode']!r} is an inductor option; drop it or use backend 'inductor'"
+            )
+        return merged
+
+    def compile(self, module: nn.Module, options: Mapping[str, Any]) -> None:
+        torch_options = {key: value for key, value in options.items() if key not in self.extra_keys}
+        try:
+            module.compile(**torch_options)
+        except BaseException:
+            module._compiled_call_impl = None  # leave the module eager, never half-compiled
+            raise
+
+    def decompile(self, module: nn.Module) -> None:
+        # nn.Module.compile() stores its compiled call here; None returns the module to eager.
+        module._compiled_call_impl = None
+
+    def ensure_available(self) -> None:
+        if not self.is_available():
+            raise BackendUnavailable(f"backend {self.name!r} is not available on this machine")

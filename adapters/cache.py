@@ -1,0 +1,184 @@
+"""The cache adapter: mounts cache-dit's DBCache on a transformer and manages its context.
+
+Everything that touches cache-dit lives here; ``lifecycle`` only calls this class.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from adapters.errors import InvalidOptions, UnsupportedForCache
+
+
+@dataclass(frozen=True)
+class CacheSummary:
+    """What cache-dit did in the current context."""
+
+    cached_steps: int = 0
+    executed_steps: int = 0
+    cached_step_indices: tuple[int, ...] = ()
+    cfg_cached_steps: int = 0
+    contexts: int = 0
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Fields of a steered warm-up context: cache from the 2nd step on, never twice in a row, so a
+# warm-up of any length reaches both cache-dit's cached-step branch and its post-warm-up compute
+# branch. Fn/Bn (which decide the graphs' shapes) are kept from the user's config.
+_WARMUP_STEERING: dict[str, Any] = {
+    "max_warmup_steps": 1,
+    "warmup_interval": 1,
+    "residual_diff_threshold": 1.0e9,
+    "max_accumulated_residual_diff_threshold": None,
+    "max_cached_steps": -1,
+    "max_continuous_cached_steps": 1,
+    # Far beyond any warm-up, so the context never wraps back to its warm-up steps mid-way.
+    "num_inference_steps": 1_000_000,
+    "steps_computation_mask": None,
+    "steps_computation_policy": "dynamic",
+    "force_refresh_step_hint": None,
+}
+# Steps a steered context must execute to have run: warm-up compute, cached, compute again.
+WARMUP_STEPS_TO_COVER = 3
+
+
+def _cache_dit() -> Any:
+    import cache_dit  # imported on first use: it is heavy and logs at import
+
+    return cache_dit
+
+
+class CacheDitAdapter:
+    """cache-dit's transformer-only API: ``enable_cache``, ``refresh_context``, ``disable_cache``,
+    ``summary``. One instance serves any number of modules; it holds no per-module state."""
+
+    name = "cache-dit"
+
+    def version(self) -> str:
+        return str(getattr(_cache_dit(), "__version__", "unknown"))
+
+    def default_config(self) -> Any:
+        return _cache_dit().DBCacheConfig()
+
+    def make_config(self, **fields: Any) -> Any:
+        """A ``cache_dit.DBCacheConfig`` with ``fields`` (for hosts that do not import cache-dit)."""
+        return _cache_dit().DBCacheConfig(**fields)
+
+    def validate_config(self, config: Any) -> Any:
+        """Return a private copy of ``config``; refuse anything that is not a DBCacheConfig."""
+        cache_dit = _cache_dit()
+        if config is None:
+            return self.default_config()
+        if not isinstance(config, cache_dit.BasicCacheConfig):
+            raise InvalidOptions(
+                f"cache_config must be a cache_dit.DBCacheConfig, got {type(config).__name__}; "
+                "build one with cache_dit.DBCacheConfig(Fn_compute_blocks=..., "
+                "residual_diff_threshold=...)"
+            )
+        steps = config.num_inference_steps
+        if steps is not None and (not isinstance(steps, int) or steps <= 0):
+            raise InvalidOptions(f"cache_config.num_inference_steps must be a positive int, got {steps!r}")
+        return copy.deepcopy(config)
+
+    def check_supported(self, module: nn.Module) -> None:
+        cache_dit = _cache_dit()
+        if not cache_dit.BlockAdapterRegister.is_supported(module):
+            raise UnsupportedForCache(
+                f"cache-dit has no registered adapter for {type(module).__name__}; describe its "
+                "blocks with cache_dit.BlockAdapter(transformer=..., blocks=..., forward_pattern=...) "
+                "and mount that, or use LifecyclePolicy(cache_dit=False)"
+            )
+
+    def is_mounted(self, module: nn.Module) -> bool:
+        return bool(getattr(module, "_is_cached", False))
+
+    def mount(self, module: nn.Module, config: Any) -> None:
+        self.check_supported(module)
+        try:
+            _cache_dit().enable_cache(module, cache_config=copy.deepcopy(config))
+        except BaseException:
+            self.unmount(module)  # never leave half-installed hooks behind
+            raise
+
+    def refresh(self, module: nn.Module, config: Any, num_inference_steps: int | None = None) -> None:
+        """A fresh context from ``config`` (never cache-dit's defaults), optionally re-stepped."""
+        fresh = copy.deepcopy(config)
+        if num_inference_steps is not None:
+            fresh.num_inference_steps = num_inference_steps
+        _cache_dit().refresh_context(module, cache_config=fresh)
+
+    def refresh_for_warmup(self, module: nn.Module, config: Any) -> None:
+        """A context steered so that any warm-up reaches the cached-step branch."""
+        steered = copy.deepcopy(config)
+        for key, value in _WARMUP_STEERING.items():
+            if hasattr(steered, key):
+                setattr(steered, key, value)
+        _cache_dit().refresh_context(module, cache_config=steered)
+
+    def unmount(self, module: nn.Module) -> None:
+        if hasattr(module, "_original_forward") or self.is_mounted(module):
+            _cache_dit().disable_cache(module)
+        # cache-dit restores forward as an instance attribute; drop it so the class's forward
+        # (and anything patched on the class later) is what runs.
+        if "forward" in vars(module) and not hasattr(module, "_original_forward"):
+            del module.forward
+
+    def _contexts(self, module: nn.Module) -> list[Any]:
+        manager = getattr(module, "_context_manager", None)
+        names = getattr(module, "_context_names", None) or []
+        if manager is None:
+            return []
+        return [manager.get_context(name) for name in names]
+
+    def summary(self, module: nn.Module) -> CacheSummary:
+        """Counts of the current context(s), read live.
+
+        cache-dit's own ``summary()`` shows stats it copies onto the module only when an
+        inference of ``num_inference_steps`` ends; a request of another length, or a steered
+        warm-up, never gets there. The live contexts always know.
+        """
+        contexts = self._contexts(module) if self.is_mounted(module) else []
+        if not contexts:
+            return CacheSummary()
+        first = contexts[0]
+        return CacheSummary(
+            cached_steps=max(c.get_accumulated_cached_steps() for c in contexts),
+            executed_steps=max(c.get_accumulated_executed_steps() for c in contexts),
+            cached_step_indices=tuple(first.get_cached_steps()),
+            cfg_cached_steps=max(c.get_cfg_accumulated_cached_steps() for c in contexts),
+            contexts=len(contexts),
+            config=_config_summary(first.cache_config),
+        )
+
+    def warmup_covered(self, module: nn.Module) -> bool:
+        """Whether the steered context has run the cached branch and computed after it."""
+        summary = self.summary(module)
+        return summary.cached_steps >= 1 and summary.executed_steps >= WARMUP_STEPS_TO_COVER
+
+    def describe_config(self, config: Any) -> dict[str, Any]:
+        return _config_summary(config)
+
+
+def _config_summary(config: Any) -> dict[str, Any]:
+    keys = (
+        "Fn_compute_blocks",
+        "Bn_compute_blocks",
+        "residual_diff_threshold",
+        "max_warmup_steps",
+        "max_cached_steps",
+        "max_continuous_cached_steps",
+        "num_inference_steps",
+    )
+    summary: dict[str, Any] = {"type": type(config).__name__}
+    for key in keys:
+        value = getattr(config, key, None)
+        summary[key] = float(value) if hasattr(value, "item") else value
+    return summary

@@ -1,0 +1,130 @@
+"""What a host needs to test its own integration, in the spirit of ``structlog.testing``:
+audit capture, a no-op backend adapter and a no-op cache adapter."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from structlog.testing import capture_logs
+from torch import nn
+
+from adapters import BackendAdapter, CacheSummary, InvalidOptions
+from lifecycle import audit
+
+
+@contextmanager
+def capture_audit() -> Iterator[list[dict[str, Any]]]:
+    """Collect the lifecycle's audit events (transition, request, recompile, coverage) as dicts.
+
+    Like ``structlog.testing.capture_logs``, it replaces the processors for the duration, so
+    events are captured whatever the host configured.
+    """
+    with capture_logs() as logs:
+        yield AuditEvents(logs)
+
+
+class AuditEvents(Sequence[dict[str, Any]]):
+    """A live, read-only view of the captured ``lifecycle.*`` events, oldest first."""
+
+    def __init__(self, logs: list[dict[str, Any]]) -> None:
+        self._logs = logs
+
+    def _events(self) -> list[dict[str, Any]]:
+        return [e for e in self._logs if str(e.get("event", "")).startswith("lifecycle.")]
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._events()[index]
+
+    def __len__(self) -> int:
+        return len(self._events())
+
+    def of(self, event: str, module: str | None = None) -> list[dict[str, Any]]:
+        """Events named ``event`` (e.g. "lifecycle.transition"), optionally of one module."""
+        return [
+            e for e in self._events()
+            if e["event"] == event and (module is None or e.get("module") == module)
+        ]
+
+
+class NoopBackend(BackendAdapter):
+    """A backend that compiles nothing and counts calls: the lifecycle's own cost, isolated."""
+
+    name = "noop"
+    device_type = "cpu"
+
+    def __init__(self) -> None:
+        self.compiles = 0
+        self.decompiles = 0
+        self.graphs = 0
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return True
+
+    def ensure_available(self) -> None:
+        return None
+
+    def validate_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        if not isinstance(options, Mapping):
+            raise InvalidOptions(f"compile_options must be a dict, got {type(options).__name__}")
+        return dict(options)
+
+    def compile(self, module: nn.Module, options: Mapping[str, Any]) -> None:
+        self.compiles += 1
+
+    def decompile(self, module: nn.Module) -> None:
+        self.decompiles += 1
+
+    def synchronize(self) -> None:
+        return None
+
+    def graph_count(self) -> int:
+        return self.graphs
+
+
+class NoopCache:
+    """A cache adapter that mounts nothing but keeps the mounted flag and counts refreshes."""
+
+    name = "noop-cache"
+
+    def __init__(self) -> None:
+        self.mounted: set[int] = set()
+        self.refreshes = 0
+
+    def default_config(self) -> dict[str, Any]:
+        return {}
+
+    def validate_config(self, config: Any) -> Any:
+        return {} if config is None else config
+
+    def check_supported(self, module: nn.Module) -> None:
+        return None
+
+    def is_mounted(self, module: nn.Module) -> bool:
+        return id(module) in self.mounted
+
+    def mount(self, module: nn.Module, config: Any) -> None:
+        self.mounted.add(id(module))
+
+    def refresh(self, module: nn.Module, config: Any, num_inference_steps: int | None = None) -> None:
+        self.refreshes += 1
+
+    def refresh_for_warmup(self, module: nn.Module, config: Any) -> None:
+        self.refreshes += 1
+
+    def unmount(self, module: nn.Module) -> None:
+        self.mounted.discard(id(module))
+
+    def summary(self, module: nn.Module) -> CacheSummary:
+        return CacheSummary()
+
+    def warmup_covered(self, module: nn.Module) -> bool:
+        return True
+
+    def describe_config(self, config: Any) -> dict[str, Any]:
+        return {"type": "noop"}
+
+
+__all__ = ["AuditEvents", "NoopBackend", "NoopCache", "audit", "capture_audit"]

@@ -1,0 +1,25 @@
+"""The lifecycle's states and its legal-transition table, as plain data (stdlib only)."""
+
+from states.table import (
+    PROGRESS,
+    LifecyclePolicy,
+    State,
+    Transition,
+    Trigger,
+    allowed_triggers,
+    destination,
+    explain_illegal,
+    transitions_for,
+)
+
+__all__ = [
+    "PROGRESS",
+    "LifecyclePolicy",
+    "State",
+    "Transition",
+    "Trigger",
+    "allowed_triggers",
+    "destination",
+    "explain_illegal",
+    "transitions_for",
+]
