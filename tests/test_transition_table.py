@@ -1,0 +1,93 @@
+"""Every (policy, state, trigger) on a real lifecycle: legal triggers reach the table's state,
+illegal ones raise IllegalTransitionError and change nothing. The expectations come from
+``states.transitions_for``; the table is not re-typed here."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import pytest
+from conftest import FAST_COMPILE
+
+from lifecycle import IllegalTransitionError, LifecyclePolicy, ModuleLifecycle, State, Trigger
+from states import allowed_triggers, destination, transitions_for
+
+POLICIES = [LifecyclePolicy(cache_dit=c, compile=k) for c, k in itertools.product((True, False), repeat=2)]
+
+
+def _no_call(module: object) -> None:
+    # Warm-up that calls nothing: legality is what these tests check, not coverage.
+    return None
+
+
+def _drive(lc: ModuleLifecycle, target: State) -> None:
+    path = lc.policy.path
+    for state in path[1 : path.index(target) + 1]:
+        trigger = next(
+            e.trigger for e in transitions_for(lc.policy) if e.source is lc.state and e.dest is state
+        )
+        _fire(lc, trigger)
+    assert lc.state is target
+
+
+def _fire(lc: ModuleLifecycle, trigger: Trigger) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if trigger is Trigger.WARM_UP:
+            lc.warm_up(_no_call)
+        else:
+            getattr(lc, trigger.value)()
+
+
+CASES = [
+    (policy, state, trigger)
+    for policy in POLICIES
+    for state in policy.path
+    for trigger in Trigger
+]
+
+
+@pytest.mark.parametrize(("policy", "state", "trigger"), CASES, ids=str)
+def test_every_trigger_in_every_reachable_state(policy, state, trigger, flux, cache_config, audit_events):
+    lc = ModuleLifecycle(
+        flux, policy=policy, backend="cpu", cache_config=cache_config, compile_options=FAST_COMPILE
+    )
+    _drive(lc, state)
+    history_before = len(lc.history)
+    expected = destination(policy, state, trigger)
+    assert lc.allowed_triggers() == allowed_triggers(policy, state)
+    if expected is None:
+        with pytest.raises(IllegalTransitionError) as info:
+            _fire(lc, trigger)
+        assert lc.state is state
+        message = str(info.value)
+        assert lc.name in message and state.value in message and trigger.value in message
+        assert "Allowed now:" in message
+        last = audit_events.of("lifecycle.transition")[-1]
+        assert (last["outcome"], last["source"], last["dest"]) == ("refused", state.value, state.value)
+    else:
+        _fire(lc, trigger)
+        assert lc.state is expected
+        last = audit_events.of("lifecycle.transition")[-1]
+        assert (last["outcome"], last["source"], last["dest"]) == ("ok", state.value, expected.value)
+    assert len(lc.history) == history_before + 1
+    assert [e["seq"] for e in audit_events.of("lifecycle.transition")] == list(
+        range(1, len(lc.history) + 1)
+    )
+
+
+def test_compile_before_mount_is_refused_with_the_fix(flux, cache_config):
+    lc = ModuleLifecycle(flux, backend="cpu", cache_config=cache_config, compile_options=FAST_COMPILE)
+    with pytest.raises(IllegalTransitionError) as info:
+        lc.compile()
+    assert lc.state is State.LOADED
+    assert "mount_cache()" in str(info.value) and "prepare(run)" in str(info.value)
+    assert flux._compiled_call_impl is None  # nothing was compiled
+
+
+def test_no_back_doors_on_the_machine(flux, cache_config):
+    lc = ModuleLifecycle(flux, backend="cpu", cache_config=cache_config, compile_options=FAST_COMPILE)
+    holder = lc._holder
+    assert not any(name.startswith("to_") for name in dir(holder))
+    assert not hasattr(flux, "mount_cache")  # triggers never bind to the nn.Module
