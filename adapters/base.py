@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from adapters.errors import BackendUnavailable, InvalidOptions
+from adapters.regional import REGIONAL_KEY, compile_regional, decompile_regional, validate_regional
 
 
 def dynamo_graph_count() -> int:
@@ -23,9 +24,15 @@ def dynamo_graph_count() -> int:
 class BackendAdapter(ABC):
     """Runs the compile for one device family.
 
-    An adapter is stateless with respect to modules: the lifecycle decides *when* to compile,
-    the adapter decides *how* on its device. Third parties register their own adapters under the
+    An adapter holds no per-module state: the lifecycle decides *when* to compile, the adapter
+    decides *how* on its device. Third parties subclass this and register under the
     ``dit_lifecycle.backends`` entry-point group (see ``adapters.registry``).
+
+    Contract, in the order the lifecycle uses it: ``is_available`` (cheap, never raises) and
+    ``ensure_available`` (raises ``BackendUnavailable`` saying what to install) at construction;
+    ``validate_options`` once, before any work; ``compile`` in place; ``graph_count`` before and
+    after warm-up and each request, so its deltas count recompiles; ``synchronize`` before a
+    clock is read; ``decompile`` on reset.
     """
 
     name: ClassVar[str]
@@ -69,10 +76,12 @@ class BackendAdapter(ABC):
 
 
 # torch.compile's keyword arguments, read from its signature so a torch upgrade is picked up.
-_TORCH_COMPILE_KEYS = frozenset(
+TORCH_COMPILE_KEYS = frozenset(
     name for name in inspect.signature(torch.compile).parameters if name != "model"
 )
-_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# Inductor's modes; None and "default" are the same.
+INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+_BOOL_KEYS = ("fullgraph", "disable")
 
 
 class TorchCompileAdapter(BackendAdapter):
@@ -81,13 +90,20 @@ class TorchCompileAdapter(BackendAdapter):
     In place rather than wrapping: ``nn.Module.compile()`` keeps the object the host already
     holds (``pipe.transformer`` keeps working), and it compiles ``_call_impl``, which calls
     ``self.forward`` at run time. cache-dit mounts by replacing ``forward`` on the instance, so
-    the compiled code traces cache-dit's wrapped forward when the cache is mounted first. A
-    ``torch.compile(module)`` wrapper would be a new object the pipeline does not reference.
+    the compiled code traces cache-dit's wrapped forward when the cache is mounted first, and
+    ``decompile`` (``_compiled_call_impl = None``) returns exactly the eager module. A
+    ``torch.compile(module)`` wrapper would be a new object the pipeline does not reference, and
+    compiling ``module.forward`` would capture the forward of the moment, missing cache-dit's.
     """
 
     default_backend: ClassVar[str] = "inductor"
+    modes: ClassVar[tuple[str, ...]] = INDUCTOR_MODES
     # Adapter-specific keys (not torch.compile's) that subclasses accept and consume themselves.
-    extra_keys: ClassVar[frozenset[str]] = frozenset()
+    # "regional": compile the repeated blocks one by one (adapters/regional.py says which and why).
+    extra_keys: ClassVar[frozenset[str]] = frozenset({REGIONAL_KEY})
+
+    def accepted_keys(self) -> frozenset[str]:
+        return TORCH_COMPILE_KEYS | self.extra_keys
 
     def validate_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         if not isinstance(options, Mapping):
@@ -95,7 +111,7 @@ class TorchCompileAdapter(BackendAdapter):
                 f"compile_options must be a dict of torch.compile keyword arguments, "
                 f"got {type(options).__name__}"
             )
-        allowed = _TORCH_COMPILE_KEYS | self.extra_keys
+        allowed = self.accepted_keys()
         unknown = sorted(set(options) - allowed)
         if unknown:
             raise InvalidOptions(
@@ -103,6 +119,8 @@ class TorchCompileAdapter(BackendAdapter):
                 f"accepted: {sorted(allowed)}"
             )
         merged = {"backend": self.default_backend, **options}
+        check_option_types(merged)
+        validate_regional(merged)
         backend = merged["backend"]
         if isinstance(backend, str):
             known = torch._dynamo.list_backends(exclude_tags=())
@@ -112,16 +130,24 @@ class TorchCompileAdapter(BackendAdapter):
                 )
         elif not callable(backend):
             raise InvalidOptions(f"compile backend must be a name or a callable, got {backend!r}")
-        if merged.get("mode") not in _MODES:
-            raise InvalidOptions(f"unknown compile mode {merged['mode']!r}; accepted: {_MODES[1:]}")
-        if merged.get("mode") is not None and not (backend == "inductor"):
-            raise InvalidOptions(
-                f"compile mode {merged['mode']!r} is an inductor option; drop it or use backend 'inductor'"
-            )
+        mode = merged.get("mode")
+        if mode is not None and mode not in self.modes:
+            raise InvalidOptions(f"unknown compile mode {mode!r}; accepted: {list(self.modes)}")
+        for key in ("mode", "options"):
+            if merged.get(key) is not None and backend != "inductor":
+                raise InvalidOptions(
+                    f"compile option {key}={merged[key]!r} is an inductor option; drop it or use "
+                    "backend 'inductor'"
+                )
+        if merged.get("mode") is not None and merged.get("options") is not None:
+            raise InvalidOptions("torch.compile takes mode or options, not both; drop one of them")
         return merged
 
     def compile(self, module: nn.Module, options: Mapping[str, Any]) -> None:
         torch_options = {key: value for key, value in options.items() if key not in self.extra_keys}
+        if options.get(REGIONAL_KEY):
+            compile_regional(module, torch_options)  # never half-compiled either
+            return
         try:
             module.compile(**torch_options)
         except BaseException:
@@ -131,7 +157,26 @@ class TorchCompileAdapter(BackendAdapter):
     def decompile(self, module: nn.Module) -> None:
         # nn.Module.compile() stores its compiled call here; None returns the module to eager.
         module._compiled_call_impl = None
+        decompile_regional(module)
 
     def ensure_available(self) -> None:
         if not self.is_available():
             raise BackendUnavailable(f"backend {self.name!r} is not available on this machine")
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "torch": torch.__version__}
+
+
+def check_option_types(options: Mapping[str, Any]) -> None:
+    """Type checks shared by every torch.compile adapter (values, not key names)."""
+    for key in _BOOL_KEYS:
+        if key in options and not isinstance(options[key], bool):
+            raise InvalidOptions(f"compile option {key} must be True or False, got {options[key]!r}")
+    dynamic = options.get("dynamic")
+    if dynamic is not None and not isinstance(dynamic, bool):
+        raise InvalidOptions(f"compile option dynamic must be None, True or False, got {dynamic!r}")
+    inductor_options = options.get("options")
+    if inductor_options is not None and not isinstance(inductor_options, Mapping):
+        raise InvalidOptions(
+            f"compile option options must be a dict, got {type(inductor_options).__name__}"
+        )

@@ -77,9 +77,12 @@ class Bench:
         self.device = torch.device(args.device)
         self.dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
         self.shape = TINY_SHAPE if args.tiny else FLUX_SHAPE
-        # Weights made on the device: the same seed gives the same weights in every process.
-        with self.device:
-            self.module = tiny_flux(self.shape, seed=0, dtype=self.dtype)
+        # Weights made on the device (fast): the same seed gives the same weights in every process.
+        try:
+            with self.device:
+                self.module = tiny_flux(self.shape, seed=0, dtype=self.dtype)
+        except Exception:  # a constructor that insists on the CPU: build there, then move
+            self.module = tiny_flux(self.shape, seed=0, dtype=self.dtype).to(self.device)
         self.inputs = flux_inputs(self.shape, seed=1, device=self.device, dtype=self.dtype)
         self.config = demo_cache_config(args.steps, threshold=args.threshold)
         self.cache = CacheDitAdapter()
@@ -397,7 +400,9 @@ def _child_args(args: argparse.Namespace) -> list[str]:
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--tiny", action="store_true", help="tiny Flux (dry run of the script)")
     parser.add_argument("--steps", type=int, default=28)

@@ -7,6 +7,7 @@ refused or failed trigger leaves the state as it was.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
@@ -28,6 +29,7 @@ from adapters import (
     UnsupportedForCache,
     get_backend,
 )
+from adapters.artifacts import ArtifactReport, ArtifactStore, build_key, inductor_cache_misses
 from lifecycle import audit
 from lifecycle.errors import (
     BackendUnavailableError,
@@ -83,6 +85,9 @@ class RequestRecord:
     request_id: str
     num_inference_steps: int | None
     cached_steps: int = 0
+    # Steps whose unconditional (classifier-free guidance) call was cached, when cache-dit
+    # counts the two calls of a guided step separately (Wan: enable_separate_cfg).
+    cfg_cached_steps: int = 0
     new_graphs: int = 0
     duration_ms: float = 0.0
     outcome: str = "running"
@@ -100,8 +105,9 @@ class ModuleLifecycle:
 
     Thread-safe: every trigger and every request holds the lifecycle's re-entrant lock, so
     transitions and requests on one lifecycle run one at a time; other lifecycles are not
-    blocked. The same thread may call ``refresh`` inside its own ``request`` (re-entrant lock):
-    it starts a new cache context for the rest of that request.
+    blocked. Inside its own ``request`` a thread may call ``refresh`` (the lock is re-entrant):
+    it starts a new cache context for the rest of that request. Any other trigger, or a nested
+    ``request``, from inside a request is refused at once (it could only wait on itself).
     """
 
     def __init__(
@@ -114,6 +120,7 @@ class ModuleLifecycle:
         compile_options: Mapping[str, Any] | None = None,
         *,
         cache_adapter: Any = None,
+        artifact_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise InvalidConfigError(f"name must be a non-empty str, got {name!r}")
@@ -155,8 +162,15 @@ class ModuleLifecycle:
         self._warmup_s = 0.0
         self._recompiles_since_warmup = 0
         self._requests = 0
+        # The request being served, set only while its block runs (under the lock, so a non-None
+        # value seen while holding the lock belongs to this very thread).
+        self._active_request: RequestRecord | None = None
         self._warmup_covered: bool | None = None
         self._graphs_at_warmup = 0
+        # Compile artifacts (adapters/artifacts.py): loaded before compile, saved at WarmedUp.
+        self._artifacts = ArtifactStore(artifact_dir) if artifact_dir is not None and policy.compile else None
+        self._artifact_reports: dict[str, ArtifactReport] = {}
+        self._misses_at_compile = 0
 
     # ------------------------------------------------------------------ read-only views
     @property
@@ -195,6 +209,7 @@ class ModuleLifecycle:
                 "requests": self._requests,
                 "warmup_covered_cached_branch": self._warmup_covered,
                 "cache": cache_summary,
+                "artifacts": {k: r.status for k, r in self._artifact_reports.items()} or None,
             }
 
     def __repr__(self) -> str:
@@ -262,6 +277,18 @@ class ModuleLifecycle:
                     allowed=allowed_triggers(self.policy, source),
                 )
                 raise self._refuse(trigger, error, started)
+            if self._active_request is not None and trigger is not Trigger.REFRESH:
+                # Same thread, inside its own request: waiting would deadlock, and a reset or
+                # invalidate would change the module under the request.
+                error = IllegalTransitionError(
+                    module=self.name,
+                    state=source,
+                    trigger=trigger,
+                    reason=f"request {self._active_request.request_id!r} is running in this thread; "
+                    f"call {trigger.value}() after its block ends",
+                    allowed=(Trigger.REFRESH,),
+                )
+                raise self._refuse(trigger, error, started)
             attempt = _Attempt()
             try:
                 yield attempt
@@ -327,6 +354,7 @@ class ModuleLifecycle:
             with _compiled_lock:
                 owner = _compiled_by.get(self._module)
                 if owner is None:
+                    self._load_artifacts(attempt)
                     self.backend.compile(self._module, self.compile_options)
                     _compiled_by[self._module] = self.module_id
                     self._compiles += 1
@@ -349,6 +377,10 @@ class ModuleLifecycle:
             self.cache.refresh(self._module, self.cache_config, steps)
             self._serving_steps = steps
             attempt.extra["num_inference_steps"] = steps
+            if self._active_request is not None:
+                # Refresh inside one's own request: the rest of it runs in the new context.
+                self._active_request.num_inference_steps = steps
+                attempt.extra["request_id"] = self._active_request.request_id
 
     def invalidate(self) -> None:
         """WarmedUp -> the state before it: weights changed, so warm up again before serving."""
@@ -398,7 +430,8 @@ class ModuleLifecycle:
                 allowed=self.allowed_triggers(),
             )
         steps = []
-        for source, dest in zip(path[path.index(self.state):], path[path.index(self.state) + 1:]):
+        here = path.index(self.state)
+        for source, dest in zip(path[here:], path[here + 1 :], strict=False):
             steps.extend(
                 t for t in (Trigger.MOUNT_CACHE, Trigger.COMPILE, Trigger.WARM_UP)
                 if destination(self.policy, source, t) is dest
@@ -421,7 +454,9 @@ class ModuleLifecycle:
         finally:
             if self.policy.cache_dit:
                 # A warm-up is an earlier request: never let its context serve the first real one.
+                refreshed = time.perf_counter()
                 self.cache.refresh(self._module, self.cache_config, self._serving_steps)
+                self._audit_refresh("after_warmup", self._serving_steps, refreshed)
 
     @staticmethod
     def _run_warmup(
@@ -440,19 +475,55 @@ class ModuleLifecycle:
                 done = [check() for check in covered]
                 if all(done) or runs >= MAX_WARMUP_RUNS:
                     break
-            for member, ok in zip(members, done):
+            for member, ok in zip(members, done, strict=False):
                 member.backend.synchronize()
                 member._warmup_covered = ok
                 if not ok:
                     member._warn_uncovered(runs)
         elapsed = time.perf_counter() - started
         for member in members:
+            member._save_artifacts(attempt)
             member._warmup_s += elapsed
             member._recompiles_since_warmup = 0
             member._graphs_at_warmup = member.backend.graph_count()
         if attempt is not None:
             attempt.extra["warmup_runs"] = runs
             attempt.extra["cached_branch_covered"] = all(done)
+
+    # ------------------------------------------------------------------ compile artifacts
+    def _artifact_key(self) -> Any:
+        return build_key(
+            self._module,
+            compile_options=self.compile_options,
+            cache_config=self.cache_config,
+            cache_version=self.cache.version() if self.policy.cache_dit else None,
+            policy=self.policy.as_dict(),
+        )
+
+    def _report_artifacts(self, report: ArtifactReport, attempt: _Attempt | None) -> None:
+        """Audit one load or save; stale, corrupt and failed are warnings, never errors."""
+        self._artifact_reports[report.action] = report
+        if attempt is not None:
+            attempt.extra[f"artifacts_{report.action}"] = report.status
+        outcome = "refused" if report.problem else "ok"
+        audit.emit("lifecycle.artifacts", outcome, {**self._audit_base(), **report.as_dict()})
+
+    def _load_artifacts(self, attempt: _Attempt | None) -> None:
+        """Before compiling: put saved graphs into torch's caches (never raises)."""
+        self._artifact_reports.pop("save", None)
+        self._misses_at_compile = inductor_cache_misses()
+        if self._artifacts is not None:
+            self._report_artifacts(self._artifacts.load(self._artifact_key()), attempt)
+
+    def _save_artifacts(self, attempt: _Attempt | None) -> None:
+        """At WarmedUp: save what was compiled, unless the loaded artifacts already held it all."""
+        if self._artifacts is None or "save" in self._artifact_reports:
+            return
+        loaded = self._artifact_reports.get("load")
+        compiled_new = inductor_cache_misses() > self._misses_at_compile
+        if loaded is not None and loaded.status == "loaded" and not compiled_new:
+            return
+        self._report_artifacts(self._artifacts.save(self._artifact_key()), attempt)
 
     def _warn_uncovered(self, runs: int) -> None:
         message = (
@@ -473,8 +544,24 @@ class ModuleLifecycle:
     def request(
         self, num_inference_steps: int | None = None, request_id: str | None = None
     ) -> Iterator[RequestRecord]:
-        """Serve one request from a fresh cache context. Legal only in WarmedUp; one request at
-        a time per lifecycle (a second caller waits)."""
+        """Serve one request from a fresh cache context; the yielded record is filled in on exit.
+
+        - Legal only in WarmedUp; elsewhere ``IllegalTransitionError`` naming ``prepare``.
+        - The context is rebuilt from this lifecycle's own cache config (and
+          ``num_inference_steps`` when given), so identical requests give identical outputs and
+          nothing of the warm-up or an earlier request leaks in.
+        - One request at a time per lifecycle: the lock is held for the whole block, so a
+          request or transition from another thread waits for it to end.
+        - Inside the block the same thread may call ``refresh()``: the rest of the request runs
+          in the new context, ``cached_steps`` counts from there, and a step count given to it
+          becomes the serving default, as outside a request. Any other trigger and a nested
+          ``request()`` raise ``IllegalTransitionError`` at once (they could only wait on this
+          thread).
+        - An exception from the block is recorded (outcome ``failed``) and propagates unchanged;
+          the state stays WarmedUp.
+        - ``new_graphs`` reads dynamo's process-wide graph count: graphs compiled meanwhile for
+          another module (e.g. the other Wan 2.2 transformer in the same pipeline call) count too.
+        """
         with self._lock:
             try:
                 record = self._begin_request(num_inference_steps, request_id)
@@ -484,6 +571,7 @@ class ModuleLifecycle:
             started = time.perf_counter()
             graphs_before = self.backend.graph_count()
             error: BaseException | None = None
+            self._active_request = record
             try:
                 with structlog.contextvars.bound_contextvars(request_id=record.request_id):
                     yield record
@@ -491,10 +579,20 @@ class ModuleLifecycle:
                 error = exc
                 raise
             finally:
+                self._active_request = None
                 self.backend.synchronize()
                 self._end_request(record, started, graphs_before, error)
 
     def _begin_request(self, steps: int | None, request_id: str | None) -> RequestRecord:
+        if self._active_request is not None:
+            raise IllegalTransitionError(
+                module=self.name,
+                state=self.state,
+                trigger="request",
+                reason=f"request {self._active_request.request_id!r} is already running in this "
+                "thread and requests do not nest (one cache context serves one request)",
+                allowed=(Trigger.REFRESH,),
+            )
         if self.state is not State.WARMED_UP:
             raise IllegalTransitionError(
                 module=self.name,
@@ -506,13 +604,36 @@ class ModuleLifecycle:
         self._check_steps(Trigger.REFRESH, steps)
         record = RequestRecord(request_id or uuid.uuid4().hex[:12], steps or self._serving_steps)
         if self.policy.cache_dit:
-            self.cache.refresh(self._module, self.cache_config, record.num_inference_steps)
+            try:
+                self.cache.refresh(self._module, self.cache_config, record.num_inference_steps)
+            except Exception as exc:
+                raise TransitionFailedError(
+                    f"{self.name}: the request could not start: refreshing cache-dit's context failed "
+                    f"({type(exc).__name__}: {exc}); the state stays WarmedUp and no request ran. "
+                    "Call refresh() to retry, or reset() and prepare(run) again.",
+                    module=self.name,
+                    state=self.state,
+                    trigger="request",
+                ) from exc
         return record
 
+    def _audit_refresh(self, reason: str, steps: int | None, started: float) -> None:
+        # Debug level, for operators who want to see it; the refresh trigger has its own
+        # transition event, and every lifecycle.request implies a refresh on entry.
+        audit.logger().debug(
+            audit.CACHE_REFRESH_EVENT,
+            **self._audit_base(),
+            reason=reason,
+            num_inference_steps=steps,
+            duration_ms=round((time.perf_counter() - started) * 1000.0, 3),
+        )
+
     def _refuse_request(self, steps: int | None, request_id: str | None, error: BaseException) -> None:
+        # Refused: not legal now or bad arguments; failed: legal, but the context refresh raised.
+        outcome = "failed" if isinstance(error, TransitionFailedError) else "refused"
         audit.emit(
             audit.REQUEST_EVENT,
-            "refused",
+            outcome,
             {
                 "module": self.name,
                 "module_id": self.module_id,
@@ -521,7 +642,7 @@ class ModuleLifecycle:
                 "cached_steps": 0,
                 "new_graphs": 0,
                 "duration_ms": 0.0,
-                "outcome": "refused",
+                "outcome": outcome,
                 "state": self.state.value,
                 "error": f"{type(error).__name__}: {error}",
             },
@@ -533,7 +654,9 @@ class ModuleLifecycle:
         record.duration_ms = (time.perf_counter() - started) * 1000.0
         record.new_graphs = max(0, self.backend.graph_count() - graphs_before)
         if self.policy.cache_dit:
-            record.cached_steps = self.cache.summary(self._module).cached_steps
+            summary = self.cache.summary(self._module)
+            record.cached_steps = summary.cached_steps
+            record.cfg_cached_steps = summary.cfg_cached_steps
         record.outcome = "ok" if error is None else "failed"
         self._requests += 1
         fields: dict[str, Any] = {
@@ -542,6 +665,7 @@ class ModuleLifecycle:
             "request_id": record.request_id,
             "num_inference_steps": record.num_inference_steps,
             "cached_steps": record.cached_steps,
+            "cfg_cached_steps": record.cfg_cached_steps,
             "new_graphs": record.new_graphs,
             "duration_ms": round(record.duration_ms, 3),
             "outcome": record.outcome,

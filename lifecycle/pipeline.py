@@ -3,33 +3,51 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
-import uuid
 from typing import Any
 
 from lifecycle.errors import IllegalTransitionError, InvalidConfigError, LifecycleError
 from lifecycle.module import ModuleLifecycle, RequestRecord
-from states import PROGRESS, State, Trigger
+from states import PROGRESS, State, Trigger, destination
 
 # Pipeline attributes managed by from_diffusers, in order.
 DIFFUSERS_MEMBERS = ("transformer", "transformer_2")
 
 
 class PipelineError(LifecycleError):
-    """A member's transition failed; ``member`` names it, ``__cause__`` is the member's error."""
+    """A member's transition failed; ``member`` names it, ``__cause__`` is the member's error.
 
-    def __init__(self, message: str, *, member: str, state: State | None) -> None:
+    ``members`` names every member the failure concerns: one for a member's own transition,
+    all of them for a joint warm-up (one pipeline call drives them all, so the failure cannot
+    be pinned on one) or for a reset where several failed.
+    """
+
+    def __init__(
+        self, message: str, *, member: str, state: State | None, members: tuple[str, ...] = ()
+    ) -> None:
         super().__init__(message, module=member, state=state)
         self.member = member
+        self.members = members or (member,)
 
 
 class PipelineLifecycle:
     """Prepares, refreshes, invalidates, resets and serves its members in insertion order.
 
-    Its ``state`` is the least advanced member's. A member that fails stops the walk: members
-    before it keep their new state, it and those after keep their old one, and the error names
-    the member (``PipelineError`` whose ``__cause__`` is the member's typed error).
+    - ``state`` is the least advanced member's.
+    - Every operation holds all members' locks (taken in insertion order, so two pipeline
+      operations never deadlock): a member cannot move under a pipeline operation.
+    - ``prepare`` mounts and compiles each member in turn, then warms all cold members with one
+      call of the warm-up callable (a joint warm-up: one pipeline call reaches every member).
+    - A member that fails stops the walk: members before it keep their new state, it and those
+      after keep their old one, each in a legal state of its own, and the error names the
+      member (``PipelineError`` whose ``__cause__`` is the member's typed error). A failed
+      joint warm-up leaves every cold member in its pre-warm-up state and names them all.
+    - ``refresh`` checks every member first (legal now, valid step count) and touches none if
+      one would refuse.
+    - ``reset`` is the way back from anything: it resets every member even when one fails, then
+      names the ones that failed.
     """
 
     def __init__(self, members: Mapping[str, ModuleLifecycle], *, pipeline: Any = None) -> None:
@@ -45,13 +63,32 @@ class PipelineLifecycle:
 
     @classmethod
     def from_diffusers(cls, pipe: Any, **lifecycle_kwargs: Any) -> PipelineLifecycle:
-        """Manage ``pipe.transformer`` and, when present, ``pipe.transformer_2``.
+        """Manage ``pipe.transformer`` and, when present, ``pipe.transformer_2`` (Wan 2.2).
 
-        cache-dit is mounted on each transformer, not on the pipeline: the lifecycle owns the
-        order (mount before compile) and refreshes each transformer's context per request
-        itself, and pipeline-level mounting would hide the transformers behind cache-dit's own
-        pipeline hooks. The modules are wrapped and compiled in place, so ``pipe(...)`` keeps
-        working through them.
+        ``lifecycle_kwargs`` (policy, backend, cache_config, compile_options) go to every
+        member. The modules are wrapped and compiled in place, so ``pipe(...)`` keeps working
+        through them; serve with ``with plc.request(...): pipe(...)``.
+
+        Why cache-dit is mounted on each transformer and not on the pipeline
+        (``cache_dit.enable_cache(pipe)``), although the pipeline mount refreshes per call:
+        - Its contexts are per call, not persistent: ``refresh_context`` skips them, so the
+          lifecycle could neither steer warm-up into the cached-step branch nor hand the first
+          request a clean context, and a short warm-up would leave a graph for that request
+          to compile. Per-transformer contexts are persistent and ours to refresh.
+        - The lifecycle must mount before it compiles, on the very module it compiles; mounting
+          the transformer is that, with nothing of the pipeline's ``__call__`` patched.
+        - Serving engines call the transformer directly; one mechanism serves both uses.
+        The price is that isolation needs ``request()``: a pipeline call outside it continues
+        the previous call's context. Do not also mount cache-dit on the pipeline.
+
+        Classifier-free guidance (Wan): the pipeline calls the step's transformer twice per
+        step, conditional then unconditional. cache-dit's registered Wan adapter sets
+        ``has_separate_cfg``, which the mount turns into ``enable_separate_cfg=True``: each
+        context counts a step per call pair and keeps separate cond/uncond caches. A refresh
+        keeps it (cache-dit updates only the fields our config sets, and it leaves this one
+        None), and every request starts on a cond call. Without guidance (``guidance_scale``
+        <= 1) pass a ``cache_config`` with ``enable_separate_cfg=False``, or the context
+        would count two steps as one.
         """
         members = {}
         for attribute in DIFFUSERS_MEMBERS:
@@ -71,29 +108,39 @@ class PipelineLifecycle:
     def _warmup_target(self) -> Any:
         return self.pipeline if self.pipeline is not None else {n: m.module for n, m in self.members.items()}
 
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold every member's lock, in insertion order (the order ``request`` takes them too)."""
+        with ExitStack() as stack:
+            for member in self.members.values():
+                stack.enter_context(member._lock)
+            yield
+
     def _each(self, action: Callable[[ModuleLifecycle], None]) -> None:
-        for name, member in self.members.items():
-            try:
-                action(member)
-            except LifecycleError as exc:
-                raise PipelineError(
-                    f"pipeline member {name!r} failed: {exc}", member=name, state=member.state
-                ) from exc
+        for member in self.members.values():
+            self._each_one(member, action)
 
     def prepare(self, run: Callable[[Any], object], num_inference_steps: int | None = None) -> None:
-        """Mount and compile every member in order, then warm all of them with one call of
-        ``run(pipeline)`` (``run(dict of modules)`` when built without a pipeline)."""
-        with ExitStack() as locks:
-            for member in self.members.values():
-                locks.enter_context(member._lock)
-            if self.state is State.WARMED_UP and all(m.state is State.WARMED_UP for m in self.members.values()):
+        """Mount and compile every member in order, then warm all cold members with one call of
+        ``run(pipeline)`` (``run(dict of modules)`` when built without a pipeline).
+
+        Idempotent and thread-safe like ``ModuleLifecycle.prepare``: concurrent callers wait,
+        and all but the first find every member WarmedUp."""
+        with self._locked():
+
+            def check(member: ModuleLifecycle) -> None:
+                member._check_steps(Trigger.REFRESH, num_inference_steps)
+                if member.state is not State.WARMED_UP:
+                    member._check_callable(Trigger.WARM_UP, run)
+
+            self._each(check)  # every argument checked before any member moves
+            if num_inference_steps is not None:
+                for member in self.members.values():
+                    member._serving_steps = num_inference_steps
+            if all(m.state is State.WARMED_UP for m in self.members.values()):
                 return
-            self._each(lambda m: m._check_callable(Trigger.WARM_UP, run))
 
             def advance(member: ModuleLifecycle) -> None:
-                if num_inference_steps is not None:
-                    member._check_steps(Trigger.REFRESH, num_inference_steps)
-                    member._serving_steps = num_inference_steps
                 for trigger in member._remaining_path():
                     if trigger is not Trigger.WARM_UP:
                         getattr(member, trigger.value)()
@@ -102,40 +149,127 @@ class PipelineLifecycle:
             cold = [m for m in self.members.values() if m.state is not State.WARMED_UP]
             self._warm_together(cold, lambda: run(self._warmup_target()))
 
+    async def aprepare(self, run: Callable[[Any], object], num_inference_steps: int | None = None) -> None:
+        """``prepare`` in a worker thread, so an event loop keeps serving meanwhile."""
+        import asyncio
+
+        await asyncio.to_thread(self.prepare, run, num_inference_steps)
+
     def _warm_together(self, members: list[ModuleLifecycle], call: Callable[[], object]) -> None:
-        """One warm-up transition per member around a shared warm-up call."""
+        """One warm-up transition per member around a shared warm-up call.
+
+        The call cannot be attributed to one member, so a failure fails every member's warm-up
+        (each stays in its previous state, each audits ``failed``) and the error names them all.
+        """
         if not members:
             return
-        with ExitStack() as stack:
-            attempts = []
-            for member in members:
-                try:
-                    attempts.append(stack.enter_context(member._transition(Trigger.WARM_UP)))
-                except IllegalTransitionError as exc:
-                    raise PipelineError(
-                        f"pipeline member {member.name!r}: {exc}", member=member.name, state=member.state
-                    ) from exc
-            ModuleLifecycle._run_warmup(members, call, None)
-            for attempt, member in zip(attempts, members):
-                attempt.extra["cached_branch_covered"] = member._warmup_covered
-                attempt.extra["joint_warmup"] = [m.name for m in members]
+        for member in members:
+            if destination(member.policy, member.state, Trigger.WARM_UP) is None:
+                # Refused before any member is entered: only this member audits the refusal.
+                self._each_one(member, lambda m: m.warm_up(lambda _module: None))
+        names = tuple(m.name for m in members)
+        try:
+            with ExitStack() as stack:
+                attempts = [stack.enter_context(m._transition(Trigger.WARM_UP)) for m in members]
+                ModuleLifecycle._run_warmup(members, call, attempts[0])
+                for attempt, member in zip(attempts, members, strict=True):
+                    attempt.extra.update(
+                        warmup_runs=attempts[0].extra.get("warmup_runs"),
+                        cached_branch_covered=member._warmup_covered,
+                        joint_warmup=list(names),
+                    )
+        except LifecycleError as exc:
+            states = ", ".join(f"{m.name}={m.state.value}" for m in members)
+            raise PipelineError(
+                f"joint warm-up of pipeline members {', '.join(map(repr, names))} failed: {exc}; "
+                f"they stay {states}. Fix the warm-up callable (or what it calls), then call "
+                "prepare(run) again.",
+                member=names[0],
+                state=members[0].state,
+                members=names,
+            ) from exc
+
+    def _each_one(self, member: ModuleLifecycle, action: Callable[[ModuleLifecycle], None]) -> None:
+        try:
+            action(member)
+        except LifecycleError as exc:
+            raise PipelineError(
+                f"pipeline member {member.name!r} failed: {exc}", member=member.name, state=member.state
+            ) from exc
 
     def refresh(self, num_inference_steps: int | None = None) -> None:
-        self._each(lambda m: m.refresh(num_inference_steps) if m.policy.cache_dit else None)
+        """A fresh cache context for every member with cache-dit, each staying in its state.
+
+        All or none: a member that would refuse (not mounted yet, bad step count) raises
+        before any member is refreshed. A refresh compiles nothing (measured: README)."""
+        with self._locked():
+            cached = [m for m in self.members.values() if m.policy.cache_dit]
+            for member in cached:
+                try:
+                    member._check_steps(Trigger.REFRESH, num_inference_steps)
+                    legal = destination(member.policy, member.state, Trigger.REFRESH) is not None
+                except LifecycleError:
+                    legal = False
+                if not legal:
+                    # Let the member refuse (and audit the refusal); nobody has been touched.
+                    self._each_one(member, lambda m: m.refresh(num_inference_steps))
+            for member in cached:
+                self._each_one(member, lambda m: m.refresh(num_inference_steps))
 
     def invalidate(self) -> None:
-        self._each(lambda m: m.invalidate() if m.state is State.WARMED_UP else None)
+        """Weights changed: every WarmedUp member steps back so the next ``prepare`` warms it
+        again (compiled code is kept). Members that are not warm have nothing to invalidate."""
+        with self._locked():
+            self._each(lambda m: m.invalidate() if m.state is State.WARMED_UP else None)
 
     def reset(self) -> None:
-        self._each(lambda m: m.reset())
+        """Every member back to Loaded (unmounted, compiled code dropped), in order. A member
+        that fails does not stop the others; the error names every member that failed."""
+        with self._locked():
+            failures: list[tuple[ModuleLifecycle, LifecycleError]] = []
+            for member in self.members.values():
+                try:
+                    member.reset()
+                except LifecycleError as exc:
+                    failures.append((member, exc))
+            if failures:
+                first, error = failures[0]
+                names = tuple(m.name for m, _ in failures)
+                raise PipelineError(
+                    f"reset failed for pipeline member(s) {', '.join(map(repr, names))}: {error}; "
+                    "the other members are Loaded. Call reset() again once the cause is fixed.",
+                    member=first.name,
+                    state=first.state,
+                    members=names,
+                ) from error
 
     @contextmanager
     def request(
         self, num_inference_steps: int | None = None, request_id: str | None = None
     ) -> Iterator[dict[str, RequestRecord]]:
-        """Enter every member's request (in order, so two pipeline requests never deadlock)."""
+        """Enter every member's request under one request id; yields ``{member name: record}``.
+
+        Every member's lock is taken first, in insertion order (two pipeline requests never
+        deadlock), then all members' states are checked: a pipeline request is served by all
+        members or refused before any of them starts one. The rules of
+        ``ModuleLifecycle.request`` hold for each member.
+        """
         request_id = request_id or uuid.uuid4().hex[:12]
         with ExitStack() as stack:
+            for member in self.members.values():
+                stack.enter_context(member._lock)
+            for member in self.members.values():
+                if member.state is not State.WARMED_UP:
+                    error = IllegalTransitionError(
+                        module=member.name,
+                        state=member.state,
+                        trigger="request",
+                        reason="a pipeline serves requests only when every member is WarmedUp; "
+                        "call prepare(run) on the PipelineLifecycle first",
+                        allowed=member.allowed_triggers(),
+                    )
+                    member._refuse_request(num_inference_steps, request_id, error)
+                    raise error
             records = {
                 name: stack.enter_context(member.request(num_inference_steps, request_id))
                 for name, member in self.members.items()

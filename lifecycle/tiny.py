@@ -34,7 +34,9 @@ def _rope_axes(head_dim: int) -> tuple[int, int, int]:
     return (first, second, rest - second)
 
 
-def tiny_flux(shape: FluxShape = FluxShape(), *, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
+def tiny_flux(
+    shape: FluxShape = FluxShape(), *, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> nn.Module:
     """A ``diffusers.FluxTransformer2DModel`` with random weights, in eval mode."""
     from diffusers import FluxTransformer2DModel
 

@@ -20,6 +20,7 @@ from lifecycle.tiny import FluxShape, tiny_flux
 
 # Wan 2.2 switches from ``transformer`` to ``transformer_2`` at this fraction of the train timesteps.
 WAN22_BOUNDARY_RATIO = 0.875
+_FLUX_SHAPE = FluxShape()
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class WanShape:
     width: int = 16
 
 
-def tiny_flux_pipeline(shape: FluxShape = FluxShape(), *, seed: int = 0) -> Any:
+def tiny_flux_pipeline(shape: FluxShape = _FLUX_SHAPE, *, seed: int = 0) -> Any:
     """A ``diffusers.FluxPipeline``: tiny Flux transformer, tiny VAE, no text encoders.
 
     The VAE packs 2x2 latent patches of 4 channels, so the transformer's in_channels must be 16.
@@ -44,7 +45,7 @@ def tiny_flux_pipeline(shape: FluxShape = FluxShape(), *, seed: int = 0) -> Any:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
 
     if shape.in_channels != 16:
-        raise ValueError(f"the tiny Flux pipeline needs in_channels=16 (4 latent channels x 2x2), got {shape}")
+        raise ValueError(f"the tiny Flux pipeline needs in_channels=16 (4 latent channels x 2x2): {shape}")
     transformer = tiny_flux(shape, seed=seed)
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(
@@ -75,8 +76,8 @@ def tiny_flux_pipeline(shape: FluxShape = FluxShape(), *, seed: int = 0) -> Any:
 
 
 def flux_call(
-    shape: FluxShape = FluxShape(), *, steps: int = 8, seed: int = 1, size: int = 32,
-    output_type: str = "pt",
+    shape: FluxShape = _FLUX_SHAPE, *, steps: int = 8, seed: int = 1, size: int = 32,
+    output_type: str = "pt", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
 ) -> dict[str, Any]:
     """Keyword arguments of one ``FluxPipeline`` call: fixed embeddings and a seeded generator.
 
@@ -84,8 +85,10 @@ def flux_call(
     """
     generator = torch.Generator().manual_seed(seed)
     return {
-        "prompt_embeds": torch.randn(1, shape.text_tokens, shape.joint_attention_dim, generator=generator),
-        "pooled_prompt_embeds": torch.randn(1, shape.pooled_projection_dim, generator=generator),
+        "prompt_embeds": torch.randn(1, shape.text_tokens, shape.joint_attention_dim, generator=generator)
+        .to(device=device, dtype=dtype),
+        "pooled_prompt_embeds": torch.randn(1, shape.pooled_projection_dim, generator=generator)
+        .to(device=device, dtype=dtype),
         "height": size,
         "width": size,
         "num_inference_steps": steps,
@@ -146,15 +149,15 @@ def tiny_wan22_pipeline(shape: WanShape = WanShape(), *, seed: int = 0) -> Any:
 
 def wan_call(
     shape: WanShape = WanShape(), *, steps: int = 8, seed: int = 1, guidance_scale: float = 4.0,
-    output_type: str = "pt",
+    output_type: str = "pt", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
 ) -> dict[str, Any]:
     """Keyword arguments of one ``WanPipeline`` call. With ``guidance_scale > 1`` (classifier-free
     guidance) each step calls the step's transformer twice: conditional, then unconditional."""
     generator = torch.Generator().manual_seed(seed)
     text = (1, shape.text_tokens, shape.text_dim)
     return {
-        "prompt_embeds": torch.randn(*text, generator=generator),
-        "negative_prompt_embeds": torch.randn(*text, generator=generator),
+        "prompt_embeds": torch.randn(*text, generator=generator).to(device=device, dtype=dtype),
+        "negative_prompt_embeds": torch.randn(*text, generator=generator).to(device=device, dtype=dtype),
         "height": shape.height,
         "width": shape.width,
         "num_frames": shape.frames,

@@ -6,9 +6,10 @@ lifecycle's machine, the audit verifier and the diagram. Nothing else re-types t
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from enum import Enum
-from functools import lru_cache
+from functools import cache
 
 
 class State(str, Enum):
@@ -99,12 +100,12 @@ _ENTERED_BY: dict[State, Trigger] = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def transitions_for(policy: LifecyclePolicy) -> tuple[Transition, ...]:
     """Every legal transition under ``policy`` (the table of API.md)."""
     path = policy.path
     edges: list[Transition] = []
-    for source, dest in zip(path, path[1:]):
+    for source, dest in itertools.pairwise(path):
         edges.append(Transition(_ENTERED_BY[dest], source, dest))
     # Warming up again re-runs the warm-up callable (e.g. new shapes); it stays WarmedUp.
     edges.append(Transition(Trigger.WARM_UP, State.WARMED_UP, State.WARMED_UP))
@@ -119,7 +120,7 @@ def transitions_for(policy: LifecyclePolicy) -> tuple[Transition, ...]:
     return tuple(edges)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _index(policy: LifecyclePolicy) -> dict[tuple[State, Trigger], State]:
     return {(edge.source, edge.trigger): edge.dest for edge in transitions_for(policy)}
 
@@ -129,7 +130,7 @@ def destination(policy: LifecyclePolicy, source: State, trigger: Trigger) -> Sta
     return _index(policy).get((State(source), Trigger(trigger)))
 
 
-@lru_cache(maxsize=None)
+@cache
 def allowed_triggers(policy: LifecyclePolicy, state: State) -> tuple[Trigger, ...]:
     """Triggers legal in ``state``, in declaration order."""
     index = _index(policy)

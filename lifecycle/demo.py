@@ -1,0 +1,209 @@
+"""The demo behind ``python -m lifecycle demo``: a tiny real ``FluxTransformer2DModel`` (random
+weights, built in code) walked to WarmedUp by ``ModuleLifecycle.prepare``, then a few
+identical requests through ``lc.request``, summarised as a table or a dict for ``--json``.
+
+The demo does not configure logging; the CLI (a script) does, and its progress display
+follows the audit events this run emits.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from lifecycle.errors import BackendUnavailableError, InvalidConfigError
+from lifecycle.module import ModuleLifecycle
+from lifecycle.progress import Progress
+from states import LifecyclePolicy, State
+
+# On the CPU the demo compiles with aot_eager: inductor generates and builds C++ kernels, which
+# takes minutes on a small shared machine for the same graph count (FINDINGS.md). On a GPU
+# (or with --compile-backend inductor) it uses inductor, torch.compile's default.
+CPU_COMPILE_BACKEND = "aot_eager"
+DEVICE_COMPILE_BACKEND = "inductor"
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    backend: str = "auto"
+    policy: LifecyclePolicy = field(default_factory=LifecyclePolicy)
+    compile_backend: str | None = None  # None: per device, see above
+    steps: int = 8
+    warmup_steps: int = 2
+    requests: int = 3
+
+
+def default_compile_backend(device_type: str) -> str:
+    return CPU_COMPILE_BACKEND if device_type == "cpu" else DEVICE_COMPILE_BACKEND
+
+
+def _resolve_backend(name: str) -> Any:
+    from adapters import BackendUnavailable, InvalidOptions, get_backend
+
+    try:
+        return get_backend(name)
+    except BackendUnavailable as exc:
+        raise BackendUnavailableError(f"backend {name!r}: {exc}") from exc
+    except InvalidOptions as exc:
+        raise InvalidConfigError(str(exc)) from exc
+
+
+def run_demo(options: DemoOptions, progress: Progress | None = None) -> dict[str, Any]:
+    """Run the whole lifecycle once and return what the summary shows (JSON-serialisable)."""
+    import torch
+
+    from lifecycle.tiny import FluxShape, demo_cache_config, denoise, denoiser, flux_inputs, tiny_flux
+
+    started = time.perf_counter()
+    adapter = _resolve_backend(options.backend)
+    device = adapter.device_type
+    compile_backend = options.compile_backend or default_compile_backend(device)
+    shape = FluxShape()
+    module = tiny_flux(shape).to(device)
+    inputs = flux_inputs(shape, device=device)
+    policy = options.policy
+    lc = ModuleLifecycle(
+        module,
+        name="transformer",
+        policy=policy,
+        backend=adapter,
+        cache_config=demo_cache_config(options.steps) if policy.cache_dit else None,
+        compile_options={"backend": compile_backend} if policy.compile else None,
+    )
+    build_s = time.perf_counter() - started
+
+    graphs_before = lc.backend.graph_count()
+    if progress is not None:
+        progress.start_next(lc.name, policy, lc.state)
+    lc.prepare(denoiser(inputs, options.warmup_steps), num_inference_steps=options.steps)
+    warmup_graphs = lc.backend.graph_count() - graphs_before
+
+    requests: list[dict[str, Any]] = []
+    first: torch.Tensor | None = None
+    for index in range(options.requests):
+        request_id = f"r{index + 1}"
+        if progress is not None:
+            progress.start(f"{lc.name}: request {request_id} ({options.steps} steps)")
+        with lc.request(num_inference_steps=options.steps, request_id=request_id) as req:
+            out = denoise(lc.module, inputs, options.steps)
+        first = out if first is None else first
+        requests.append(
+            {
+                "request_id": req.request_id,
+                "num_inference_steps": req.num_inference_steps,
+                "cached_steps": req.cached_steps,
+                "new_graphs": req.new_graphs,
+                "duration_ms": round(req.duration_ms, 3),
+                "max_abs_diff_to_first": float((out - first).abs().max().item()),
+            }
+        )
+
+    stats = lc.stats()
+    identical = all(r["max_abs_diff_to_first"] == 0.0 for r in requests)
+    recompiles = int(stats["recompiles_since_warmup"])
+    return {
+        "model": type(module).__name__,
+        "model_shape": {
+            "double_blocks": shape.num_layers,
+            "single_blocks": shape.num_single_layers,
+            "hidden": shape.num_attention_heads * shape.attention_head_dim,
+            "image_tokens": shape.image_tokens,
+            "text_tokens": shape.text_tokens,
+        },
+        "parameters": sum(p.numel() for p in module.parameters()),
+        "backend": lc.backend.name,
+        "device": device,
+        "compile_backend": compile_backend if policy.compile else None,
+        "policy": policy.as_dict(),
+        "steps": options.steps,
+        "warmup_steps": options.warmup_steps,
+        "state_path": [State.LOADED.value, *(r.dest.value for r in lc.history if r.outcome == "ok")],
+        "phases": [
+            {
+                "trigger": r.trigger.value,
+                "source": r.source.value,
+                "dest": r.dest.value,
+                "outcome": r.outcome,
+                "duration_ms": round(r.duration_ms, 3),
+            }
+            for r in lc.history
+        ],
+        "build_s": round(build_s, 3),
+        "warmup_graphs": warmup_graphs,
+        "warmup_covered_cached_branch": stats["warmup_covered_cached_branch"],
+        "requests": requests,
+        "recompiles_since_warmup": recompiles,
+        "identical_outputs": identical,
+        "wall_s": round(time.perf_counter() - started, 3),
+        "ok": recompiles == 0 and identical and lc.state is State.WARMED_UP,
+    }
+
+
+# ---------------------------------------------------------------------------- text summary
+def _ms(value: float) -> str:
+    return f"{value / 1000:.2f} s" if value >= 1000 else f"{value:.1f} ms"
+
+
+def table(headers: list[str], rows: list[list[Any]]) -> str:
+    """A plain left-aligned text table."""
+    cells = [headers, *[[str(cell) for cell in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in cells
+    ]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def format_summary(result: dict[str, Any]) -> str:
+    """The human-readable summary of ``run_demo``'s result."""
+    policy = LifecyclePolicy.from_dict(result["policy"])
+    compile_text = result["compile_backend"] or "off"
+    shape = result["model_shape"]
+    lines = [
+        f"dit-lifecycle demo: {result['model']} (random weights, {shape['double_blocks']}+"
+        f"{shape['single_blocks']} blocks, hidden {shape['hidden']}, {result['parameters']:,} parameters)",
+        f"backend {result['backend']} ({result['device']}), torch.compile {compile_text}, policy {policy}, "
+        f"{result['warmup_steps']}-step warm-up, {result['steps']}-step requests",
+        "",
+        "state path: " + " -> ".join(result["state_path"]),
+        "",
+        table(
+            ["phase", "transition", "outcome", "time"],
+            [
+                [p["trigger"], f"{p['source']} -> {p['dest']}", p["outcome"], _ms(p["duration_ms"])]
+                for p in result["phases"]
+            ],
+        ),
+        f"graphs compiled during warm-up: {result['warmup_graphs']}"
+        + (
+            f" (cached-step branch covered: {'yes' if result['warmup_covered_cached_branch'] else 'no'})"
+            if policy.cache_dit and policy.compile
+            else ""
+        ),
+        "",
+        table(
+            ["request", "steps", "cached steps", "new graphs", "time", "max |diff| to r1"],
+            [
+                [
+                    r["request_id"],
+                    r["num_inference_steps"],
+                    r["cached_steps"],
+                    r["new_graphs"],
+                    _ms(r["duration_ms"]),
+                    f"{r['max_abs_diff_to_first']:.3g}",
+                ]
+                for r in result["requests"]
+            ],
+        ),
+        "",
+        f"recompiles after warm-up: {result['recompiles_since_warmup']} (must be 0)",
+        f"identical outputs for identical requests: {'yes' if result['identical_outputs'] else 'NO'}",
+        f"demo wall time: {result['wall_s']:.2f} s  ->  {'OK' if result['ok'] else 'FAILED'}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["DemoOptions", "default_compile_backend", "format_summary", "run_demo", "table"]

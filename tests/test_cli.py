@@ -1,0 +1,225 @@
+"""The CLI, run as users run it: ``python -m lifecycle ...`` in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import structlog
+import torch
+
+from lifecycle.cli import main
+from lifecycle.graph import dot, mermaid
+from states import LifecyclePolicy, State
+
+ROOT = Path(__file__).resolve().parents[1]
+# Small and fast: aot_eager, a short warm-up, few steps, two requests.
+FAST_DEMO = ["--compile-backend", "aot_eager", "--steps", "4", "--warmup-steps", "1", "--requests", "2"]
+
+
+def cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run(
+        [sys.executable, "-m", "lifecycle", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False,
+    )
+
+
+def assert_one_line_error(run: subprocess.CompletedProcess[str], code: int, *needles: str) -> None:
+    assert run.returncode == code, (run.returncode, run.stdout, run.stderr)
+    assert "Traceback" not in run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1, run.stderr
+    assert lines[0].startswith("dit-lifecycle: error: ")
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+# ---------------------------------------------------------------------------- graph
+def test_graph_prints_the_generated_diagrams(capsys):
+    run = cli("graph")
+    assert run.returncode == 0 and run.stdout == mermaid(LifecyclePolicy())
+    assert main(["graph", "--no-cache", "--format", "dot"]) == 0
+    assert capsys.readouterr().out == dot(LifecyclePolicy(cache_dit=False))
+    assert main(["graph", "--no-cache", "--no-compile"]) == 0
+    assert "Loaded --> WarmedUp: warm_up" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------- bad arguments
+BAD_ARGUMENTS = [
+    ((), ["required", "demo,graph,audit"]),
+    (("frobnicate",), ["invalid choice: 'frobnicate'"]),
+    (("graph", "--format", "svg"), ["invalid choice: 'svg'", "dit-lifecycle graph --help"]),
+    (("demo", "--steps", "0"), ["--steps", "positive integer, got 0"]),
+    (("demo", "--requests", "two"), ["--requests", "positive integer, got 'two'"]),
+    (("demo", "--pipeline", "sdxl"), ["invalid choice: 'sdxl'"]),
+    (("demo", "--bogus"), ["unrecognized arguments: --bogus"]),
+    (("audit",), ["required", "verify,show"]),
+    (("audit", "verify"), ["required: FILE"]),
+    (("audit", "show", "/no/such/audit.jsonl"), ["no such audit file"]),
+]
+
+
+@pytest.mark.parametrize(("args", "needles"), [BAD_ARGUMENTS[0], BAD_ARGUMENTS[2], BAD_ARGUMENTS[3]],
+                         ids=["no-command", "graph-format", "demo-steps"])
+def test_bad_arguments_are_one_line_and_exit_2(args, needles):
+    assert_one_line_error(cli(*args), 2, *needles)
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"), BAD_ARGUMENTS, ids=[" ".join(a) or "none" for a, _ in BAD_ARGUMENTS]
+)
+def test_bad_arguments_in_process(args, needles, capsys):
+    # The same parser as the subprocess runs, without paying for a new interpreter each time.
+    assert main(list(args)) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dit-lifecycle: error: ") and captured.out == ""
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def test_help_exits_0(capsys):
+    assert main(["demo", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--no-compile" in out and "--audit FILE" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_missing_backend_is_one_line_and_exit_1(tmp_path, capsys, monkeypatch):
+    assert_one_line_error(cli("demo", "--backend", "cuda", "--quiet"), 1, "cuda")
+    # main() quiets cache-dit through the environment; keep that inside this test.
+    monkeypatch.setenv("CACHE_DIT_LOG_LEVEL", os.environ.get("CACHE_DIT_LOG_LEVEL", "info"))
+    saved = structlog.get_config()
+    try:
+        assert main(["demo", "--backend", "tpu", "--quiet"]) == 1
+        assert "unknown backend 'tpu'" in capsys.readouterr().err
+        assert main(["demo", "--audit", str(tmp_path / "missing-dir" / "a.jsonl")]) == 1
+        assert "cannot open audit file" in capsys.readouterr().err
+    finally:
+        structlog.configure(**saved)
+
+
+# ---------------------------------------------------------------------------- demo
+def test_demo_json_with_audit_then_verify_and_show(tmp_path):
+    audit = tmp_path / "demo.jsonl"
+    run = cli("demo", *FAST_DEMO, "--json", "--audit", str(audit))
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)  # stdout is the JSON and nothing else
+    assert result["ok"] is True
+    assert result["state_path"] == ["Loaded", "CacheMounted", "Compiled", "WarmedUp"]
+    assert [p["trigger"] for p in result["phases"]] == ["mount_cache", "compile", "warm_up"]
+    assert result["warmup_graphs"] > 0 and result["warmup_covered_cached_branch"] is True
+    assert [r["new_graphs"] for r in result["requests"]] == [0, 0]
+    assert result["recompiles_since_warmup"] == 0 and result["identical_outputs"] is True
+    assert [r["request_id"] for r in result["requests"]] == ["r1", "r2"]
+    assert result["backend"] == "cpu" and result["compile_backend"] == "aot_eager"
+    assert "[ok] transformer: warm_up (Compiled -> WarmedUp) ok" in run.stderr  # progress
+    assert "Traceback" not in run.stderr
+
+    verify = cli("audit", "verify", str(audit))
+    assert verify.returncode == 0 and "OK (5 lifecycle events: 3 transitions, 2 requests" in verify.stdout
+    show = cli("audit", "show", str(audit))
+    assert show.returncode == 0
+    assert "mount_cache" in show.stdout and "Loaded -> CacheMounted" in show.stdout
+    assert "request r2" in show.stdout and "verify: " in show.stdout
+
+
+def test_demo_table_without_cache_or_compile():
+    run = cli("demo", "--no-cache", "--no-compile", "--steps", "2", "--requests", "1", "--quiet")
+    assert run.returncode == 0, run.stderr
+    assert run.stderr == ""  # --quiet
+    assert "state path: Loaded -> WarmedUp" in run.stdout
+    assert "torch.compile off" in run.stdout
+    assert "recompiles after warm-up: 0" in run.stdout and "->  OK" in run.stdout
+
+
+# ---------------------------------------------------------------------------- audit verify
+def test_verify_several_files_names_the_bad_one(tmp_path):
+    event = {
+        "event": "lifecycle.transition", "module": "dit", "module_id": "m1", "trigger": "mount_cache",
+        "source": "Loaded", "dest": "CacheMounted", "outcome": "ok", "duration_ms": 1.0,
+        "backend": "cpu", "policy": {"cache_dit": True, "compile": True}, "seq": 1,
+    }
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps(event) + "\n")
+    torn = tmp_path / "torn.jsonl"
+    torn.write_text(json.dumps(event) + "\n" + json.dumps({**event, "seq": 2})[:30])
+    run = cli("audit", "verify", str(good), str(torn))
+    assert run.returncode == 1
+    assert f"{good}: OK" in run.stdout
+    assert run.stderr.strip() == f"{torn}:2: " + run.stderr.strip().split(":2: ", 1)[1]
+    assert "torn last line" in run.stderr and "Traceback" not in run.stderr
+
+
+
+def test_verify_json_in_process(tmp_path, capsys):
+    good = tmp_path / "good.jsonl"
+    good.write_text("")
+    assert main(["audit", "verify", "--json", str(good), str(tmp_path / "absent.jsonl")]) == 1
+    first, second = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert first["ok"] is True and first["events"] == 0
+    assert (second["ok"], second["line"]) == (False, 0) and "cannot read" in second["reason"]
+    assert main(["audit", "verify", str(good)]) == 0
+
+
+# ---------------------------------------------------------------------------- in process
+def test_main_returns_codes_in_process(capsys):
+    assert main(["graph", "--format", "dot"]) == 0
+    assert capsys.readouterr().out == dot(LifecyclePolicy())
+    assert main(["graph", "--format", "png"]) == 2
+    assert main(["--help"]) == 0
+
+
+def test_pipeline_demo_missing_is_one_clear_line(monkeypatch, capsys):
+    saved = structlog.get_config()
+    monkeypatch.setitem(sys.modules, "lifecycle.pipeline_demo", None)  # import now fails
+    try:
+        code = main(["demo", "--pipeline", "flux", "--quiet"])
+    finally:
+        structlog.configure(**saved)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1
+    assert "--pipeline needs lifecycle.pipeline_demo.run_pipeline_demo" in err[0]
+
+
+def test_show_reads_what_it_can_and_gives_the_verdict(tmp_path, capsys):
+    event = {
+        "event": "lifecycle.transition", "module": "dit", "module_id": "m1", "trigger": "mount_cache",
+        "source": "Loaded", "dest": "CacheMounted", "outcome": "ok", "duration_ms": 1234.5,
+        "backend": "cpu", "policy": {"cache_dit": True, "compile": True}, "seq": 1,
+        "timestamp": "2026-01-02T03:04:05.678901Z",
+    }
+    path = tmp_path / "torn.jsonl"
+    path.write_text(json.dumps(event) + "\n" + '{"event": "lifecycle.req')
+    assert main(["audit", "show", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "dit  (module_id m1, backend cpu, policy cache_dit=True, compile=True)" in out
+    assert "03:04:05.678" in out and "mount_cache" in out and "1.23 s" in out
+    assert "verify: " in out and ":2: torn last line" in out
+
+
+def test_progress_ticks_on_a_terminal():
+    import io
+    import time
+
+    from lifecycle.progress import Progress
+
+    stream = io.StringIO()
+    progress = Progress(stream, tty=True)
+    progress.start_next("dit", LifecyclePolicy(), State.COMPILED)
+    time.sleep(0.35)
+    progress.done("dit: warm_up finished")
+    progress.close()
+    text = stream.getvalue()
+    assert "dit: warm_up (Compiled -> WarmedUp)" in text and " s" in text  # the ticking line
+    assert text.endswith("\r\033[K[ok] dit: warm_up finished\n")
+    plain = io.StringIO()
+    quiet = Progress(plain, tty=False)
+    quiet.start_next("dit", LifecyclePolicy(compile=False), State.LOADED)
+    quiet.close()
+    assert plain.getvalue() == "[..] dit: mount_cache (Loaded -> CacheMounted)\n"

@@ -1,0 +1,143 @@
+"""Regional compilation (``"regional": True``): the repeated blocks are compiled one by one, under
+cache-dit's block wrappers, through the lifecycle's usual mount -> compile -> warm-up path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FAST_COMPILE, SERVING_STEPS
+
+from adapters.base import dynamo_graph_count
+from adapters.regional import compiled_blocks, repeated_blocks
+from lifecycle import (
+    IllegalTransitionError,
+    InvalidConfigError,
+    LifecyclePolicy,
+    ModuleLifecycle,
+    State,
+    TransitionFailedError,
+)
+from lifecycle.tiny import FluxShape, denoise, denoiser, flux_inputs, tiny_flux
+
+REGIONAL = {**FAST_COMPILE, "regional": True}
+
+
+def _prepared(shape: FluxShape, cache_config, options=REGIONAL) -> tuple[ModuleLifecycle, int]:
+    torch._dynamo.reset()
+    lc = ModuleLifecycle(
+        tiny_flux(shape), backend="cpu", cache_config=cache_config, compile_options=options
+    )
+    before = dynamo_graph_count()
+    lc.prepare(denoiser(flux_inputs(shape), 2))
+    return lc, dynamo_graph_count() - before
+
+
+def test_only_the_repeated_blocks_are_compiled(cache_config):
+    shape = FluxShape(num_layers=2, num_single_layers=3)
+    lc, _ = _prepared(shape, cache_config)
+    blocks = compiled_blocks(lc.module)
+    names = sorted(type(b).__name__ for b in blocks)
+    assert names == ["FluxSingleTransformerBlock"] * 3 + ["FluxTransformerBlock"] * 2
+    assert blocks == repeated_blocks(lc.module)
+    # The transformer itself (cache-dit's forward, embeddings, output) stays eager.
+    assert lc.module._compiled_call_impl is None
+
+
+def test_identical_blocks_share_graphs_whatever_their_number(cache_config):
+    # Whole-model compile traces every block into the model's graphs; regional compiles each
+    # block class once (plus one layout variant), so more blocks add no graph.
+    _, small = _prepared(FluxShape(num_layers=1, num_single_layers=2), cache_config)
+    _, large = _prepared(FluxShape(num_layers=4, num_single_layers=6), cache_config)
+    assert small == large == 3
+
+
+def test_first_request_adds_no_graph_and_matches_eager(cache_config, audit_events):
+    shape = FluxShape()
+    inputs = flux_inputs(shape)
+    lc, _ = _prepared(shape, cache_config)
+    with lc.request(num_inference_steps=SERVING_STEPS) as req:
+        out = denoise(lc.module, inputs, SERVING_STEPS)
+    assert req.new_graphs == 0
+    assert lc.stats()["recompiles_since_warmup"] == 0
+    assert req.cached_steps > 0  # the cached-step branch ran, through compiled blocks
+
+    eager = ModuleLifecycle(
+        tiny_flux(shape), backend="cpu", cache_config=cache_config,
+        policy=LifecyclePolicy(compile=False),
+    )
+    eager.prepare(denoiser(inputs, 2))
+    with eager.request(num_inference_steps=SERVING_STEPS) as eager_req:
+        expected = denoise(eager.module, inputs, SERVING_STEPS)
+    assert eager_req.cached_steps == req.cached_steps
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_reset_returns_every_block_to_eager(cache_config, inputs):
+    reference = denoise(tiny_flux(), inputs, 3)
+    lc = ModuleLifecycle(tiny_flux(), backend="cpu", cache_config=cache_config, compile_options=REGIONAL)
+    lc.prepare(denoiser(inputs, 2))
+    lc.reset()
+    assert lc.state is State.LOADED
+    assert compiled_blocks(lc.module) == []
+    before = dynamo_graph_count()
+    assert torch.equal(denoise(lc.module, inputs, 3), reference)
+    assert dynamo_graph_count() == before
+
+
+def test_mount_before_compile_still_holds(flux, cache_config):
+    lc = ModuleLifecycle(flux, backend="cpu", cache_config=cache_config, compile_options=REGIONAL)
+    with pytest.raises(IllegalTransitionError):
+        lc.compile()
+    assert compiled_blocks(flux) == []
+    assert lc.state is State.LOADED
+
+
+def test_regional_must_be_a_bool(flux):
+    with pytest.raises(InvalidConfigError, match="regional"):
+        ModuleLifecycle(flux, backend="cpu", compile_options={**FAST_COMPILE, "regional": "yes"})
+
+
+def test_a_model_without_repeated_blocks_fails_and_stays_eager():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 4))
+    lc = ModuleLifecycle(
+        model, backend="cpu", policy=LifecyclePolicy(cache_dit=False), compile_options=REGIONAL
+    )
+    with pytest.raises(TransitionFailedError, match="no repeated blocks"):
+        lc.compile()
+    assert lc.state is State.LOADED
+    assert compiled_blocks(model) == [] and model._compiled_call_impl is None
+
+
+class _Block(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.linear(x)) + x
+
+
+def test_plain_module_lists_are_found_without_diffusers_metadata():
+    class Stack(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = torch.nn.Linear(4, 4)
+            self.layers = torch.nn.ModuleList(_Block() for _ in range(3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.inp(x)
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    model = Stack()
+    x = torch.randn(2, 4)
+    expected = model(x)
+    lc = ModuleLifecycle(
+        model, backend="cpu", policy=LifecyclePolicy(cache_dit=False), compile_options=REGIONAL
+    )
+    before = dynamo_graph_count()
+    lc.prepare(lambda module: module(x))
+    assert compiled_blocks(model) == list(model.layers)
+    assert dynamo_graph_count() - before == 1  # three blocks, one graph
+    torch.testing.assert_close(model(x), expected)
