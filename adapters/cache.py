@@ -121,6 +121,10 @@ class CacheDitAdapter:
         for key, value in _WARMUP_STEERING.items():
             if hasattr(steered, key):
                 setattr(steered, key, value)
+        if config.num_inference_steps is None:
+            # cache-dit's refresh skips None fields, so a step count set here could never be
+            # taken back; without one the context does not wrap anyway.
+            steered.num_inference_steps = None
         _cache_dit().refresh_context(module, cache_config=steered)
 
     def unmount(self, module: nn.Module) -> None:

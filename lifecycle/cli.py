@@ -74,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="torch.compile backend (default: aot_eager on the CPU, inductor on a GPU)",
     )
+    demo.add_argument(
+        "--regional", action="store_true", help="compile the repeated blocks one by one (faster cold start)"
+    )
+    demo.add_argument(
+        "--artifacts", metavar="DIR",
+        help="reuse compile artifacts in DIR (loaded before compile, saved when warm)",
+    )
     demo.add_argument("--steps", type=_positive, default=8, help="denoising steps per request (8)")
     demo.add_argument("--warmup-steps", type=_positive, default=2, help="steps of the warm-up call (2)")
     demo.add_argument("--requests", type=_positive, default=3, help="identical requests to serve (3)")
@@ -177,6 +184,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                 steps=args.steps,
                 warmup_steps=args.warmup_steps,
                 requests=args.requests,
+                regional=args.regional,
+                artifact_dir=args.artifacts,
             )
             result = run_demo(options, progress)
     finally:

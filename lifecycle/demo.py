@@ -32,6 +32,8 @@ class DemoOptions:
     steps: int = 8
     warmup_steps: int = 2
     requests: int = 3
+    regional: bool = False  # compile the repeated blocks one by one (adapters/regional.py)
+    artifact_dir: str | None = None  # load compile artifacts before compile, save at WarmedUp
 
 
 def default_compile_backend(device_type: str) -> str:
@@ -69,7 +71,11 @@ def run_demo(options: DemoOptions, progress: Progress | None = None) -> dict[str
         policy=policy,
         backend=adapter,
         cache_config=demo_cache_config(options.steps) if policy.cache_dit else None,
-        compile_options={"backend": compile_backend} if policy.compile else None,
+        compile_options=(
+            {"backend": compile_backend, **({"regional": True} if options.regional else {})}
+            if policy.compile else None
+        ),
+        artifact_dir=options.artifact_dir,
     )
     build_s = time.perf_counter() - started
 
@@ -134,6 +140,8 @@ def run_demo(options: DemoOptions, progress: Progress | None = None) -> dict[str
         "warmup_covered_cached_branch": stats["warmup_covered_cached_branch"],
         "requests": requests,
         "recompiles_since_warmup": recompiles,
+        "regional": options.regional,
+        "artifacts": stats.get("artifacts"),
         "identical_outputs": identical,
         "wall_s": round(time.perf_counter() - started, 3),
         "ok": recompiles == 0 and identical and lc.state is State.WARMED_UP,

@@ -5,9 +5,10 @@ the module; before any rank's state moves, the ranks exchange their outcomes wit
 ``all_gather_object``. Only when every rank succeeded does each rank commit. When any rank
 failed, every rank raises ``DistributedTransitionError`` naming the failed rank(s), undoes its
 own local work (unmount, drop compiled code, restore the cache context) and stays in its previous
-state. Works on any backend the group supports (gloo, NCCL, HCCL): the vote is a collective
-like any other. For NCCL, call ``torch.cuda.set_device(local_rank)`` before the first
-transition, as ``all_gather_object`` requires.
+state. Construction and the start of ``prepare`` (arguments, every rank in the same state) are
+agreed the same way. The vote is an ordinary collective, so nothing here is device-specific:
+tested with gloo on CPUs; with NCCL, call ``torch.cuda.set_device(local_rank)`` before
+constructing, as ``all_gather_object`` requires.
 
 Rules for the host (the same as for any collective):
 - every rank calls the same triggers on its lifecycles, in the same order, from one thread

@@ -139,6 +139,24 @@ def _linear_scenario(rank: int, lc_kwargs: dict[str, Any], out: dict[str, Any]) 
     lc.reset()
     out["final"] = {"state": lc.state.value, "compiled": lc.module._compiled_call_impl is not None}
 
+    # A pipeline of distributed members: its joint warm-up votes once per member, in order.
+    from lifecycle import PipelineError, PipelineLifecycle
+
+    plc = PipelineLifecycle({
+        name: DistributedLifecycle(torch.nn.Linear(8, 8), name=name, policy=LifecyclePolicy(cache_dit=False),
+                                   backend="cpu", compile_options={"backend": "eager"})
+        for name in ("transformer", "transformer_2")
+    })
+    failures[0] = 1 if rank == world - 1 else 0
+    joint = lambda modules: [run(m) for m in modules.values()]  # noqa: E731
+    try:
+        plc.prepare(joint)
+    except PipelineError as exc:
+        out["pipeline_fault"] = list(exc.members)
+    out["pipeline_after_fault"] = [m.state.value for m in plc.members.values()]
+    plc.prepare(joint)
+    out["pipeline_after_retry"] = plc.state.value
+
 
 SCENARIOS = {"flux": _flux_scenario, "linear": _linear_scenario}
 
@@ -160,7 +178,7 @@ def _worker(rank: int, world_size: int, tmp: str, scenario: str) -> None:
             SCENARIOS[scenario](rank, {}, out)
         transitions = events.of("lifecycle.transition")
         out["transitions"] = [
-            {k: e.get(k) for k in ("trigger", "outcome", "seq", "rank", "world_size", "error")}
+            {k: e.get(k) for k in ("module", "trigger", "outcome", "seq", "rank", "world_size", "error")}
             for e in transitions
         ]
         out["request_ranks"] = [e.get("rank") for e in events.of("lifecycle.request")]
@@ -221,7 +239,16 @@ def test_three_ranks_agree_on_faults_divergence_and_reset(tmp_path):
         assert result["after_reset_fault"] == {"state": "WarmedUp" if rank == 0 else "Loaded"}
         assert "reset() again on every rank" in result["reset_fault"]["message"]
         assert result["final"] == {"state": "Loaded", "compiled": False}
-        assert [t["seq"] for t in result["transitions"]] == list(range(1, len(result["transitions"]) + 1))
+        assert result["pipeline_fault"] == ["transformer", "transformer_2"]
+        assert result["pipeline_after_fault"] == ["Compiled", "Compiled"]
+        assert result["pipeline_after_retry"] == "WarmedUp"
+        head = [t["seq"] for t in result["transitions"] if t["module"] == "head"]
+        assert head == list(range(1, len(head) + 1))
+        warm = [(t["module"], t["outcome"]) for t in result["transitions"]
+                if t["module"].startswith("transformer") and t["trigger"] == "warm_up"]
+        # Exits in reverse order of entry, on every rank alike: the votes pair up.
+        assert warm == [("transformer_2", "failed"), ("transformer", "failed"),
+                        ("transformer_2", "ok"), ("transformer", "ok")]
 
 
 def test_needs_an_initialised_process_group(flux):

@@ -243,6 +243,14 @@ def test_a_pipeline_request_is_served_by_all_members_or_by_none(shape, inputs, c
     assert {r.request_id for r in records.values()} == {"p-2"}
     assert all(r.outcome == "ok" and r.cached_steps > 0 for r in records.values())
 
+    boom = KeyError("latents")
+    with pytest.raises(KeyError) as info:
+        with plc.request(request_id="p-3") as records:
+            raise boom
+    assert info.value is boom
+    assert [r.outcome for r in records.values()] == ["failed", "failed"]
+    assert plc.state is State.WARMED_UP
+
 
 class _RefreshBreaks(NoopCache):
     """Our own cache-adapter interface, made to fail its next refresh (cache-dit itself is
