@@ -129,6 +129,19 @@ def test_demo_json_with_audit_then_verify_and_show(tmp_path):
     assert "request r2" in show.stdout and "verify: " in show.stdout
 
 
+def test_demo_pipeline_delegates_and_audits(tmp_path):
+    audit = tmp_path / "flux.jsonl"
+    run = cli("demo", "--pipeline", "flux", "--steps", "4", "--requests", "2", "--json", "--quiet",
+              "--audit", str(audit))
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert result["ok"] is True and result["identical_outputs"] is True
+    assert result["compile_backend"] == "aot_eager"  # the CPU default, passed on by the CLI
+    assert [r["new_graphs"] for r in result["requests"]] == [0, 0]
+    verify = cli("audit", "verify", str(audit))
+    assert verify.returncode == 0 and "2 requests" in verify.stdout, verify.stderr
+
+
 def test_demo_table_without_cache_or_compile():
     run = cli("demo", "--no-cache", "--no-compile", "--steps", "2", "--requests", "1", "--quiet")
     assert run.returncode == 0, run.stderr
