@@ -104,10 +104,18 @@ def _dtype(module: nn.Module) -> str | None:
 
 
 def _layout_digest(module: nn.Module) -> str:
-    """Parameter and buffer names, shapes and dtypes (not values): the graphs depend on these."""
+    """Parameter and buffer names, shapes and dtypes (not values): the graphs depend on these.
+
+    Sorted by name: cache-dit's per-call block patching re-registers the transformer's block
+    lists, which moves them to the end of ``_modules`` and so reorders ``named_parameters()``.
+    """
     digest = hashlib.sha256()
-    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+    entries = sorted(
+        f"{name}:{tuple(tensor.shape)}:{tensor.dtype};"
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]
+    )
+    for entry in entries:
+        digest.update(entry.encode())
     return digest.hexdigest()[:32]
 
 
@@ -212,8 +220,18 @@ def _read_file(path: Path) -> tuple[dict[str, Any], bytes]:
     return header, payload
 
 
-def _differing(mine: Mapping[str, Any], theirs: Mapping[str, Any]) -> tuple[str, ...]:
-    return tuple(sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k)))
+def _differing(mine: Mapping[str, Any], theirs: Mapping[str, Any], prefix: str = "") -> tuple[str, ...]:
+    """Names of the fields that differ; nested objects (configs) name their inner fields."""
+    names: list[str] = []
+    for k in sorted(set(mine) | set(theirs)):
+        a, b = mine.get(k), theirs.get(k)
+        if a == b:
+            continue
+        if isinstance(a, Mapping) and isinstance(b, Mapping) and not prefix:
+            names.extend(_differing(a, b, f"{k}.") or (k,))
+        else:
+            names.append(f"{prefix}{k}")
+    return tuple(names)
 
 
 class ArtifactStore:

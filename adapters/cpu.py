@@ -1,4 +1,8 @@
-"""CPU backend: torch.compile on the host CPU, for development and CI."""
+"""CPU backend: torch.compile on the host CPU, for development and CI.
+
+Options are torch.compile's (``backend`` defaults to "inductor"; tests use "aot_eager" or
+"eager", which compile the same graphs faster), compiled in place like every torch device (see
+``TorchCompileAdapter``)."""
 
 from __future__ import annotations
 

@@ -23,6 +23,7 @@ and new graphs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -65,6 +66,13 @@ FLUX_SHAPE = FluxShape(
 TINY_SHAPE = FluxShape(num_layers=2, num_single_layers=3)
 
 
+def _shape(args: argparse.Namespace) -> FluxShape:
+    shape = TINY_SHAPE if args.tiny else FLUX_SHAPE
+    if args.blocks:
+        shape = dataclasses.replace(shape, num_layers=args.blocks[0], num_single_layers=args.blocks[1])
+    return shape
+
+
 # ---------------------------------------------------------------------------- one scenario
 def run_scenario(args: argparse.Namespace) -> dict[str, Any]:
     import structlog
@@ -77,15 +85,19 @@ def run_scenario(args: argparse.Namespace) -> dict[str, Any]:
     spec = SCENARIOS[args.scenario]
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    shape = TINY_SHAPE if args.tiny else FLUX_SHAPE
+    shape = _shape(args)
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
     started = time.perf_counter()
+    default_dtype = torch.get_default_dtype()
+    if args.blocks:  # large models: make the weights in bf16 directly (half the peak memory)
+        torch.set_default_dtype(dtype)
     with device:  # weights made on the device: the same seed gives the same weights everywhere
         module = tiny_flux(shape, seed=0, dtype=dtype)
+    torch.set_default_dtype(default_dtype)
     inputs = flux_inputs(shape, seed=1, device=device, dtype=dtype)
     sync()
     build_s = time.perf_counter() - started
@@ -146,7 +158,26 @@ def run_scenario(args: argparse.Namespace) -> dict[str, Any]:
         "cached_steps_per_request": [r.cached_steps for r in records],
         "cold_start_to_first_result_s": prepare_s + records[0].duration_ms / 1000.0,
         "recompiles_since_warmup": lc.stats()["recompiles_since_warmup"],
+        "compile_times_s": compile_times(),
     }
+
+
+def compile_times(threshold_s: float = 0.2) -> dict[str, float]:
+    """torch's own per-phase compile timings (dynamo, AOT, inductor, Triton), the larger ones."""
+    try:
+        text = torch._dynamo.utils.compile_times(repr="str", aggregate=True)
+    except Exception as exc:  # a private API: report, never fail the benchmark
+        return {"unavailable": repr(exc)}  # type: ignore[dict-item]
+    times: dict[str, float] = {}
+    for line in str(text).splitlines():
+        name, _, value = line.rpartition(", ")
+        try:
+            seconds = float(value)
+        except ValueError:
+            continue
+        if seconds >= threshold_s:
+            times[name] = round(seconds, 3)
+    return times
 
 
 # ---------------------------------------------------------------------------- the driver
@@ -194,12 +225,18 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
             "--device", args.device, "--steps", str(args.steps), "--requests", str(args.requests),
             "--warmup-steps", str(args.warmup_steps), "--threshold", str(args.threshold),
             "--compile-backend", args.compile_backend,
-        ] + (["--tiny"] if args.tiny else [])
+        ] + (["--tiny"] if args.tiny else []) + (
+            ["--blocks", *map(str, args.blocks)] if args.blocks else [])
         started = time.perf_counter()
-        proc = subprocess.run(command, env=env, cwd=ROOT)
+        try:
+            returncode: Any = subprocess.run(
+                command, env=env, cwd=ROOT, timeout=args.scenario_timeout
+            ).returncode
+        except subprocess.TimeoutExpired:
+            returncode = f"timeout after {args.scenario_timeout} s"
         wall = time.perf_counter() - started
-        if proc.returncode != 0 or not json_path.exists():
-            results[name] = {"scenario": name, "error": proc.returncode, "process_wall_s": wall}
+        if returncode != 0 or not json_path.exists():
+            results[name] = {"scenario": name, "error": returncode, "process_wall_s": wall}
             continue
         results[name] = json.loads(json_path.read_text())
         results[name]["process_wall_s"] = wall
@@ -209,7 +246,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "benchmark": "gpu_cold_start",
         "machine": machine(),
-        "model": {"shape": vars(FLUX_SHAPE if not args.tiny else TINY_SHAPE), "dtype": (
+        "model": {"shape": dataclasses.asdict(_shape(args)), "dtype": (
             "bfloat16" if args.device == "cuda" else "float32")},
         "settings": {
             "steps": args.steps, "warmup_steps": args.warmup_steps, "requests": args.requests,
@@ -280,6 +317,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny Flux (a CPU dry run)")
+    parser.add_argument("--blocks", type=int, nargs=2, metavar=("DOUBLE", "SINGLE"),
+                        help="other block counts, e.g. 19 38 for FLUX.1-dev's (default 4 8)")
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--warmup-steps", type=int, default=2)
     parser.add_argument("--requests", type=int, default=5, help="requests after the first (5)")
@@ -287,6 +326,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--compile-backend", default="inductor")
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
     parser.add_argument("--out", default=None, help="results JSON (default: bench/results/...)")
+    parser.add_argument("--scenario-timeout", type=float, default=None, help="seconds per scenario")
     # Internal: one scenario in this process.
     parser.add_argument("--scenario", choices=list(SCENARIOS), help=argparse.SUPPRESS)
     parser.add_argument("--json-out", help=argparse.SUPPRESS)
@@ -304,7 +344,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("no CUDA device: run on a GPU machine, or use --tiny --device cpu for a dry run")
     report = run_all(args)
     gpu = report["machine"].get("gpu", "cpu").replace(" ", "-")
-    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"gpu_cold_start-{gpu}.json"
+    size = f"-{args.blocks[0]}x{args.blocks[1]}" if args.blocks else ""
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"gpu_cold_start-{gpu}{size}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=str) + "\n")
     if os.environ.get("OUT"):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
+from collections import deque
 from typing import Any
 
 from transitions import Machine
@@ -64,12 +65,30 @@ def attach(policy: LifecyclePolicy, owner: object) -> StateHolder:
     holder = StateHolder()
     with _machines_lock:
         machine.add_model(holder, initial=State.LOADED)
+        _drain_detached()
     weakref.finalize(owner, _detach, machine, holder)
     return holder
 
 
+# Finalizers run whenever the garbage collector does: also inside add_model above, on the thread
+# that holds _machines_lock (a blocking acquire there deadlocked). They only queue the removal;
+# whoever holds the lock next drains the queue.
+_detached: deque[tuple[Machine, StateHolder]] = deque()
+
+
 def _detach(machine: Machine, holder: StateHolder) -> None:
-    with _machines_lock:
+    _detached.append((machine, holder))
+    if _machines_lock.acquire(blocking=False):
+        try:
+            _drain_detached()
+        finally:
+            _machines_lock.release()
+
+
+def _drain_detached() -> None:
+    """Remove queued holders from their machines; the caller holds _machines_lock."""
+    while _detached:
+        machine, holder = _detached.popleft()
         machine.remove_model(holder)
 
 

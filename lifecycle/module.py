@@ -170,6 +170,7 @@ class ModuleLifecycle:
         # Compile artifacts (adapters/artifacts.py): loaded before compile, saved at WarmedUp.
         self._artifacts = ArtifactStore(artifact_dir) if artifact_dir is not None and policy.compile else None
         self._artifact_reports: dict[str, ArtifactReport] = {}
+        self._artifact_key_now: Any = None
         self._misses_at_compile = 0
 
     # ------------------------------------------------------------------ read-only views
@@ -513,7 +514,10 @@ class ModuleLifecycle:
         self._artifact_reports.pop("save", None)
         self._misses_at_compile = inductor_cache_misses()
         if self._artifacts is not None:
-            self._report_artifacts(self._artifacts.load(self._artifact_key()), attempt)
+            # Keyed once, here: every start builds it at this same point (mounted, before any
+            # call), and the save at WarmedUp reuses it, whatever the calls changed meanwhile.
+            self._artifact_key_now = self._artifact_key()
+            self._report_artifacts(self._artifacts.load(self._artifact_key_now), attempt)
 
     def _save_artifacts(self, attempt: _Attempt | None) -> None:
         """At WarmedUp: save what was compiled, unless the loaded artifacts already held it all."""
@@ -523,7 +527,8 @@ class ModuleLifecycle:
         compiled_new = inductor_cache_misses() > self._misses_at_compile
         if loaded is not None and loaded.status == "loaded" and not compiled_new:
             return
-        self._report_artifacts(self._artifacts.save(self._artifact_key()), attempt)
+        key = self._artifact_key_now if self._artifact_key_now is not None else self._artifact_key()
+        self._report_artifacts(self._artifacts.save(key), attempt)
 
     def _warn_uncovered(self, runs: int) -> None:
         message = (

@@ -55,6 +55,17 @@ def test_key_is_stable_and_tracks_what_makes_graphs_valid(cache_config):
     assert base.fields["module_config"]["num_layers"] == 2
 
 
+def test_the_key_survives_calls_through_cache_dit(cache_config, inputs):
+    # cache-dit re-registers the block lists on every call, reordering named_parameters(): the
+    # key a warmed-up module saves under must be the one a fresh start looks up.
+    lc = _lifecycle(tiny_flux(), cache_config, "unused")
+    lc.mount_cache()
+    fresh = lc._artifact_key()
+    lc.compile()
+    lc.warm_up(denoiser(inputs, 2))
+    assert lc._artifact_key() == fresh == lc._artifact_key_now
+
+
 # ---------------------------------------------------------------------------- the store
 def test_store_round_trip_and_damage_is_detected(tmp_path, cache_config):
     store = ArtifactStore(tmp_path)

@@ -12,7 +12,9 @@ for more (the total, split over the four policies).
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -32,8 +34,10 @@ from lifecycle import (
     State,
     TransitionFailedError,
     Trigger,
+    WarmupCoverageWarning,
 )
 from lifecycle.testing import NoopCache
+from lifecycle.tiny import FluxInputs, demo_cache_config, denoise, flux_inputs, tiny_flux
 from states import transitions_for
 
 L, M, C, W = "Loaded", "CacheMounted", "Compiled", "WarmedUp"
@@ -125,11 +129,6 @@ class WarmupBroke(RuntimeError):
     pass
 
 
-def _boom(module: nn.Module) -> None:
-    module(X)
-    raise WarmupBroke("warm-up callable raised")
-
-
 @dataclass(frozen=True)
 class Expected:
     """One audit event / history record the model predicts."""
@@ -174,6 +173,19 @@ class LifecycleMachine(RuleBasedStateMachine):
     module: ClassVar[nn.Module]
     steps: ClassVar[int] = 0
 
+    def call(self, module: nn.Module) -> None:
+        _run(module)
+
+    def call_then_raise(self, module: nn.Module) -> None:
+        self.call(module)
+        raise WarmupBroke("warm-up callable raised")
+
+    def make_lifecycle(self) -> ModuleLifecycle:
+        return ModuleLifecycle(
+            self.module, name="stateful", policy=self.policy, backend="cpu",
+            compile_options=EAGER, cache_adapter=NoopCache(),
+        )
+
     def __init__(self) -> None:
         super().__init__()
         self.key = (self.policy.cache_dit, self.policy.compile)
@@ -181,10 +193,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         self._capture = capture_logs()
         self.logs = self._capture.__enter__()
         self.seen = 0
-        self.lc = ModuleLifecycle(
-            self.module, name="stateful", policy=self.policy, backend="cpu",
-            compile_options=EAGER, cache_adapter=NoopCache(),
-        )
+        self.lc = self.make_lifecycle()
 
     def teardown(self) -> None:
         try:
@@ -254,11 +263,13 @@ class LifecycleMachine(RuleBasedStateMachine):
 
     @rule()
     def warm_up(self) -> None:
-        self._trigger("warm_up", lambda: self.lc.warm_up(_run))
+        self._trigger("warm_up", lambda: self.lc.warm_up(self.call))
 
     @rule()
     def warm_up_raising(self) -> None:
-        self._trigger("warm_up", lambda: self.lc.warm_up(_boom), "failed", TransitionFailedError)
+        self._trigger(
+            "warm_up", lambda: self.lc.warm_up(self.call_then_raise), "failed", TransitionFailedError
+        )
 
     @rule(run=st.sampled_from([None, 3, "run", object()]))
     def warm_up_not_callable(self, run: Any) -> None:
@@ -296,10 +307,10 @@ class LifecycleMachine(RuleBasedStateMachine):
                 expected.append(model.attempt(trigger, outcome))
         if fails and expected:
             with pytest.raises(TransitionFailedError) as info:
-                self.lc.prepare(_boom)
+                self.lc.prepare(self.call_then_raise)
             assert isinstance(info.value.__cause__, WarmupBroke)
         else:
-            self.lc.prepare(_boom if fails else _run)
+            self.lc.prepare(self.call_then_raise if fails else self.call)
         self._check_transition_events(expected)
 
     @rule()
@@ -330,7 +341,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         elif body_raises:
             with pytest.raises(WarmupBroke) as info:
                 with self.lc.request(num_inference_steps=steps) as req:
-                    _run(self.lc.module)
+                    self.call(self.lc.module)
                     raise boom
             assert info.value is boom  # propagates unchanged
             assert req.outcome == "failed"
@@ -338,7 +349,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         else:
             with self.lc.request(num_inference_steps=steps) as req:
                 assert self.lc.state is State.WARMED_UP
-                _run(self.lc.module)
+                self.call(self.lc.module)
             assert req.outcome == "ok" and req.duration_ms >= 0
             outcome = "ok"
         events = self._new_events()
@@ -363,7 +374,7 @@ class LifecycleMachine(RuleBasedStateMachine):
 
     @invariant()
     def module_still_callable(self) -> None:
-        _run(self.lc.module)
+        self.call(self.lc.module)
 
 
 @pytest.mark.parametrize("policy", POLICIES, ids=str)
@@ -388,3 +399,58 @@ def test_lifecycle_follows_api_table(policy: LifecyclePolicy) -> None:
             ),
         )
     assert LifecycleMachine.steps >= per_policy
+
+
+class FluxMachine(LifecycleMachine):
+    """The same rules on a tiny real Flux with the real cache-dit adapter: the module itself must
+    follow the state (hooks mounted exactly when the table says so, eager again after reset)."""
+
+    inputs: ClassVar[FluxInputs]
+    eager_output: ClassVar[torch.Tensor]
+
+    def call(self, module: nn.Module) -> None:
+        assert torch.isfinite(denoise(module, self.inputs, 2)).all()
+
+    def make_lifecycle(self) -> ModuleLifecycle:
+        return ModuleLifecycle(
+            self.module, name="stateful", policy=self.policy, backend="cpu",
+            cache_config=demo_cache_config(8), compile_options=EAGER,
+        )
+
+    @invariant()
+    def module_follows_state(self) -> None:
+        module = self.lc.module
+        loaded = self.model.state == L
+        assert self.lc.cache.is_mounted(module) is (not loaded)
+        compiled = self.policy.compile and self.model.state in (C, W)
+        assert (module._compiled_call_impl is not None) is compiled
+        if loaded:
+            # Reset left nothing behind: the original forward, eager, gives the original output.
+            assert "forward" not in vars(module)
+            assert torch.equal(denoise(module, self.inputs, 1), self.eager_output)
+
+
+@pytest.mark.parametrize(
+    "policy", [p for p in POLICIES if p.cache_dit], ids=str,
+)
+def test_cache_dit_lifecycle_follows_api_table(policy: LifecyclePolicy) -> None:
+    logging.getLogger("CACHE_DIT").setLevel(logging.WARNING)
+    machine = type(f"Flux_{policy.compile}", (FluxMachine,), {})
+    machine.policy = policy
+    machine.module = tiny_flux()
+    machine.inputs = flux_inputs()
+    machine.eager_output = denoise(machine.module, machine.inputs, 1)
+    LifecycleMachine.steps = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", WarmupCoverageWarning)
+        run_state_machine_as_test(
+            machine,
+            settings=settings(
+                max_examples=int(os.environ.get("DIT_LIFECYCLE_STATEFUL_FLUX_EXAMPLES", 15)),
+                stateful_step_count=12,
+                deadline=None,
+                database=None,
+                suppress_health_check=list(HealthCheck),
+            ),
+        )
+    assert LifecycleMachine.steps >= 20

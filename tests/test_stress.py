@@ -1,0 +1,257 @@
+"""Concurrency stress: 32 threads fire 1,000 random triggers each (and requests, prepares, bad
+arguments, failing warm-ups) at a few shared lifecycles. Only the documented exceptions may
+escape; afterwards every state is legal, each module's audit is gap-free and replays against the
+API.md table (so no two transitions interleaved), and the compile bookkeeping matches the state.
+
+The lifecycles use a real small module with the no-op backend and cache adapters, so the test
+measures the lifecycle's own locking, not torch.compile.
+"""
+
+from __future__ import annotations
+
+import gc
+import random
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import pytest
+import torch
+from test_stateful import API_TABLE
+from torch import nn
+
+from lifecycle import (
+    IllegalTransitionError,
+    InvalidConfigError,
+    LifecyclePolicy,
+    ModuleLifecycle,
+    State,
+    TransitionFailedError,
+)
+from lifecycle.machine import machine_for
+from lifecycle.testing import AuditEvents, NoopBackend, NoopCache
+
+THREADS = 32
+TRIGGERS_PER_THREAD = 1_000
+X = torch.ones(1, 4)
+
+
+class Injected(RuntimeError):
+    """Raised by the failing warm-up callable; must come back as TransitionFailedError's cause."""
+
+
+def _run(module: nn.Module) -> None:
+    module(X)
+
+
+def _failing_run(module: nn.Module) -> None:
+    module(X)
+    raise Injected("warm-up failed on purpose")
+
+
+class Shared:
+    """One shared lifecycle plus what the threads observe about it."""
+
+    def __init__(self, policy: LifecyclePolicy, index: int) -> None:
+        self.backend = NoopBackend()
+        self.lc = ModuleLifecycle(
+            nn.Linear(4, 4), name=f"m{index}", policy=policy, backend=self.backend,
+            cache_adapter=NoopCache(),
+        )
+        self.in_request = 0
+        self.overlaps = 0
+
+
+def _act(shared: Shared, rng: random.Random) -> str:
+    """One random call; returns what happened. Raises only what the API documents."""
+    lc = shared.lc
+    action = rng.choice(
+        ["mount_cache", "compile", "warm_up", "warm_up_fail", "refresh", "refresh_bad",
+         "invalidate", "reset", "prepare", "request", "request", "allowed"]
+    )
+    try:
+        if action == "warm_up":
+            lc.warm_up(_run)
+        elif action == "warm_up_fail":
+            lc.warm_up(_failing_run)
+        elif action == "refresh":
+            lc.refresh(num_inference_steps=rng.randint(1, 50))
+        elif action == "refresh_bad":
+            lc.refresh(num_inference_steps=rng.choice([0, -1]))
+        elif action == "prepare":
+            lc.prepare(_run)
+        elif action == "request":
+            with lc.request(num_inference_steps=8):
+                shared.in_request += 1
+                if shared.in_request != 1:
+                    shared.overlaps += 1
+                # Transitions wait for the request: the state cannot move under it.
+                assert lc.state is State.WARMED_UP
+                _run(lc.module)
+                shared.in_request -= 1
+        elif action == "allowed":
+            # Read-only views are consistent snapshots while other threads move the state.
+            history = lc.history
+            assert [r.seq for r in history] == list(range(1, len(history) + 1))
+            _ = lc.allowed_triggers(), lc.stats(), repr(lc)
+        else:
+            getattr(lc, action)()
+        return "ok"
+    except IllegalTransitionError:
+        return "illegal"
+    except InvalidConfigError:
+        assert action == "refresh_bad"
+        return "invalid"
+    except TransitionFailedError as exc:
+        assert isinstance(exc.__cause__, Injected)
+        return "failed"
+
+
+def test_32_threads_random_triggers_on_shared_lifecycles(audit_events: AuditEvents) -> None:
+    policies = [LifecyclePolicy(cache_dit=c, compile=k) for c in (True, False) for k in (True, False)]
+    shared = [Shared(policy, i) for i, policy in enumerate(policies * 2)]  # 8 lifecycles
+    unexpected: list[BaseException] = []
+    outcomes: Counter[str] = Counter()
+    outcomes_lock = threading.Lock()
+    start = threading.Barrier(THREADS)
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        local: Counter[str] = Counter()
+        start.wait()
+        try:
+            for _ in range(TRIGGERS_PER_THREAD):
+                local[_act(rng.choice(shared), rng)] += 1
+        except BaseException as exc:  # anything else is a bug: report it from the main thread
+            unexpected.append(exc)
+        with outcomes_lock:
+            outcomes.update(local)
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(THREADS)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    elapsed = time.perf_counter() - started
+    assert not any(t.is_alive() for t in threads), "threads hung (deadlock?)"
+    assert not unexpected, unexpected[:3]
+    assert sum(outcomes.values()) == THREADS * TRIGGERS_PER_THREAD
+    # Every kind of outcome happened, so the run exercised what it claims to.
+    assert {"ok", "illegal", "invalid", "failed"} <= set(outcomes), outcomes
+    assert elapsed < 120
+
+    events = audit_events.of("lifecycle.transition")
+    for s in shared:
+        lc = s.lc
+        assert s.overlaps == 0 and s.in_request == 0
+        assert lc.state in lc.policy.path  # a legal, reachable state
+        mine = [e for e in events if e["module_id"] == lc.module_id]
+        # Gap-free and in order: emitted under the lifecycle's lock, one per attempt.
+        assert [e["seq"] for e in mine] == list(range(1, len(mine) + 1))
+        assert [(e["trigger"], e["source"], e["dest"], e["outcome"]) for e in mine] == [
+            (r.trigger.value, r.source.value, r.dest.value, r.outcome) for r in lc.history
+        ]
+        # Replaying the audit against the API table ends where the lifecycle is: no transition
+        # saw a state another thread was changing.
+        table = API_TABLE[(lc.policy.cache_dit, lc.policy.compile)]
+        state = "Loaded"
+        for e in mine:
+            assert e["source"] == state, e
+            legal = table[e["trigger"]].get(state)
+            if e["outcome"] == "ok":
+                assert e["dest"] == legal
+                state = legal
+            elif e["error_type"] == "IllegalTransitionError":
+                assert legal is None
+            else:
+                assert legal is not None and e["dest"] == state
+        assert state == lc.state.value
+        # Compile bookkeeping follows the state: compiled exactly while Compiled/WarmedUp.
+        compiled_now = s.backend.compiles - s.backend.decompiles
+        expected_compiled = lc.policy.compile and lc.state in (State.COMPILED, State.WARMED_UP)
+        assert compiled_now == int(expected_compiled)
+        assert s.backend.compiles == sum(
+            1 for e in mine if e["trigger"] == "compile" and e["outcome"] == "ok"
+        )
+    requests = audit_events.of("lifecycle.request")
+    assert requests and all(e["outcome"] in ("ok", "refused") for e in requests)
+
+
+@pytest.mark.parametrize("policy", [LifecyclePolicy(), LifecyclePolicy(cache_dit=False)], ids=str)
+def test_32_threads_racing_prepare_compile_once(policy: LifecyclePolicy, audit_events) -> None:
+    backend = NoopBackend()
+    lc = ModuleLifecycle(nn.Linear(4, 4), policy=policy, backend=backend, cache_adapter=NoopCache())
+    warmups = Counter[int]()
+
+    def slow_run(module: nn.Module) -> None:
+        warmups[threading.get_ident()] += 1
+        time.sleep(0.02)  # widen the window in which the others arrive
+        module(X)
+
+    start = threading.Barrier(THREADS)
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        start.wait()
+        try:
+            lc.prepare(slow_run)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(THREADS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors
+    assert lc.state is State.WARMED_UP
+    assert backend.compiles == 1 and lc.stats()["compiles"] == 1
+    assert sum(warmups.values()) == 1  # NoopCache reports the warm-up covered after one run
+    ok = [e["trigger"] for e in audit_events.of("lifecycle.transition") if e["outcome"] == "ok"]
+    assert ok == [
+        {"CacheMounted": "mount_cache", "Compiled": "compile", "WarmedUp": "warm_up"}[s.value]
+        for s in policy.path[1:]
+    ]
+    assert len(lc.history) == len(ok)  # the other 31 found the work done: no refused attempts
+
+
+def _churn(policy: LifecyclePolicy, count: int, errors: list[BaseException]) -> None:
+    try:
+        for _ in range(count):
+            lc = ModuleLifecycle(nn.Identity(), policy=policy, backend=NoopBackend(),
+                                 cache_adapter=NoopCache())
+            cycle: list[Any] = [lc]
+            cycle.append(cycle)  # only the garbage collector frees it: its finalizer runs in GC
+            del lc, cycle
+    except BaseException as exc:
+        errors.append(exc)
+
+
+def test_lifecycles_dropped_while_others_are_built_do_not_deadlock_or_leak() -> None:
+    # Regression: the finalizer that detaches a dropped lifecycle from the shared machine ran
+    # inside add_model() (a GC pass during allocation) and blocked on the lock attach() held.
+    policy = LifecyclePolicy(cache_dit=True, compile=False)
+    machine = machine_for(policy)
+    gc.collect()
+    baseline = len(machine.models)
+    thresholds = gc.get_threshold()
+    gc.set_threshold(50, 1, 1)  # collect often, so finalizers land inside add_model
+    errors: list[BaseException] = []
+    try:
+        threads = [threading.Thread(target=_churn, args=(policy, 300, errors), daemon=True)
+                   for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert not any(t.is_alive() for t in threads), "lifecycle construction deadlocked"
+    finally:
+        gc.set_threshold(*thresholds)
+    assert not errors
+    gc.collect()
+    keep = ModuleLifecycle(nn.Identity(), policy=policy, backend=NoopBackend(),
+                           cache_adapter=NoopCache())  # attach() drains removals still queued
+    assert len(machine.models) == baseline + 1
+    del keep
