@@ -77,6 +77,12 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
+def _public_config(config: Mapping[str, Any]) -> Any:
+    """A diffusers config without its bookkeeping keys (``_use_default_values`` is a list whose
+    order changes from process to process; ``_name_or_path`` is where it was loaded from)."""
+    return _jsonable({k: v for k, v in config.items() if not str(k).startswith("_")})
+
+
 def _version(package: str) -> str | None:
     try:
         return metadata.version(package)
@@ -145,10 +151,12 @@ def build_key(
     policy: Mapping[str, Any] | None = None,
 ) -> ArtifactKey:
     config = getattr(module, "config", None)
+    package = type(module).__module__.partition(".")[0]
     fields = {
         "format": FORMAT,
         "module_class": f"{type(module).__module__}.{type(module).__qualname__}",
-        "module_config": _jsonable(dict(config)) if isinstance(config, Mapping) else None,
+        "module_package": f"{package} {_version(package)}",
+        "module_config": _public_config(config) if isinstance(config, Mapping) else None,
         "layout": _layout_digest(module),
         "dtype": _dtype(module),
         "device": device_kind(module),
@@ -168,7 +176,7 @@ class ArtifactReport:
     """One load or save, as the audit records it."""
 
     action: str  # "load" | "save"
-    status: str  # load: loaded|missing|stale|corrupt; save: saved|empty|failed
+    status: str  # load: loaded|missing|stale|corrupt|failed; save: saved|empty|failed
     path: str | None = None
     detail: str = ""
     size_bytes: int = 0

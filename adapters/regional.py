@@ -21,6 +21,13 @@ Which modules get compiled, and why (read from cache-dit 1.5.3's source and chec
   strided view), never on the number of blocks.
 - Mount before compile still holds: compiling the blocks does not change which forward the
   transformer runs, and the lifecycle's table keeps ``compile`` after ``mount_cache``.
+- What it saves, measured: a whole-model compile of a cache-dit-mounted transformer does not
+  trace the blocks into one graph either. cache-dit's forward breaks the graph (its
+  ``unittest.mock`` patching, and ``torch.compiler.disable`` inside the block loop, which makes
+  dynamo skip that frame), so dynamo compiles each block's forward as its own frame and reuses
+  it, plus five graphs of the transformer's own code (Flux: 8 graphs against regional's 3, for
+  any number of blocks). Regional skips those five: about 1.2 to 1.4x faster cold start on an
+  H100, not more (bench/gpu_cold_start.py); reusable artifacts are what cut a restart.
 """
 
 from __future__ import annotations

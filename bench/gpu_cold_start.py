@@ -170,7 +170,9 @@ def compile_times(threshold_s: float = 0.2) -> dict[str, float]:
         return {"unavailable": repr(exc)}  # type: ignore[dict-item]
     times: dict[str, float] = {}
     for line in str(text).splitlines():
-        name, _, value = line.rpartition(", ")
+        # "name, 1.23" (torch 2.13) or a whitespace-aligned table (older releases).
+        name, _, value = line.strip().replace(",", " ").rpartition(" ")
+        name = name.strip()
         try:
             seconds = float(value)
         except ValueError:

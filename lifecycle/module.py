@@ -168,6 +168,11 @@ class ModuleLifecycle:
         self._warmup_covered: bool | None = None
         self._graphs_at_warmup = 0
         # Compile artifacts (adapters/artifacts.py): loaded before compile, saved at WarmedUp.
+        if artifact_dir is not None and not isinstance(artifact_dir, (str, os.PathLike)):
+            raise InvalidConfigError(
+                f"{name}: artifact_dir must be a directory path (str or PathLike), got "
+                f"{type(artifact_dir).__name__}", module=name, state=State.LOADED,
+            )
         self._artifacts = ArtifactStore(artifact_dir) if artifact_dir is not None and policy.compile else None
         self._artifact_reports: dict[str, ArtifactReport] = {}
         self._artifact_key_now: Any = None
@@ -512,11 +517,18 @@ class ModuleLifecycle:
     def _load_artifacts(self, attempt: _Attempt | None) -> None:
         """Before compiling: put saved graphs into torch's caches (never raises)."""
         self._artifact_reports.pop("save", None)
+        self._artifact_key_now = None
         self._misses_at_compile = inductor_cache_misses()
         if self._artifacts is not None:
             # Keyed once, here: every start builds it at this same point (mounted, before any
             # call), and the save at WarmedUp reuses it, whatever the calls changed meanwhile.
-            self._artifact_key_now = self._artifact_key()
+            try:
+                self._artifact_key_now = self._artifact_key()
+            except Exception as exc:  # artifacts are an optimisation: never fail the compile
+                self._report_artifacts(
+                    ArtifactReport("load", "failed", None, f"cannot build the key: {exc!r}"), attempt
+                )
+                return
             self._report_artifacts(self._artifacts.load(self._artifact_key_now), attempt)
 
     def _save_artifacts(self, attempt: _Attempt | None) -> None:
@@ -527,8 +539,9 @@ class ModuleLifecycle:
         compiled_new = inductor_cache_misses() > self._misses_at_compile
         if loaded is not None and loaded.status == "loaded" and not compiled_new:
             return
-        key = self._artifact_key_now if self._artifact_key_now is not None else self._artifact_key()
-        self._report_artifacts(self._artifacts.save(key), attempt)
+        if self._artifact_key_now is None:
+            return  # no key: the load already reported why
+        self._report_artifacts(self._artifacts.save(self._artifact_key_now), attempt)
 
     def _warn_uncovered(self, runs: int) -> None:
         message = (

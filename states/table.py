@@ -127,7 +127,12 @@ def _index(policy: LifecyclePolicy) -> dict[tuple[State, Trigger], State]:
 
 def destination(policy: LifecyclePolicy, source: State, trigger: Trigger) -> State | None:
     """Where ``trigger`` leads from ``source``, or None when it is illegal."""
-    return _index(policy).get((State(source), Trigger(trigger)))
+    # Members pass straight through (every trigger takes this path); names are converted.
+    if source.__class__ is not State:
+        source = State(source)
+    if trigger.__class__ is not Trigger:
+        trigger = Trigger(trigger)
+    return _index(policy).get((source, trigger))
 
 
 @cache

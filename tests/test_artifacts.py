@@ -15,7 +15,7 @@ import torch
 from conftest import FAST_COMPILE, SERVING_STEPS
 
 from adapters.artifacts import MAGIC, ArtifactKey, ArtifactStore
-from lifecycle import LifecyclePolicy, ModuleLifecycle, State
+from lifecycle import InvalidConfigError, LifecyclePolicy, ModuleLifecycle, State
 from lifecycle.tiny import denoise, denoiser, tiny_flux
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +66,25 @@ def test_the_key_survives_calls_through_cache_dit(cache_config, inputs):
     assert lc._artifact_key() == fresh == lc._artifact_key_now
 
 
+def test_the_key_is_the_same_in_every_process(cache_config):
+    # diffusers' config carries a list whose order follows string hashing (different per
+    # process): measured on an H100, it made every restart's key differ until it was left out.
+    script = (
+        "from adapters.artifacts import build_key; from lifecycle.tiny import tiny_flux; "
+        "print(build_key(tiny_flux(), compile_options={'backend': 'inductor'}).digest)"
+    )
+    digests = set()
+    for seed in ("1", "4"):  # these two order that list differently
+        env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(ROOT)}
+        done = subprocess.run(
+            [sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        digests.add(done.stdout.split()[-1])
+    assert len(digests) == 1
+
+
 # ---------------------------------------------------------------------------- the store
 def test_store_round_trip_and_damage_is_detected(tmp_path, cache_config):
     store = ArtifactStore(tmp_path)
@@ -89,6 +108,21 @@ def test_store_round_trip_and_damage_is_detected(tmp_path, cache_config):
         report, payload = store.read(key)
         assert (report.status, payload) == ("corrupt", None), name
         assert report.problem
+
+
+def test_an_unwritable_directory_is_reported_not_raised(tmp_path, cache_config):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the directory should be")
+    store = ArtifactStore(blocker)
+    key = _key(tiny_flux(), cache_config)
+    assert store.load(key).status == "missing"
+    report = store.write(key, b"graphs")
+    assert report.status == "failed" and report.problem and "cannot write" in report.detail
+
+
+def test_artifact_dir_must_be_a_path(flux):
+    with pytest.raises(InvalidConfigError, match="artifact_dir"):
+        ModuleLifecycle(flux, backend="cpu", compile_options=FAST_COMPILE, artifact_dir=42)
 
 
 def test_a_file_for_another_configuration_is_stale(tmp_path, cache_config):

@@ -9,12 +9,14 @@ measures the lifecycle's own locking, not torch.compile.
 
 from __future__ import annotations
 
-import gc
+import os
 import random
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
-from typing import Any
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,7 +31,6 @@ from lifecycle import (
     State,
     TransitionFailedError,
 )
-from lifecycle.machine import machine_for
 from lifecycle.testing import AuditEvents, NoopBackend, NoopCache
 
 THREADS = 32
@@ -217,41 +218,49 @@ def test_32_threads_racing_prepare_compile_once(policy: LifecyclePolicy, audit_e
     assert len(lc.history) == len(ok)  # the other 31 found the work done: no refused attempts
 
 
-def _churn(policy: LifecyclePolicy, count: int, errors: list[BaseException]) -> None:
-    try:
-        for _ in range(count):
-            lc = ModuleLifecycle(nn.Identity(), policy=policy, backend=NoopBackend(),
-                                 cache_adapter=NoopCache())
-            cycle: list[Any] = [lc]
-            cycle.append(cycle)  # only the garbage collector frees it: its finalizer runs in GC
-            del lc, cycle
-    except BaseException as exc:
-        errors.append(exc)
+# Run in a child process: a deadlock there fails this test instead of hanging the whole suite.
+_CHURN = """
+import gc, sys, threading, time
+from torch import nn
+from lifecycle import LifecyclePolicy, ModuleLifecycle
+from lifecycle.machine import machine_for
+from lifecycle.testing import NoopBackend, NoopCache
+
+policy = LifecyclePolicy(cache_dit=True, compile=False)
+def make():
+    return ModuleLifecycle(nn.Identity(), policy=policy, backend=NoopBackend(), cache_adapter=NoopCache())
+def churn():
+    for _ in range(300):
+        cycle = [make()]
+        cycle.append(cycle)  # only the garbage collector frees it: its finalizer runs in GC
+        del cycle
+machine = machine_for(policy)
+gc.collect()
+baseline = len(machine.models)
+gc.set_threshold(50, 1, 1)  # collect often, so finalizers land inside add_model
+threads = [threading.Thread(target=churn, daemon=True) for _ in range(4)]
+for t in threads:
+    t.start()
+deadline = time.monotonic() + 60
+for t in threads:
+    t.join(timeout=max(0.0, deadline - time.monotonic()))
+if any(t.is_alive() for t in threads):
+    print("DEADLOCK", flush=True)
+    sys.exit(3)
+gc.collect()
+keep = make()  # attach() drains removals still queued
+print("models", len(machine.models) - baseline, flush=True)
+"""
 
 
 def test_lifecycles_dropped_while_others_are_built_do_not_deadlock_or_leak() -> None:
     # Regression: the finalizer that detaches a dropped lifecycle from the shared machine ran
     # inside add_model() (a GC pass during allocation) and blocked on the lock attach() held.
-    policy = LifecyclePolicy(cache_dit=True, compile=False)
-    machine = machine_for(policy)
-    gc.collect()
-    baseline = len(machine.models)
-    thresholds = gc.get_threshold()
-    gc.set_threshold(50, 1, 1)  # collect often, so finalizers land inside add_model
-    errors: list[BaseException] = []
-    try:
-        threads = [threading.Thread(target=_churn, args=(policy, 300, errors), daemon=True)
-                   for _ in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=60)
-        assert not any(t.is_alive() for t in threads), "lifecycle construction deadlocked"
-    finally:
-        gc.set_threshold(*thresholds)
-    assert not errors
-    gc.collect()
-    keep = ModuleLifecycle(nn.Identity(), policy=policy, backend=NoopBackend(),
-                           cache_adapter=NoopCache())  # attach() drains removals still queued
-    assert len(machine.models) == baseline + 1
-    del keep
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, "-c", _CHURN], cwd=root, capture_output=True, text=True, timeout=150,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])},
+    )
+    assert "DEADLOCK" not in result.stdout, "lifecycle construction deadlocked"
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "models 1" in result.stdout  # every dropped lifecycle left the shared machine
