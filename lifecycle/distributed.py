@@ -47,8 +47,6 @@ from lifecycle.module import (
     RequestRecord,
     WarmupRun,
     _Attempt,
-    _compiled_by,
-    _compiled_lock,
 )
 from states import LifecyclePolicy, State, Trigger
 
@@ -213,13 +211,11 @@ class DistributedLifecycle(ModuleLifecycle):
 
     def _undo(self, trigger: Trigger, attempt: _Attempt, snapshot: Mapping[str, Any]) -> None:
         """Take back this rank's successful work because a peer failed (state has not moved)."""
-        if trigger is Trigger.MOUNT_CACHE and not attempt.extra.get("adopted"):
-            self.cache.unmount(self._module)
-        elif trigger is Trigger.COMPILE and not attempt.extra.get("reused_compiled"):
-            with _compiled_lock:
-                if _compiled_by.get(self._module) == self.module_id:
-                    self.backend.decompile(self._module)
-                    del _compiled_by[self._module]
+        if trigger is Trigger.MOUNT_CACHE:
+            # An adopted mount was the host's: let go of it without unmounting.
+            self._release_cache_mount(unmount=not attempt.extra.get("adopted"))
+        elif trigger is Trigger.COMPILE:
+            self._release_compiled()
         elif trigger is Trigger.REFRESH:
             self._serving_steps = snapshot["serving_steps"]
             self.cache.refresh(self._module, self.cache_config, self._serving_steps)

@@ -12,7 +12,6 @@ import threading
 import time
 import uuid
 import warnings
-import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from lifecycle.errors import (
     TransitionFailedError,
     UnsupportedModuleError,
 )
+from lifecycle.holds import CACHE_MOUNTS, COMPILED
 from lifecycle.machine import attach, fire
 from states import (
     LifecyclePolicy,
@@ -54,12 +54,6 @@ WarmupRun = Callable[[nn.Module], object]
 # The warm-up callable runs at most this many times while cache-dit's context is steered
 # towards its cached branch; a warm-up that makes one denoising step needs three.
 MAX_WARMUP_RUNS = 4
-
-# Modules compiled by some lifecycle, and by which: the same nn.Module object is never compiled
-# twice, and weak keys keep this from holding a module alive.
-_compiled_by: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
-_compiled_lock = threading.Lock()
-
 
 class WarmupCoverageWarning(UserWarning):
     """Warm-up could not reach cache-dit's cached-step branch: the first real request may compile."""
@@ -338,33 +332,32 @@ class ModuleLifecycle:
     def mount_cache(self) -> None:
         """Loaded -> CacheMounted: wrap the module with cache-dit (before any compile)."""
         with self._transition(Trigger.MOUNT_CACHE) as attempt:
-            if self.cache.is_mounted(self._module):
-                # Mounted by the host already: adopt it with this lifecycle's config.
-                self.cache.refresh(self._module, self.cache_config, self._serving_steps)
-                attempt.extra["adopted"] = True
-            else:
-                try:
-                    self.cache.check_supported(self._module)
-                except UnsupportedForCache as exc:
-                    raise UnsupportedModuleError(
-                        f"{self.name}: {exc}", module=self.name, state=self.state,
-                        trigger=Trigger.MOUNT_CACHE,
-                    ) from exc
-                self.cache.mount(self._module, self.cache_config)
+            with CACHE_MOUNTS.acquire(self._module, self.module_id) as first:
+                if not first or self.cache.is_mounted(self._module):
+                    # Mounted by another lifecycle or the host: adopt it with this config.
+                    self.cache.refresh(self._module, self.cache_config, self._serving_steps)
+                    attempt.extra["adopted"] = True
+                else:
+                    try:
+                        self.cache.check_supported(self._module)
+                    except UnsupportedForCache as exc:
+                        raise UnsupportedModuleError(
+                            f"{self.name}: {exc}", module=self.name, state=self.state,
+                            trigger=Trigger.MOUNT_CACHE,
+                        ) from exc
+                    self.cache.mount(self._module, self.cache_config)
             attempt.extra["cache_config"] = self.cache.describe_config(self.cache_config)
 
     def compile(self) -> None:
         """-> Compiled: compile the (cache-wrapped) module in place on the backend."""
         with self._transition(Trigger.COMPILE) as attempt:
             started = time.perf_counter()
-            with _compiled_lock:
-                owner = _compiled_by.get(self._module)
-                if owner is None:
+            with COMPILED.acquire(self._module, self.module_id) as first:
+                if first:
                     self._load_artifacts(attempt)
                     self.backend.compile(self._module, self.compile_options)
-                    _compiled_by[self._module] = self.module_id
                     self._compiles += 1
-                attempt.extra["reused_compiled"] = owner is not None
+                attempt.extra["reused_compiled"] = not first
             self._compile_s += time.perf_counter() - started
             attempt.extra["compile_backend"] = str(self.compile_options.get("backend"))
 
@@ -397,14 +390,22 @@ class ModuleLifecycle:
         """-> Loaded: unmount cache-dit and drop compiled code; the original forward runs again."""
         with self._transition(Trigger.RESET):
             # Unmount first: it is the step that can fail, and nothing has changed yet if it does.
-            if self.policy.cache_dit and self.cache.is_mounted(self._module):
-                self.cache.unmount(self._module)
-            with _compiled_lock:
-                if _compiled_by.get(self._module) == self.module_id:
-                    self.backend.decompile(self._module)
-                    del _compiled_by[self._module]
+            # Either is undone only by the last lifecycle holding it (a shared module).
+            self._release_cache_mount()
+            self._release_compiled()
             self._warmup_covered = None
             self._recompiles_since_warmup = 0
+
+    def _release_cache_mount(self, *, unmount: bool = True) -> None:
+        if self.policy.cache_dit:
+            with CACHE_MOUNTS.release(self._module, self.module_id) as last:
+                if unmount and last and self.cache.is_mounted(self._module):
+                    self.cache.unmount(self._module)
+
+    def _release_compiled(self) -> None:
+        with COMPILED.release(self._module, self.module_id) as last:
+            if last:
+                self.backend.decompile(self._module)
 
     def prepare(self, run: WarmupRun, num_inference_steps: int | None = None) -> None:
         """Walk the legal path to WarmedUp, skipping what is done. Idempotent and thread-safe:

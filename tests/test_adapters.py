@@ -103,11 +103,12 @@ def test_the_interface_is_abstract():
 
 def test_builtins_and_auto():
     assert {"cpu", "cuda", "npu"} <= set(backend_names())
-    chosen = get_backend("auto")
-    first_available = next(name for name in AUTO_ORDER if get_backend(name).is_available()) if (
-        torch.cuda.is_available()
-    ) else "cpu"
-    assert chosen.name == first_available
+    from adapters.cuda import CudaAdapter
+    from adapters.npu import NpuAdapter
+
+    expected = "cuda" if CudaAdapter.is_available() else "npu" if NpuAdapter.is_available() else "cpu"
+    assert AUTO_ORDER == ("cuda", "npu", "cpu")
+    assert get_backend("auto").name == expected
     assert get_backend("cpu").describe()["device_type"] == "cpu"
 
 
@@ -227,3 +228,10 @@ def test_compile_options_are_checked_before_any_work(flux):
     with pytest.raises(InvalidConfigError, match="unknown compile_options"):
         ModuleLifecycle(flux, backend="cpu", compile_options={"fulgraph": True})
     assert not hasattr(flux, "_is_cached") and flux._compiled_call_impl is None
+
+
+def test_the_auto_choice_is_in_the_audit(flux, cache_config, audit_events):
+    lc = ModuleLifecycle(flux, backend="auto", cache_config=cache_config)
+    lc.mount_cache()
+    (event,) = audit_events.of("lifecycle.transition")
+    assert event["backend"] == lc.backend.name == get_backend("auto").name

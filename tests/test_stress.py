@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from structlog.testing import capture_logs
 from test_stateful import API_TABLE
 from torch import nn
 
@@ -31,7 +32,9 @@ from lifecycle import (
     State,
     TransitionFailedError,
 )
+from lifecycle.audit import JsonlSink
 from lifecycle.testing import AuditEvents, NoopBackend, NoopCache
+from lifecycle.verify import verify_file
 
 THREADS = 32
 TRIGGERS_PER_THREAD = 1_000
@@ -109,7 +112,21 @@ def _act(shared: Shared, rng: random.Random) -> str:
         return "failed"
 
 
-def test_32_threads_random_triggers_on_shared_lifecycles(audit_events: AuditEvents) -> None:
+def test_32_threads_random_triggers_on_shared_lifecycles(tmp_path: Path) -> None:
+    # The audit goes through the JSONL sink as a host would attach it, and is captured as well.
+    audit_file = tmp_path / "audit.jsonl"
+    sink = JsonlSink(audit_file)
+    with capture_logs(processors=[sink]) as logs:
+        _stress(AuditEvents(logs))
+    sink.close()
+    # The file the 32 threads wrote replays clean through the project's own verifier.
+    result = verify_file(audit_file)
+    assert result.ok, (result.line, result.reason)
+    assert result.transitions >= THREADS * TRIGGERS_PER_THREAD * 0.5
+    assert result.modules == 8
+
+
+def _stress(audit_events: AuditEvents) -> None:
     policies = [LifecyclePolicy(cache_dit=c, compile=k) for c in (True, False) for k in (True, False)]
     shared = [Shared(policy, i) for i, policy in enumerate(policies * 2)]  # 8 lifecycles
     unexpected: list[BaseException] = []
@@ -264,3 +281,19 @@ def test_lifecycles_dropped_while_others_are_built_do_not_deadlock_or_leak() -> 
     assert "DEADLOCK" not in result.stdout, "lifecycle construction deadlocked"
     assert result.returncode == 0, result.stderr[-2000:]
     assert "models 1" in result.stdout  # every dropped lifecycle left the shared machine
+
+
+def test_shared_module_stays_compiled_while_another_lifecycle_needs_it() -> None:
+    module = nn.Linear(4, 4)
+    policy = LifecyclePolicy(cache_dit=False)
+    first = ModuleLifecycle(module, name="first", policy=policy, backend="cpu",
+                            compile_options={"backend": "eager"})
+    second = ModuleLifecycle(module, name="second", policy=policy, backend="cpu",
+                             compile_options={"backend": "eager"})
+    first.compile()
+    second.compile()  # reuses the compiled module: compiled once (API.md)
+    first.reset()
+    assert second.state is State.COMPILED
+    assert module._compiled_call_impl is not None  # what second's state promises
+    second.reset()  # the last holder lets go: the module is eager again
+    assert module._compiled_call_impl is None

@@ -85,6 +85,10 @@ def test_the_same_module_is_never_compiled_twice(flux, inputs, cache_config):
     assert flux._compiled_call_impl is compiled_call
     assert (first.stats()["compiles"], second.stats()["compiles"]) == (1, 0)
     assert second.history[-1].outcome == "ok"
+    first.reset()  # second still holds the mount and the compiled code
+    assert flux._compiled_call_impl is compiled_call and getattr(flux, "_is_cached", False)
+    second.reset()  # the last holder undoes both
+    assert flux._compiled_call_impl is None and not getattr(flux, "_is_cached", False)
 
 
 def test_compiled_registry_does_not_keep_modules_alive(shape, cache_config):
