@@ -184,6 +184,9 @@ def _worker(rank: int, world_size: int, tmp: str, scenario: str) -> None:
         out["request_ranks"] = [e.get("rank") for e in events.of("lifecycle.request")]
     finally:
         Path(tmp, f"rank{rank}.json").write_text(json.dumps(out))
+        # Every rank reaches the end before any tears gloo down: a rank that destroys its group
+        # while a peer's gloo threads still talk to it aborts that peer (std::terminate).
+        dist.barrier()
         dist.destroy_process_group()
 
 
