@@ -53,13 +53,18 @@ REQUEST_KEYS = (
 _LEVEL_BY_OUTCOME = {"ok": "info", "refused": "warning", "failed": "error"}
 
 
+# A lazy proxy: it binds against the configuration current at each call, so a host that
+# configures structlog later (or structlog.testing.capture_logs) is still followed.
+_LOGGER = structlog.get_logger(LOGGER_NAME)
+
+
 def logger() -> Any:
-    return structlog.get_logger(LOGGER_NAME)
+    return _LOGGER
 
 
 def emit(event: str, outcome: str, fields: dict[str, Any]) -> None:
     """Send one audit event at the level its outcome deserves."""
-    method = getattr(logger(), _LEVEL_BY_OUTCOME.get(outcome, "warning"))
+    method = getattr(_LOGGER, _LEVEL_BY_OUTCOME.get(outcome, "warning"))
     method(event, **fields)
 
 
