@@ -75,7 +75,8 @@ def test_the_key_is_the_same_in_every_process(cache_config):
     )
     digests = set()
     for seed in ("1", "4"):  # these two order that list differently
-        env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(ROOT)}
+        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": path}
         done = subprocess.run(
             [sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
             timeout=120,

@@ -18,7 +18,10 @@ from states import LifecyclePolicy, State
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small and fast: aot_eager, a short warm-up, few steps, two requests.
-FAST_DEMO = ["--compile-backend", "aot_eager", "--steps", "4", "--warmup-steps", "1", "--requests", "2"]
+FAST_DEMO = [
+    "--backend", "cpu", "--compile-backend", "aot_eager",
+    "--steps", "4", "--warmup-steps", "1", "--requests", "2",
+]
 
 
 def cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
@@ -131,8 +134,8 @@ def test_demo_json_with_audit_then_verify_and_show(tmp_path):
 
 def test_demo_pipeline_delegates_and_audits(tmp_path):
     audit = tmp_path / "flux.jsonl"
-    run = cli("demo", "--pipeline", "flux", "--steps", "4", "--requests", "2", "--json", "--quiet",
-              "--audit", str(audit))
+    run = cli("demo", "--pipeline", "flux", "--backend", "cpu", "--steps", "4", "--requests", "2",
+              "--json", "--quiet", "--audit", str(audit))
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout)
     assert result["ok"] is True and result["identical_outputs"] is True
