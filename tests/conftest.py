@@ -50,7 +50,12 @@ def audit_events() -> Iterator[AuditEvents]:
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo() -> Iterator[None]:
-    # Each test starts with dynamo's caches empty, so graph counts belong to that test.
+    # Each test starts with dynamo's caches empty, so graph counts belong to that test, and with
+    # no compile artifacts recorded (torch records them process-wide for save_cache_artifacts).
+    from torch.compiler._cache import CacheArtifactManager
+
     torch._dynamo.reset()
+    CacheArtifactManager.clear()
     yield
     torch._dynamo.reset()
+    CacheArtifactManager.clear()
