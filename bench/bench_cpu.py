@@ -23,7 +23,6 @@ import gc
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -31,7 +30,6 @@ import threading
 import time
 import tracemalloc
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +39,7 @@ if str(ROOT) not in sys.path:
 
 import structlog  # noqa: E402
 import torch  # noqa: E402
+from _machine import machine_info  # noqa: E402
 from torch import nn  # noqa: E402
 from transitions import Machine  # noqa: E402
 from transitions.extensions import LockedMachine  # noqa: E402
@@ -55,36 +54,6 @@ TARGET_BYTES_PER_LIFECYCLE = 10 * 1024
 # One lap of the default policy: every trigger once, ending where it started.
 LAP = ("mount_cache", "compile", "warm_up", "refresh", "invalidate", "reset")
 
-
-def machine_info() -> dict[str, Any]:
-    def version(dist: str) -> str | None:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return None
-
-    cpu_model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "host": platform.node(),
-        "platform": platform.platform(),
-        "cpu_model": cpu_model,
-        "cores": os.cpu_count(),
-        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "transitions": version("transitions"),
-        "structlog": version("structlog"),
-        "cache_dit": version("cache-dit"),
-        "diffusers": version("diffusers"),
-    }
 
 
 def write(name: str, result: dict[str, Any]) -> Path:

@@ -21,14 +21,12 @@ import argparse
 import copy
 import json
 import logging
-import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +36,7 @@ if str(ROOT) not in sys.path:
 
 import structlog  # noqa: E402
 import torch  # noqa: E402
+from _machine import machine_info  # noqa: E402
 
 from lifecycle import ModuleLifecycle  # noqa: E402
 from lifecycle.audit import JsonlSink  # noqa: E402
@@ -48,24 +47,7 @@ STEPS = 8
 
 
 def machine() -> dict[str, Any]:
-    def version(dist: str) -> str | None:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return None
-
-    return {
-        "host": platform.node(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cache_dit": version("cache-dit"),
-        "diffusers": version("diffusers"),
-        "structlog": version("structlog"),
-        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-    }
+    return machine_info()
 
 
 def configure_host_logging(path: Path) -> JsonlSink:

@@ -24,12 +24,10 @@ import datetime
 import json
 import logging
 import os
-import platform
 import socket
 import statistics
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +38,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
+from _machine import machine_info  # noqa: E402
 
 from adapters import dynamo_graph_count  # noqa: E402
 from lifecycle.tiny import FluxShape, demo_cache_config, denoise, denoiser, flux_inputs, tiny_flux  # noqa: E402
@@ -232,25 +231,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
 
 
 def machine() -> dict[str, Any]:
-    def version(dist_name: str) -> str | None:
-        try:
-            return metadata.version(dist_name)
-        except metadata.PackageNotFoundError:
-            return None
-
-    info: dict[str, Any] = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
-        "cache_dit": version("cache-dit"),
-        "diffusers": version("diffusers"),
-        "cpu_count": os.cpu_count(),
-        "env": {key: os.environ.get(key) for key in NO_MULTICAST},
-    }
-    if torch.cuda.is_available():
-        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        info["nccl"] = ".".join(str(part) for part in torch.cuda.nccl.version())
-    return info
+    return machine_info(env={key: os.environ.get(key) for key in NO_MULTICAST})
 
 
 def main(argv: list[str] | None = None) -> None:

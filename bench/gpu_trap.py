@@ -26,7 +26,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -34,7 +33,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +41,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from _machine import machine_info  # noqa: E402
 
 from adapters import CacheDitAdapter, dynamo_graph_count  # noqa: E402
 from lifecycle.tiny import FluxShape, demo_cache_config, denoise, denoiser, flux_inputs, tiny_flux  # noqa: E402
@@ -286,26 +285,7 @@ def run_one(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------- the driver
 def machine() -> dict[str, Any]:
-    def version(dist: str) -> str | None:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return None
-
-    info: dict[str, Any] = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
-        "cache_dit": version("cache-dit"),
-        "diffusers": version("diffusers"),
-        "triton": version("triton"),
-        "cpu_count": os.cpu_count(),
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-        info["gpu_count"] = torch.cuda.device_count()
-        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
-    return info
+    return machine_info()
 
 
 def run_all(args: argparse.Namespace) -> None:

@@ -4,6 +4,12 @@ Loaded -> CacheMounted -> Compiled -> WarmedUp, in that order only, so that warm
 the path real requests take; every request starts from a fresh cache context.
 """
 
+from lifecycle.distributed import (
+    DistributedLifecycle,
+    DistributedTransitionError,
+    PeerFailedError,
+    RankDivergenceError,
+)
 from lifecycle.errors import (
     BackendUnavailableError,
     IllegalTransitionError,
@@ -23,6 +29,8 @@ from states import LifecyclePolicy, State, Trigger
 
 __all__ = [
     "BackendUnavailableError",
+    "DistributedLifecycle",
+    "DistributedTransitionError",
     "IllegalTransitionError",
     "InvalidConfigError",
     "LifecycleError",
@@ -30,6 +38,8 @@ __all__ = [
     "ModuleLifecycle",
     "PipelineError",
     "PipelineLifecycle",
+    "PeerFailedError",
+    "RankDivergenceError",
     "RequestRecord",
     "State",
     "TransitionFailedError",
