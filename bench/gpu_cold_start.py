@@ -42,7 +42,15 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 from _machine import machine_info  # noqa: E402
 
-from lifecycle.tiny import FluxShape, demo_cache_config, denoise, denoiser, flux_inputs, tiny_flux  # noqa: E402
+from lifecycle.tiny import (  # noqa: E402
+    FluxShape,
+    demo_cache_config,
+    denoise,
+    denoiser,
+    flux_architecture,
+    flux_inputs,
+    tiny_flux,
+)
 
 SCENARIOS: dict[str, dict[str, Any]] = {
     "whole-cold": {"regional": False, "artifacts": "whole", "compile": True},
@@ -51,17 +59,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "regional-warm": {"regional": True, "artifacts": "regional", "compile": True},
     "eager": {"regional": False, "artifacts": None, "compile": False},
 }
-FLUX_SHAPE = FluxShape(
-    num_layers=4,
-    num_single_layers=8,
-    attention_head_dim=128,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    pooled_projection_dim=768,
-    in_channels=64,
-    image_tokens=4096,
-    text_tokens=512,
-)
+FLUX_SHAPE = flux_architecture(4, 8)
 TINY_SHAPE = FluxShape(num_layers=2, num_single_layers=3)
 
 

@@ -41,19 +41,17 @@ import torch.multiprocessing as mp  # noqa: E402
 from _machine import machine_info  # noqa: E402
 
 from adapters import dynamo_graph_count  # noqa: E402
-from lifecycle.tiny import FluxShape, demo_cache_config, denoise, denoiser, flux_inputs, tiny_flux  # noqa: E402
-
-FLUX_SHAPE = FluxShape(
-    num_layers=2,
-    num_single_layers=4,
-    attention_head_dim=128,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    pooled_projection_dim=768,
-    in_channels=64,
-    image_tokens=4096,
-    text_tokens=512,
+from lifecycle.tiny import (  # noqa: E402
+    FluxShape,
+    demo_cache_config,
+    denoise,
+    denoiser,
+    flux_architecture,
+    flux_inputs,
+    tiny_flux,
 )
+
+FLUX_SHAPE = flux_architecture(2, 4)
 # NVLink multicast stays off on shared hosts (device/KINDS.md): forced, not defaulted.
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 

@@ -26,6 +26,22 @@ class FluxShape:
     text_tokens: int = 8
 
 
+def flux_architecture(double_blocks: int, single_blocks: int) -> FluxShape:
+    """FLUX.1's widths (hidden 3072 = 24 heads x 128, T5 4096, CLIP 768, 64 latent channels,
+    4096 image + 512 text tokens) with fewer blocks: the GPU benchmarks' model."""
+    return FluxShape(
+        num_layers=double_blocks,
+        num_single_layers=single_blocks,
+        attention_head_dim=128,
+        num_attention_heads=24,
+        joint_attention_dim=4096,
+        pooled_projection_dim=768,
+        in_channels=64,
+        image_tokens=4096,
+        text_tokens=512,
+    )
+
+
 def _rope_axes(head_dim: int) -> tuple[int, int, int]:
     """Three even axis sizes that add up to ``head_dim`` (Flux uses 16, 56, 56 for 128)."""
     first = max(2, (head_dim // 8) // 2 * 2)
