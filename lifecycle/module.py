@@ -160,7 +160,6 @@ class ModuleLifecycle:
         # value seen while holding the lock belongs to this very thread).
         self._active_request: RequestRecord | None = None
         self._warmup_covered: bool | None = None
-        self._graphs_at_warmup = 0
         # Compile artifacts (adapters/artifacts.py): loaded before compile, saved at WarmedUp.
         if artifact_dir is not None and not isinstance(artifact_dir, (str, os.PathLike)):
             raise InvalidConfigError(
@@ -492,7 +491,6 @@ class ModuleLifecycle:
             member._save_artifacts(attempt)
             member._warmup_s += elapsed
             member._recompiles_since_warmup = 0
-            member._graphs_at_warmup = member.backend.graph_count()
         if attempt is not None:
             attempt.extra["warmup_runs"] = runs
             attempt.extra["cached_branch_covered"] = all(done)
