@@ -263,7 +263,7 @@ def bench_scale(count: int) -> dict[str, Any]:
 def bench_contention(threads: int, repeats: int) -> dict[str, Any]:
     quiet_cache_dit()
     from lifecycle.testing import capture_audit
-    from lifecycle.tiny import demo_cache_config, denoiser, flux_inputs, tiny_flux
+    from lifecycle.testing.tiny import demo_cache_config, denoiser, flux_inputs, tiny_flux
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 

@@ -40,7 +40,7 @@ from _machine import machine_info  # noqa: E402
 
 from lifecycle import ModuleLifecycle  # noqa: E402
 from lifecycle.audit import JsonlSink  # noqa: E402
-from lifecycle.tiny import demo_cache_config, denoiser, flux_inputs, tiny_flux  # noqa: E402
+from lifecycle.testing.tiny import demo_cache_config, denoiser, flux_inputs, tiny_flux  # noqa: E402
 
 TARGET_MS = 0.5
 STEPS = 8

@@ -42,7 +42,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 from _machine import machine_info  # noqa: E402
 
-from lifecycle.tiny import (  # noqa: E402
+from lifecycle.testing.tiny import (  # noqa: E402
     FluxShape,
     demo_cache_config,
     denoise,

@@ -41,7 +41,7 @@ import torch.multiprocessing as mp  # noqa: E402
 from _machine import machine_info  # noqa: E402
 
 from adapters import dynamo_graph_count  # noqa: E402
-from lifecycle.tiny import (  # noqa: E402
+from lifecycle.testing.tiny import (  # noqa: E402
     FluxShape,
     demo_cache_config,
     denoise,

@@ -44,7 +44,7 @@ import torch  # noqa: E402
 from _machine import machine_info  # noqa: E402
 
 from adapters import CacheDitAdapter, dynamo_graph_count  # noqa: E402
-from lifecycle.tiny import (  # noqa: E402
+from lifecycle.testing.tiny import (  # noqa: E402
     FluxShape,
     demo_cache_config,
     denoise,

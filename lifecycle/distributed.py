@@ -36,9 +36,12 @@ from torch import nn
 
 from adapters import BackendAdapter
 from lifecycle.errors import (
+    DistributedTransitionError,
     IllegalTransitionError,
     InvalidConfigError,
     LifecycleError,
+    PeerFailedError,
+    RankDivergenceError,
     TransitionFailedError,
     UnsupportedModuleError,
 )
@@ -53,30 +56,6 @@ from states import LifecyclePolicy, State, Trigger
 _REFUSALS = (IllegalTransitionError, InvalidConfigError, UnsupportedModuleError)
 
 
-class DistributedTransitionError(TransitionFailedError):
-    """A transition failed on at least one rank; every rank raises it and stays in its previous
-    state (see ``reset`` in the module docstring). ``failed_ranks`` maps rank -> error text."""
-
-    def __init__(
-        self, message: str, *, module: str, state: State, trigger: Trigger | str,
-        rank: int, failed_ranks: Mapping[int, str],
-    ) -> None:
-        super().__init__(message, module=module, state=state, trigger=trigger)
-        self.rank = rank
-        self.failed_ranks = dict(failed_ranks)
-
-
-class RankDivergenceError(LifecycleError):
-    """Ranks disagree on where the module is, or called different triggers at the same point."""
-
-
-class PeerFailedError(LifecycleError):
-    """The cause recorded on a rank whose own work succeeded while a peer's failed: this rank's
-    work was undone and its state did not move."""
-
-    def __init__(self, message: str, failed_ranks: Mapping[int, str]) -> None:
-        super().__init__(message)
-        self.failed_ranks = dict(failed_ranks)
 
 
 @dataclass(frozen=True)
@@ -333,4 +312,4 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-__all__ = ["DistributedLifecycle", "DistributedTransitionError", "PeerFailedError", "RankDivergenceError"]
+__all__ = ["DistributedLifecycle"]

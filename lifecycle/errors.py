@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from states import State, Trigger
 
 
@@ -62,3 +64,50 @@ class UnsupportedModuleError(LifecycleError):
 class InvalidConfigError(LifecycleError, ValueError):
     """A bad argument (compile options, cache config, step count, warm-up callable), refused
     before any work; the state is unchanged."""
+
+
+class UnwarmedShapeError(LifecycleError):
+    """A request at a shape no warm-up covered, under ``on_unwarmed="fail"``; raised before the
+    transformer runs, the state stays WarmedUp."""
+
+
+class PipelineError(LifecycleError):
+    """A member's transition failed; ``member`` names it, ``__cause__`` is the member's error.
+
+    ``members`` names every member the failure concerns: one for a member's own transition,
+    all of them for a joint warm-up (one pipeline call drives them all, so the failure cannot
+    be pinned on one) or for a reset where several failed.
+    """
+
+    def __init__(
+        self, message: str, *, member: str, state: State | None, members: tuple[str, ...] = ()
+    ) -> None:
+        super().__init__(message, module=member, state=state)
+        self.member = member
+        self.members = members or (member,)
+
+
+class DistributedTransitionError(TransitionFailedError):
+    """A transition failed on at least one rank; every rank raises it and stays in its previous
+    state (see ``reset`` in the module docstring). ``failed_ranks`` maps rank -> error text."""
+
+    def __init__(
+        self, message: str, *, module: str, state: State, trigger: Trigger | str,
+        rank: int, failed_ranks: Mapping[int, str],
+    ) -> None:
+        super().__init__(message, module=module, state=state, trigger=trigger)
+        self.rank = rank
+        self.failed_ranks = dict(failed_ranks)
+
+
+class RankDivergenceError(LifecycleError):
+    """Ranks disagree on where the module is, or called different triggers at the same point."""
+
+
+class PeerFailedError(LifecycleError):
+    """The cause recorded on a rank whose own work succeeded while a peer's failed: this rank's
+    work was undone and its state did not move."""
+
+    def __init__(self, message: str, failed_ranks: Mapping[int, str]) -> None:
+        super().__init__(message)
+        self.failed_ranks = dict(failed_ranks)

@@ -8,28 +8,12 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
-from lifecycle.errors import IllegalTransitionError, InvalidConfigError, LifecycleError
+from lifecycle.errors import IllegalTransitionError, InvalidConfigError, LifecycleError, PipelineError
 from lifecycle.module import ModuleLifecycle, RequestRecord
 from states import PROGRESS, State, Trigger, destination
 
 # Pipeline attributes managed by from_diffusers, in order.
 DIFFUSERS_MEMBERS = ("transformer", "transformer_2")
-
-
-class PipelineError(LifecycleError):
-    """A member's transition failed; ``member`` names it, ``__cause__`` is the member's error.
-
-    ``members`` names every member the failure concerns: one for a member's own transition,
-    all of them for a joint warm-up (one pipeline call drives them all, so the failure cannot
-    be pinned on one) or for a reset where several failed.
-    """
-
-    def __init__(
-        self, message: str, *, member: str, state: State | None, members: tuple[str, ...] = ()
-    ) -> None:
-        super().__init__(message, module=member, state=state)
-        self.member = member
-        self.members = members or (member,)
 
 
 class PipelineLifecycle:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lifecycle.testing import AuditEvents, capture_audit
-from lifecycle.tiny import FluxInputs, FluxShape, demo_cache_config, flux_inputs, tiny_flux
+from lifecycle.testing.tiny import FluxInputs, FluxShape, demo_cache_config, flux_inputs, tiny_flux
 
 logging.getLogger("CACHE_DIT").setLevel(logging.WARNING)
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))

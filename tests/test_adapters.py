@@ -128,7 +128,7 @@ def test_an_adapter_instance_is_used_as_is():
 
 
 def test_register_backend_plugs_into_the_lifecycle(registered, flux, inputs, audit_events):
-    from lifecycle.tiny import denoiser
+    from lifecycle.testing.tiny import denoiser
 
     before = CountingCpuAdapter.compiles
     lc = ModuleLifecycle(

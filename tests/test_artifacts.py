@@ -16,7 +16,7 @@ from conftest import FAST_COMPILE, SERVING_STEPS
 
 from adapters.artifacts import MAGIC, ArtifactKey, ArtifactStore
 from lifecycle import InvalidConfigError, LifecyclePolicy, ModuleLifecycle, State
-from lifecycle.tiny import denoise, denoiser, tiny_flux
+from lifecycle.testing.tiny import denoise, denoiser, tiny_flux
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACT_EVENT = "lifecycle.artifacts"
@@ -70,7 +70,7 @@ def test_the_key_is_the_same_in_every_process(cache_config):
     # diffusers' config carries a list whose order follows string hashing (different per
     # process): measured on an H100, it made every restart's key differ until it was left out.
     script = (
-        "from adapters.artifacts import build_key; from lifecycle.tiny import tiny_flux; "
+        "from adapters.artifacts import build_key; from lifecycle.testing.tiny import tiny_flux; "
         "print(build_key(tiny_flux(), compile_options={'backend': 'inductor'}).digest)"
     )
     digests = set()

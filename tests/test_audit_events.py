@@ -15,7 +15,7 @@ from lifecycle import (
     UnsupportedModuleError,
 )
 from lifecycle.audit import REQUEST_KEYS, TRANSITION_KEYS
-from lifecycle.tiny import denoise, denoiser
+from lifecycle.testing.tiny import denoise, denoiser
 
 
 def test_transition_events_key_by_key(flux, inputs, cache_config, audit_events):

@@ -30,8 +30,8 @@ from lifecycle.audit import (
     JsonlSink,
     configure_default,
 )
-from lifecycle.tiny import denoise, denoiser, tiny_flux
-from lifecycle.verify import read_events, verify_file
+from lifecycle.audit.verify import read_events, verify_file
+from lifecycle.testing.tiny import denoise, denoiser, tiny_flux
 from states import Trigger
 
 NO_COMPILE = LifecyclePolicy(compile=False)
@@ -471,7 +471,7 @@ def test_configure_default_echo_and_level(tmp_path, restore_structlog, capsys):
 
 def test_state_after_replay_matches_the_lifecycle(flux, inputs, cache_config, audit_file):
     """The replay and the lifecycle agree on where the module is."""
-    from lifecycle.verify import Replay
+    from lifecycle.audit.verify import Replay
 
     lc = ModuleLifecycle(flux, policy=NO_COMPILE, backend="cpu", cache_config=cache_config)
     lc.prepare(denoiser(inputs, 1))

@@ -21,7 +21,7 @@ from lifecycle import (
     UnsupportedModuleError,
 )
 from lifecycle.testing import AuditEvents, NoopBackend, NoopCache
-from lifecycle.tiny import denoise, denoiser
+from lifecycle.testing.tiny import denoise, denoiser
 
 NO_CACHE = LifecyclePolicy(cache_dit=False)
 
@@ -62,7 +62,7 @@ def test_wrong_typed_cache_config(config: Any) -> None:
 
 
 def test_cache_config_with_non_positive_steps() -> None:
-    from lifecycle.tiny import demo_cache_config
+    from lifecycle.testing.tiny import demo_cache_config
 
     config = demo_cache_config()
     config.num_inference_steps = 0

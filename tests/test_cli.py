@@ -13,8 +13,8 @@ import structlog
 import torch
 
 from lifecycle.cli import main
-from lifecycle.graph import dot, mermaid
 from states import LifecyclePolicy, State
+from states.graph import dot, mermaid
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small and fast: aot_eager, a short warm-up, few steps, two requests.
@@ -193,14 +193,14 @@ def test_main_returns_codes_in_process(capsys):
 
 def test_pipeline_demo_missing_is_one_clear_line(monkeypatch, capsys):
     saved = structlog.get_config()
-    monkeypatch.setitem(sys.modules, "lifecycle.pipeline_demo", None)  # import now fails
+    monkeypatch.setitem(sys.modules, "lifecycle.cli.pipeline_demo", None)  # import now fails
     try:
         code = main(["demo", "--pipeline", "flux", "--quiet"])
     finally:
         structlog.configure(**saved)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1
-    assert "--pipeline needs lifecycle.pipeline_demo.run_pipeline_demo" in err[0]
+    assert "--pipeline needs lifecycle.cli.pipeline_demo.run_pipeline_demo" in err[0]
 
 
 def test_show_reads_what_it_can_and_gives_the_verdict(tmp_path, capsys):
@@ -223,7 +223,7 @@ def test_progress_ticks_on_a_terminal():
     import io
     import time
 
-    from lifecycle.progress import Progress
+    from lifecycle.cli.progress import Progress
 
     stream = io.StringIO()
     progress = Progress(stream, tty=True)

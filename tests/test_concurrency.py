@@ -10,7 +10,7 @@ from conftest import FAST_COMPILE
 
 from adapters import CacheDitAdapter
 from lifecycle import IllegalTransitionError, LifecyclePolicy, ModuleLifecycle, State
-from lifecycle.tiny import denoise, tiny_flux
+from lifecycle.testing.tiny import denoise, tiny_flux
 
 THREADS = 32
 JOIN_S = 120  # a hung thread fails the test instead of hanging the suite

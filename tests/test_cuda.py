@@ -10,7 +10,7 @@ from conftest import SERVING_STEPS
 from adapters import BackendUnavailable, InvalidOptions, get_backend
 from adapters.cuda import CudaAdapter
 from lifecycle import BackendUnavailableError, ModuleLifecycle, State
-from lifecycle.tiny import FluxShape, demo_cache_config, denoise, denoiser, flux_inputs, tiny_flux
+from lifecycle.testing.tiny import FluxShape, demo_cache_config, denoise, denoiser, flux_inputs, tiny_flux
 
 HAS_CUDA = torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs an NVIDIA GPU")

@@ -10,12 +10,12 @@ from conftest import FAST_COMPILE
 
 from adapters import CacheDitAdapter
 from lifecycle import InvalidConfigError, LifecyclePolicy, PipelineLifecycle, State
-from lifecycle.pipeline_demo import (
+from lifecycle.cli.pipeline_demo import (
     format_pipeline_demo,
     pipeline_cache_config,
     run_pipeline_demo,
 )
-from lifecycle.tiny_pipelines import (
+from lifecycle.testing.tiny_pipelines import (
     flux_call,
     pipeline_output,
     tiny_flux_pipeline,

@@ -49,7 +49,7 @@ def _outcome(fn) -> dict[str, Any]:
 
 
 def _flux_scenario(rank: int, lc_kwargs: dict[str, Any], out: dict[str, Any]) -> None:
-    from lifecycle.tiny import demo_cache_config, denoise, flux_inputs, tiny_flux
+    from lifecycle.testing.tiny import demo_cache_config, denoise, flux_inputs, tiny_flux
 
     inputs = flux_inputs()
     backend = _FlakyCpu() if rank == FAULTY_RANK else "cpu"

@@ -26,7 +26,7 @@ from lifecycle import (
     TransitionFailedError,
 )
 from lifecycle.testing import AuditEvents
-from lifecycle.tiny import FluxInputs, denoise, denoiser
+from lifecycle.testing.tiny import FluxInputs, denoise, denoiser
 
 
 class CompilerCrashed(RuntimeError):
@@ -184,7 +184,7 @@ def test_warm_up_raising_keeps_compiled_and_recovers(error, flux, inputs, cache_
     assert req.new_graphs == 0
     assert lc.stats()["recompiles_since_warmup"] == 0
 
-    from lifecycle.tiny import tiny_flux
+    from lifecycle.testing.tiny import tiny_flux
 
     clean = ModuleLifecycle(tiny_flux(), name="clean", backend="cpu", cache_config=cache_config,
                             compile_options=FAST_COMPILE)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from transitions.extensions import GraphMachine
 
-from lifecycle.graph import dot, edges, mermaid, render
 from states import LifecyclePolicy, State, transitions_for
+from states.graph import dot, edges, mermaid, render
 
 POLICIES = [LifecyclePolicy(cache_dit=c, compile=k) for c in (True, False) for k in (True, False)]
 _MERMAID_EDGE = re.compile(r"^\s*(\w+) --> (\w+): (.+)$")

@@ -19,7 +19,7 @@ from lifecycle import (
     TransitionFailedError,
     UnsupportedModuleError,
 )
-from lifecycle.tiny import denoise, tiny_flux
+from lifecycle.testing.tiny import denoise, tiny_flux
 
 
 def _member(module, name, cache_config, **kwargs) -> ModuleLifecycle:

@@ -17,7 +17,7 @@ from lifecycle import (
     State,
     TransitionFailedError,
 )
-from lifecycle.tiny import FluxShape, denoise, denoiser, flux_inputs, tiny_flux
+from lifecycle.testing.tiny import FluxShape, denoise, denoiser, flux_inputs, tiny_flux
 
 REGIONAL = {**FAST_COMPILE, "regional": True}
 

@@ -22,7 +22,7 @@ from lifecycle import (
 )
 from lifecycle.audit import REQUEST_KEYS
 from lifecycle.testing import NoopBackend, NoopCache
-from lifecycle.tiny import denoise, denoiser, tiny_flux
+from lifecycle.testing.tiny import denoise, denoiser, tiny_flux
 
 CACHE_ONLY = LifecyclePolicy(compile=False)
 

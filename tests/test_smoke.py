@@ -1,7 +1,7 @@
 from conftest import FAST_COMPILE, SERVING_STEPS
 
 from lifecycle import ModuleLifecycle, State
-from lifecycle.tiny import denoise, denoiser
+from lifecycle.testing.tiny import denoise, denoiser
 
 
 def test_prepare_then_requests_compile_nothing(flux, inputs, cache_config, audit_events):

@@ -37,7 +37,7 @@ from lifecycle import (
     WarmupCoverageWarning,
 )
 from lifecycle.testing import NoopCache
-from lifecycle.tiny import FluxInputs, demo_cache_config, denoise, flux_inputs, tiny_flux
+from lifecycle.testing.tiny import FluxInputs, demo_cache_config, denoise, flux_inputs, tiny_flux
 from states import transitions_for
 
 L, M, C, W = "Loaded", "CacheMounted", "Compiled", "WarmedUp"

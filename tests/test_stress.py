@@ -33,8 +33,8 @@ from lifecycle import (
     TransitionFailedError,
 )
 from lifecycle.audit import JsonlSink
+from lifecycle.audit.verify import verify_file
 from lifecycle.testing import AuditEvents, NoopBackend, NoopCache
-from lifecycle.verify import verify_file
 
 THREADS = 32
 TRIGGERS_PER_THREAD = 1_000

@@ -13,7 +13,7 @@ from conftest import FAST_COMPILE, SERVING_STEPS
 
 from adapters import dynamo_graph_count
 from lifecycle import ModuleLifecycle
-from lifecycle.tiny import denoise, denoiser
+from lifecycle.testing.tiny import denoise, denoiser
 
 
 def _first_request_graphs(module, inputs, refresh=None) -> int:
@@ -60,7 +60,7 @@ def test_a_compile_after_warmup_is_counted_and_audited(flux, inputs, cache_confi
     """If a request does compile (new input shapes), the host sees it: stats and an audit event."""
     from dataclasses import replace
 
-    from lifecycle.tiny import flux_inputs
+    from lifecycle.testing.tiny import flux_inputs
 
     lc = ModuleLifecycle(flux, backend="cpu", cache_config=cache_config, compile_options=FAST_COMPILE)
     lc.prepare(denoiser(inputs, 2))
@@ -95,7 +95,7 @@ def test_compiled_registry_does_not_keep_modules_alive(shape, cache_config):
     import gc
     import weakref
 
-    from lifecycle.tiny import tiny_flux
+    from lifecycle.testing.tiny import tiny_flux
 
     module = tiny_flux(shape)
     lc = ModuleLifecycle(module, backend="cpu", cache_config=cache_config, compile_options=FAST_COMPILE)

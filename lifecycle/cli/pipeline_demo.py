@@ -43,7 +43,7 @@ def pipeline_cache_config(kind: str, num_inference_steps: int | None = None) -> 
 
 def build_pipeline(kind: str, device: str = "cpu") -> tuple[Any, Callable[..., dict[str, Any]]]:
     """The tiny pipeline of ``kind`` on ``device`` and ``call(steps=...)`` giving one call's kwargs."""
-    from lifecycle import tiny_pipelines as tp
+    from lifecycle.testing import tiny_pipelines as tp
 
     _check_kind(kind)
     if kind == "flux":
@@ -73,7 +73,7 @@ def run_pipeline_demo(
     requests of ``steps`` steps; return the per-request table and whether outputs matched."""
     import torch
 
-    from lifecycle.tiny_pipelines import pipeline_output
+    from lifecycle.testing.tiny_pipelines import pipeline_output
 
     _check_kind(kind)
     for label, value in (("steps", steps), ("requests", requests)):

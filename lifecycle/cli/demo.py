@@ -12,9 +12,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from lifecycle.cli.progress import Progress
 from lifecycle.errors import BackendUnavailableError, InvalidConfigError
 from lifecycle.module import ModuleLifecycle
-from lifecycle.progress import Progress
 from states import LifecyclePolicy, State
 
 # On the CPU the demo compiles with aot_eager: inductor generates and builds C++ kernels, which
@@ -55,7 +55,7 @@ def run_demo(options: DemoOptions, progress: Progress | None = None) -> dict[str
     """Run the whole lifecycle once and return what the summary shows (JSON-serialisable)."""
     import torch
 
-    from lifecycle.tiny import FluxShape, demo_cache_config, denoise, denoiser, flux_inputs, tiny_flux
+    from lifecycle.testing.tiny import FluxShape, demo_cache_config, denoise, denoiser, flux_inputs, tiny_flux
 
     started = time.perf_counter()
     adapter = _resolve_backend(options.backend)

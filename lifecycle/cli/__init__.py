@@ -123,14 +123,14 @@ def _policy(args: argparse.Namespace) -> Any:
 
 
 def _cmd_graph(args: argparse.Namespace) -> int:
-    from lifecycle.graph import render
+    from states.graph import render
 
     sys.stdout.write(render(_policy(args), args.format))
     return 0
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from lifecycle.verify import verify_files
+    from lifecycle.audit.verify import verify_files
 
     results = verify_files(args.files)
     for result in results:
@@ -142,7 +142,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    from lifecycle.show import render_timeline
+    from lifecycle.audit.show import render_timeline
 
     if not os.path.isfile(args.file):
         raise UsageError(f"no such audit file: {args.file}")
@@ -166,7 +166,7 @@ def _quiet_third_party() -> None:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from lifecycle import audit
-    from lifecycle.progress import Progress
+    from lifecycle.cli.progress import Progress
 
     _quiet_third_party()
     progress = Progress(enabled=not args.quiet)
@@ -175,7 +175,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         if args.pipeline:
             result = _run_pipeline(args, progress)
         else:
-            from lifecycle.demo import DemoOptions, run_demo
+            from lifecycle.cli.demo import DemoOptions, run_demo
 
             options = DemoOptions(
                 backend=args.backend,
@@ -197,7 +197,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     elif args.pipeline:
         sys.stdout.write(_format_pipeline(result))
     else:
-        from lifecycle.demo import format_summary
+        from lifecycle.cli.demo import format_summary
 
         sys.stdout.write(format_summary(result))
     if args.audit and not args.json:
@@ -207,17 +207,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _run_pipeline(args: argparse.Namespace, progress: Any) -> dict[str, Any]:
     try:
-        from lifecycle.pipeline_demo import run_pipeline_demo
+        from lifecycle.cli.pipeline_demo import run_pipeline_demo
     except ImportError as exc:
         raise CliError(
-            f"--pipeline needs lifecycle.pipeline_demo.run_pipeline_demo, which is not available "
+            f"--pipeline needs lifecycle.cli.pipeline_demo.run_pipeline_demo, which is not available "
             f"in this installation ({exc})"
         ) from None
-    from lifecycle.demo import default_compile_backend
+    from lifecycle.cli.demo import default_compile_backend
 
     compile_backend = args.compile_backend
     if compile_backend is None:
-        from lifecycle.demo import _resolve_backend
+        from lifecycle.cli.demo import _resolve_backend
 
         compile_backend = default_compile_backend(_resolve_backend(args.backend).device_type)
     progress.follow_path = False
@@ -243,7 +243,7 @@ def _run_pipeline(args: argparse.Namespace, progress: Any) -> dict[str, Any]:
 
 def _format_pipeline(result: dict[str, Any]) -> str:
     try:
-        from lifecycle.pipeline_demo import format_pipeline_demo
+        from lifecycle.cli.pipeline_demo import format_pipeline_demo
     except ImportError:
         return _format_generic(result)
     verdict = "OK" if result["ok"] else "FAILED"
@@ -257,7 +257,7 @@ def _format_pipeline(result: dict[str, Any]) -> str:
 
 def _format_generic(result: dict[str, Any]) -> str:
     """Scalars as ``key: value``; lists of dicts as tables (for the pipeline demo's result)."""
-    from lifecycle.demo import table
+    from lifecycle.cli.demo import table
 
     scalars, tables = [], []
     for key, value in result.items():

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from lifecycle import audit
-from lifecycle.verify import AuditFormatError, read_events, verify_file
+from lifecycle.audit.verify import AuditFormatError, read_events, verify_file
 
 
 def _time(event: Mapping[str, Any]) -> str:

@@ -1,6 +1,6 @@
 """Tiny real diffusers pipelines with random weights, built in code (nothing downloaded).
 
-- ``tiny_flux_pipeline()``: a ``FluxPipeline`` around the tiny Flux transformer of ``lifecycle.tiny``.
+- ``tiny_flux_pipeline()``: a ``FluxPipeline`` around the tiny Flux transformer of ``lifecycle.testing.tiny``.
 - ``tiny_wan22_pipeline()``: a Wan 2.2-style ``WanPipeline`` with two transformers (``transformer``
   for high-noise steps, ``transformer_2`` below ``boundary_ratio``), as in Wan2.2-T2V-A14B.
 
@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from lifecycle.tiny import FluxShape, tiny_flux
+from lifecycle.testing.tiny import FluxShape, tiny_flux
 
 # Wan 2.2 switches from ``transformer`` to ``transformer_2`` at this fraction of the train timesteps.
 WAN22_BOUNDARY_RATIO = 0.875
