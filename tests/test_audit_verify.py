@@ -276,14 +276,15 @@ def test_hand_made_clean_file_with_host_events_and_blank_lines(tmp_path):
         ),
         pytest.param(
             [*PREPARED[:2], _r("r9", state="Compiled")], "", 3,
-            ["request 'r9'", "outside WarmedUp", "was in Compiled"], id="request-outside-warmedup",
+            ["request 'r9'", "ran (ok) in Compiled", "no request under policy", "only in WarmedUp"],
+            id="request-outside-warmedup",
         ),
         pytest.param(
             [*PREPARED, _t(4, "reset", "WarmedUp", "Loaded"), _r("r2", "failed")], "", 5,
-            ["request 'r2'", "ran (failed) outside WarmedUp", "the transitions before it"],
+            ["request 'r2'", "ran (failed) in Loaded", "the transitions before it"],
             id="request-after-reset",
         ),
-        pytest.param([_r("r1", module_id="ghost")], "", 1, ["outside WarmedUp", "in Loaded"],
+        pytest.param([_r("r1", module_id="ghost")], "", 1, ["module_id 'ghost'", "ran (ok) in Loaded"],
                      id="request-unknown-module"),
         pytest.param([*PREPARED, _r("r1", state="Hot")], "", 4, ["unknown state 'Hot'"],
                      id="request-unknown-state"),
@@ -292,7 +293,8 @@ def test_hand_made_clean_file_with_host_events_and_blank_lines(tmp_path):
         pytest.param([*PREPARED, "{not json"], "", 4, ["not valid JSON", "{not json"], id="non-json"),
         pytest.param([*PREPARED, "[1, 2]"], "", 4, ["a JSON list, not an object"], id="json-list"),
         pytest.param(  # a torn line in the middle: a crash, then another writer appended
-            [PREPARED[0], '{"event": "lifecycle.trans', PREPARED[1]], "", 2, ["not valid JSON"],
+            [PREPARED[0], '{"event": "lifecycle.trans', PREPARED[1]], "", 2,
+            ["not valid JSON", "looks cut short", "JsonlSink ends it"],
             id="torn-in-middle",
         ),
     ],
@@ -482,3 +484,175 @@ def test_state_after_replay_matches_the_lifecycle(flux, inputs, cache_config, au
     assert replay.modules[lc.module_id].state is lc.state is State.CACHE_MOUNTED
     assert replay.modules[lc.module_id].seq == len(lc.history)
     assert Trigger.WARM_UP in lc.allowed_triggers()
+
+
+# ---------------------------------------------------------------------------- defect 9
+@pytest.mark.parametrize("depth", [200, 5_000, 200_000])
+@pytest.mark.parametrize("where", ["line", "policy", "request_id"])
+def test_deeply_nested_json_is_a_one_line_reason(tmp_path, depth, where):
+    """However deep, nesting gives a reason on the right line, never a RecursionError."""
+    nested = "[" * depth + "]" * depth
+    if where == "line":
+        text = nested
+    elif where == "policy":
+        text = json.dumps(_t(2, "compile", "CacheMounted", "Compiled")).replace(
+            json.dumps(DEFAULT), nested)
+    else:
+        text = json.dumps(_r()).replace('"r1"', nested)
+    path = _write(tmp_path, [PREPARED[0], text, PREPARED[1]])
+    result = verify_file(path)
+    assert (result.ok, result.line) == (False, 2), str(result)
+    assert "\n" not in result.reason and len(result.reason) < 400
+    from lifecycle.audit.show import render_timeline
+
+    assert f":2: {result.reason}" in render_timeline(path)  # show reads it too, and says why
+
+
+def test_request_legality_is_read_from_the_table(tmp_path, monkeypatch):
+    """The verifier asks ``states.destination`` with ``Trigger.REQUEST``; nothing hand-written."""
+    from lifecycle.audit import verify as verify_module
+
+    path = _write(tmp_path, [*PREPARED[:2], _r("r9", state="Compiled")])
+    assert not verify_file(path).ok
+    asked: list[tuple[State, Trigger]] = []
+    real = verify_module.destination
+
+    def lenient(policy: LifecyclePolicy, source: State, trigger: Trigger) -> State | None:
+        asked.append((source, trigger))
+        if trigger is Trigger.REQUEST:
+            return source  # a table in which a request is legal anywhere
+        return real(policy, source, trigger)
+
+    monkeypatch.setattr(verify_module, "destination", lenient)
+    assert verify_file(path).ok
+    assert (State.COMPILED, Trigger.REQUEST) in asked
+
+
+def _peak_rss_kib(path: Path) -> tuple[bool, int]:
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, sys\n"
+        "from lifecycle.audit.verify import verify_file\n"
+        "result = verify_file(sys.argv[1])\n"
+        "print(result.ok, result.requests, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                         timeout=300, check=True)
+    ok, _requests, peak = run.stdout.split()
+    return ok == "True", int(peak)
+
+
+def test_a_big_audit_verifies_streaming_in_bounded_memory(tmp_path):
+    """A 48 MB audit verifies with a peak memory far below its size (the verifier streams)."""
+    big = tmp_path / "big.jsonl"
+    padding = "x" * 3000  # host fields on each event; the file is what it is, the reader must stream
+    with big.open("w") as handle:
+        for event in PREPARED:
+            handle.write(json.dumps(event) + "\n")
+        line = json.dumps(_r("r", note=padding)) + "\n"
+        for _ in range(48_000_000 // len(line)):
+            handle.write(line)
+    size_kib = big.stat().st_size // 1024
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    ok, peak = _peak_rss_kib(big)
+    ok_empty, baseline = _peak_rss_kib(empty)
+    assert ok and ok_empty
+    assert size_kib > 45_000
+    assert peak - baseline < size_kib // 10, (peak, baseline, size_kib)
+
+
+def test_lines_over_the_limit_are_refused_without_reading_them_whole(tmp_path, monkeypatch):
+    from lifecycle.audit import verify as verify_module
+
+    monkeypatch.setattr(verify_module, "MAX_LINE_BYTES", 1024)
+    path = _write(tmp_path, [PREPARED[0], _t(2, "compile", "CacheMounted", "Compiled", note="y" * 2000)])
+    result = verify_file(path)
+    assert (result.ok, result.line) == (False, 2) and "line longer than" in result.reason
+
+
+def _torn(tmp_path: Path) -> Path:
+    """An audit whose writer crashed mid-line: one whole event, then half of the next."""
+    path = tmp_path / "crashed.jsonl"
+    path.write_text(json.dumps(PREPARED[0]) + "\n" + json.dumps(PREPARED[1])[:40])
+    return path
+
+
+def test_the_next_writer_after_a_crash_loses_nothing(tmp_path, restore_structlog):
+    """A real lifecycle in the next 'process' appends to the torn file; every event survives."""
+    from torch import nn
+
+    from lifecycle.testing import NoopBackend
+
+    path = _torn(tmp_path)
+    assert verify_file(path).torn
+    sink = configure_default(path, echo=False)
+    assert sink is not None
+    lc = ModuleLifecycle(nn.Linear(2, 2), name="next", policy=LifecyclePolicy(cache_dit=False),
+                         backend=NoopBackend(), compile_options={})
+    lc.prepare(lambda module: None)
+    with lc.request(request_id="after-crash"):
+        pass
+    sink.close()
+    lines = path.read_text().splitlines()
+    assert json.loads(lines[2])["event"] == "lifecycle.audit_resumed"
+    assert json.loads(lines[2])["torn_bytes"] == 40
+    result = verify_file(path)
+    assert result.ok, str(result)
+    assert result.repaired == (2,) and "torn line(s) 2 from a crash" in str(result)
+    assert (result.transitions, result.requests, result.modules) == (3, 1, 2)  # 1 before, 2 after
+    events = [json.loads(line) for line in lines[3:]]
+    assert [e.get("trigger", e.get("request_id")) for e in events] == ["compile", "warm_up", "after-crash"]
+
+
+def test_lines_after_a_repaired_tear_are_still_checked(tmp_path):
+    path = _torn(tmp_path)
+    with JsonlSink(path) as sink:
+        sink(None, "info", _t(1, "compile", "Loaded", "Compiled", module_id="m2"))  # the trap
+    result = verify_file(path)
+    assert (result.ok, result.line) == (False, 4) and "illegal transition" in result.reason
+
+
+def test_a_torn_line_without_the_resume_marker_is_an_error(tmp_path):
+    path = _torn(tmp_path)
+    with path.open("a") as handle:  # another writer that does not end the torn line first
+        handle.write("\n" + json.dumps(_t(1, "mount_cache", "Loaded", "CacheMounted", module_id="m2")) + "\n")
+    result = verify_file(path)
+    assert (result.ok, result.line, result.torn) == (False, 2, False)
+    assert "looks cut short" in result.reason
+
+
+def test_a_sink_on_a_clean_file_adds_nothing(tmp_path):
+    path = _write(tmp_path, PREPARED)
+    before = path.read_bytes()
+    JsonlSink(path).close()
+    assert path.read_bytes() == before
+    empty = tmp_path / "new.jsonl"
+    JsonlSink(empty).close()
+    assert empty.read_bytes() == b""
+
+
+def test_every_cut_then_a_new_writer_verifies_clean(flux, inputs, cache_config, audit_file):
+    """Whatever byte a crash stops at, the next writer's events verify, and nothing is lost."""
+    lc = ModuleLifecycle(flux, policy=NO_COMPILE, backend="cpu", cache_config=cache_config)
+    lc.prepare(denoiser(inputs, 1))
+    data = audit_file.read_bytes()
+    cut_file = audit_file.with_name("cut.jsonl")
+    after = _t(1, "mount_cache", "Loaded", "CacheMounted", module_id="next")
+    for cut in range(1, len(data), 3):
+        cut_file.write_bytes(data[:cut])
+        with JsonlSink(cut_file) as sink:
+            sink(None, "info", after)
+        result = verify_file(cut_file)
+        assert result.ok, (cut, str(result))
+        assert json.loads(cut_file.read_bytes().splitlines()[-1]) == {**after, "level": "info"}
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_full_disk_is_an_audit_sink_error():
+    sink = JsonlSink("/dev/full")
+    with pytest.raises(AuditSinkError, match="cannot write audit file /dev/full"):
+        sink(None, "info", {"event": "lifecycle.transition"})
+    sink.close()

@@ -1,0 +1,88 @@
+"""The audit's event names, keys and levels, and the one logger every event goes through.
+
+The library never calls ``structlog.configure``: events go through ``structlog.get_logger`` and
+follow whatever the host configured (and ``structlog.testing.capture_logs`` sees them).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final, Literal
+
+import structlog
+
+LOGGER_NAME: Final = "dit_lifecycle"
+TRANSITION_EVENT: Final = "lifecycle.transition"
+REQUEST_EVENT: Final = "lifecycle.request"
+RECOMPILE_EVENT: Final = "lifecycle.recompile"
+WARMUP_COVERAGE_EVENT: Final = "lifecycle.warmup_coverage"
+CACHE_REFRESH_EVENT: Final = "lifecycle.cache_refresh"
+# Written by ``JsonlSink`` itself (not through structlog) when it opens a file whose last line
+# was cut short by a crash: the verifier then accepts that torn line as a recorded crash.
+RESUMED_EVENT: Final = "lifecycle.audit_resumed"
+
+Outcome = Literal["ok", "refused", "failed"]
+# The verifier checks transition and request events and tolerates other lifecycle.* events.
+OUTCOMES: Final[tuple[Outcome, ...]] = ("ok", "refused", "failed")
+
+# Keys every transition event carries (API.md); "error" is added when the outcome is not ok.
+TRANSITION_KEYS: Final = (
+    "module",
+    "module_id",
+    "trigger",
+    "source",
+    "dest",
+    "outcome",
+    "duration_ms",
+    "backend",
+    "policy",
+    "seq",
+)
+REQUEST_KEYS: Final = (
+    "module",
+    "module_id",
+    "request_id",
+    "num_inference_steps",
+    "cached_steps",
+    "new_graphs",
+    "duration_ms",
+    "outcome",
+)
+
+_LEVEL_BY_OUTCOME: Final = {"ok": "info", "refused": "warning", "failed": "error"}
+
+# A lazy proxy: it binds against the configuration current at each call, so a host that
+# configures structlog later (or structlog.testing.capture_logs) is still followed.
+_LOGGER: Any = structlog.get_logger(LOGGER_NAME)
+
+
+def logger() -> Any:
+    """The library's structlog logger (a lazy proxy named ``LOGGER_NAME``)."""
+    return _LOGGER
+
+
+def level_for(outcome: str) -> str:
+    """The log level an event of ``outcome`` is emitted at (unknown outcomes: warning)."""
+    return _LEVEL_BY_OUTCOME.get(outcome, "warning")
+
+
+def emit(event: str, outcome: str, fields: dict[str, Any]) -> None:
+    """Send one audit event at the level its outcome deserves."""
+    getattr(_LOGGER, level_for(outcome))(event, **fields)
+
+
+__all__ = [
+    "CACHE_REFRESH_EVENT",
+    "LOGGER_NAME",
+    "OUTCOMES",
+    "RECOMPILE_EVENT",
+    "REQUEST_EVENT",
+    "REQUEST_KEYS",
+    "RESUMED_EVENT",
+    "TRANSITION_EVENT",
+    "TRANSITION_KEYS",
+    "WARMUP_COVERAGE_EVENT",
+    "Outcome",
+    "emit",
+    "level_for",
+    "logger",
+]
