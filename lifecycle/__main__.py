@@ -1,5 +1,11 @@
 """``python -m lifecycle``: the CLI (see ``lifecycle.cli``)."""
 
-from lifecycle.cli import main
+import sys
+
+try:
+    from lifecycle.cli import main
+except KeyboardInterrupt:  # Ctrl-C before main() could catch it: one line, no traceback
+    sys.stderr.write("dit-lifecycle: interrupted\n")
+    raise SystemExit(130) from None
 
 raise SystemExit(main())

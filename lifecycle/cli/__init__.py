@@ -1,299 +1,47 @@
 """``python -m lifecycle`` / ``dit-lifecycle``: demo, graph, audit verify, audit show.
 
-This is a script, not the library: it is the one place that configures structlog (through
-``audit.configure_default``) and quiets third-party loggers. Bad arguments and expected
-failures (a missing backend, an unwritable audit file) print one line on stderr and exit
-non-zero: 2 for usage, 1 for everything else.
+This module only holds the entry point; the commands live in ``lifecycle.cli.commands`` and are
+imported inside ``main``, so that a Ctrl-C at any point of start-up (importing structlog or
+torch) prints one line and exits 130 instead of a traceback. ``graph`` and ``audit`` never
+import torch.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
-import time
 from collections.abc import Sequence
-from typing import Any, NoReturn
-
-from lifecycle.audit import AuditSinkError
-from lifecycle.errors import LifecycleError
+from typing import Any
 
 PROG = "dit-lifecycle"
-PIPELINES = ("flux", "wan22")
+INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 
 
-class UsageError(Exception):
-    """Bad command-line arguments (exit 2)."""
-
-
-class CliError(Exception):
-    """An expected failure worth one line, not a traceback (exit 1)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    # argparse prints the usage block and exits; one line and a hint read better.
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see '{self.prog} --help')")
-
-
-def _positive(text: str) -> int:
+def interrupted() -> int:
+    """Say so in one line and return the exit status for Ctrl-C."""
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _add_policy_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--no-cache", action="store_true", help="policy without cache-dit")
-    parser.add_argument("--no-compile", action="store_true", help="policy without torch.compile")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog=PROG,
-        description="An explicit, audited lifecycle for diffusion-transformer modules.",
-    )
-    commands = parser.add_subparsers(dest="command", metavar="{demo,graph,audit}", required=True)
-
-    demo = commands.add_parser(
-        "demo",
-        help="run the whole lifecycle on a tiny real transformer and serve a few requests",
-        description="Prepare a tiny real FluxTransformer2DModel (random weights) through the lifecycle, "
-        "serve identical requests, and print a summary.",
-    )
-    demo.add_argument(
-        "--backend", default="auto", help="auto (default), cpu, cuda, npu, or a registered name"
-    )
-    _add_policy_flags(demo)
-    demo.add_argument(
-        "--compile-backend",
-        default=None,
-        help="torch.compile backend (default: aot_eager on the CPU, inductor on a GPU)",
-    )
-    demo.add_argument(
-        "--regional", action="store_true", help="compile the repeated blocks one by one (faster cold start)"
-    )
-    demo.add_argument(
-        "--artifacts", metavar="DIR",
-        help="reuse compile artifacts in DIR (loaded before compile, saved when warm)",
-    )
-    demo.add_argument("--steps", type=_positive, default=8, help="denoising steps per request (8)")
-    demo.add_argument("--warmup-steps", type=_positive, default=2, help="steps of the warm-up call (2)")
-    demo.add_argument("--requests", type=_positive, default=3, help="identical requests to serve (3)")
-    demo.add_argument("--pipeline", choices=PIPELINES, help="a tiny diffusers pipeline instead")
-    demo.add_argument("--audit", metavar="FILE", help="append the audit events to FILE (JSONL)")
-    demo.add_argument("--fsync", action="store_true", help="fsync the audit file after every event")
-    demo.add_argument("--json", action="store_true", help="print only a JSON result on stdout")
-    demo.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    demo.set_defaults(handler=_cmd_demo)
-
-    graph = commands.add_parser(
-        "graph", help="draw the legal transitions of a policy",
-        description="Print the legal transitions of a policy, generated from the states table.",
-    )
-    _add_policy_flags(graph)
-    graph.add_argument("--format", choices=("mermaid", "dot"), default="mermaid")
-    graph.set_defaults(handler=_cmd_graph)
-
-    audit_cmd = commands.add_parser("audit", help="check or read a JSONL audit file")
-    audit_commands = audit_cmd.add_subparsers(dest="audit_command", metavar="{verify,show}", required=True)
-    verify = audit_commands.add_parser(
-        "verify", help="replay audits against the legal-transition table",
-        description="Exit 0 when every file is clean; 1 naming the file, line and reason of the "
-        "first problem in each bad file.",
-    )
-    verify.add_argument("files", nargs="+", metavar="FILE")
-    verify.add_argument("--json", action="store_true", help="one JSON object per file on stdout")
-    verify.set_defaults(handler=_cmd_verify)
-    show = audit_commands.add_parser("show", help="a readable timeline per module")
-    show.add_argument("file", metavar="FILE")
-    show.set_defaults(handler=_cmd_show)
-    return parser
-
-
-# ---------------------------------------------------------------------------- commands
-def _policy(args: argparse.Namespace) -> Any:
-    from states import LifecyclePolicy
-
-    return LifecyclePolicy(cache_dit=not args.no_cache, compile=not args.no_compile)
-
-
-def _cmd_graph(args: argparse.Namespace) -> int:
-    from states.graph import render
-
-    sys.stdout.write(render(_policy(args), args.format))
-    return 0
-
-
-def _cmd_verify(args: argparse.Namespace) -> int:
-    from lifecycle.audit.verify import verify_files
-
-    results = verify_files(args.files)
-    for result in results:
-        if args.json:
-            print(json.dumps(result.as_dict()))
-        else:
-            print(result, file=sys.stdout if result.ok else sys.stderr)
-    return 0 if all(result.ok for result in results) else 1
-
-
-def _cmd_show(args: argparse.Namespace) -> int:
-    from lifecycle.audit.show import render_timeline
-
-    if not os.path.isfile(args.file):
-        raise UsageError(f"no such audit file: {args.file}")
-    sys.stdout.write(render_timeline(args.file))
-    return 0
-
-
-def _quiet_third_party() -> None:
-    # cache-dit reads its level from the environment when imported; diffusers after import.
-    os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "warning")
-    import logging
-
-    logging.getLogger("CACHE_DIT").setLevel(logging.WARNING)
-    try:
-        from diffusers.utils import logging as diffusers_logging
-
-        diffusers_logging.set_verbosity_error()
-    except ImportError:
+        sys.stderr.write(f"{PROG}: interrupted\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):  # stderr closed
         pass
+    return INTERRUPTED
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from lifecycle import audit
-    from lifecycle.cli.progress import Progress
-
-    _quiet_third_party()
-    progress = Progress(enabled=not args.quiet)
-    sink = audit.configure_default(args.audit, fsync=args.fsync, echo=False, processors=[progress])
-    try:
-        if args.pipeline:
-            result = _run_pipeline(args, progress)
-        else:
-            from lifecycle.cli.demo import DemoOptions, run_demo
-
-            options = DemoOptions(
-                backend=args.backend,
-                policy=_policy(args),
-                compile_backend=args.compile_backend,
-                steps=args.steps,
-                warmup_steps=args.warmup_steps,
-                requests=args.requests,
-                regional=args.regional,
-                artifact_dir=args.artifacts,
-            )
-            result = run_demo(options, progress)
-    finally:
-        progress.close()
-        if sink is not None:
-            sink.close()
-    if args.json:
-        print(json.dumps(result, default=str))
-    elif args.pipeline:
-        sys.stdout.write(_format_pipeline(result))
-    else:
-        from lifecycle.cli.demo import format_summary
-
-        sys.stdout.write(format_summary(result))
-    if args.audit and not args.json:
-        print(f"audit: {args.audit} (check it with '{PROG} audit verify {args.audit}')")
-    return 0 if result.get("ok", True) else 1
-
-
-def _run_pipeline(args: argparse.Namespace, progress: Any) -> dict[str, Any]:
-    try:
-        from lifecycle.cli.pipeline_demo import run_pipeline_demo
-    except ImportError as exc:
-        raise CliError(
-            f"--pipeline needs lifecycle.cli.pipeline_demo.run_pipeline_demo, which is not available "
-            f"in this installation ({exc})"
-        ) from None
-    from lifecycle.cli.demo import default_compile_backend
-
-    compile_backend = args.compile_backend
-    if compile_backend is None:
-        from lifecycle.cli.demo import _resolve_backend
-
-        compile_backend = default_compile_backend(_resolve_backend(args.backend).device_type)
-    progress.follow_path = False
-    progress.start(f"{args.pipeline} pipeline: prepare, then {args.requests} request(s)")
-    started = time.perf_counter()
-    result = dict(
-        run_pipeline_demo(
-            args.pipeline,
-            backend=args.backend,
-            steps=args.steps,
-            requests=args.requests,
-            compile_backend=compile_backend,
-            policy=_policy(args),
-        )
-    )
-    result.setdefault("wall_s", round(time.perf_counter() - started, 3))
-    if "ok" not in result:
-        recompiles = result.get("recompiles_since_warmup", 0)
-        total = sum(recompiles.values()) if isinstance(recompiles, dict) else recompiles
-        result["ok"] = bool(result.get("identical_outputs", True)) and total == 0
-    return result
-
-
-def _format_pipeline(result: dict[str, Any]) -> str:
-    try:
-        from lifecycle.cli.pipeline_demo import format_pipeline_demo
-    except ImportError:
-        return _format_generic(result)
-    verdict = "OK" if result["ok"] else "FAILED"
-    recompiles = result.get("recompiles_since_warmup")
-    return (
-        f"{format_pipeline_demo(result)}\n"
-        f"recompiles after warm-up: {recompiles} (must be 0)\n"
-        f"demo wall time: {result['wall_s']:.2f} s  ->  {verdict}\n"
-    )
-
-
-def _format_generic(result: dict[str, Any]) -> str:
-    """Scalars as ``key: value``; lists of dicts as tables (for the pipeline demo's result)."""
-    from lifecycle.cli.demo import table
-
-    scalars, tables = [], []
-    for key, value in result.items():
-        if isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
-            headers = list(dict.fromkeys(k for item in value for k in item))
-            rows = [[item.get(h, "") for h in headers] for item in value]
-            tables.append(f"{key}:\n{table(headers, rows)}")
-        else:
-            scalars.append(f"{key}: {json.dumps(value, default=str) if isinstance(value, dict) else value}")
-    return "\n\n".join(["\n".join(scalars), *tables]) + "\n"
-
-
-# ---------------------------------------------------------------------------- entry point
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0 ok, 1 failure, 2 usage)."""
-    parser = build_parser()
+    """Run the CLI; returns the exit status (0 ok, 1 failure, 2 usage, 130 interrupted)."""
     try:
-        args = parser.parse_args(argv)
-        return int(args.handler(args))
-    except SystemExit as exc:  # --help and --version
-        return exc.code if isinstance(exc.code, int) else 0
-    except UsageError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+        from lifecycle.cli.commands import run
+
+        return run(argv)
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    except (CliError, LifecycleError, AuditSinkError) as exc:
-        # Expected failures (a missing backend, an unwritable audit file): one line each.
-        # Anything else is a bug and keeps its traceback.
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
-        return 1
+        return interrupted()
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
+def __getattr__(name: str) -> Any:
+    if name == "build_parser":
+        from lifecycle.cli.commands import build_parser
+
+        return build_parser
+    raise AttributeError(f"module 'lifecycle.cli' has no attribute {name!r}")
 
 
-__all__ = ["build_parser", "main"]
+__all__ = ["INTERRUPTED", "PROG", "build_parser", "interrupted", "main"]

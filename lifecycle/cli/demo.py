@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from lifecycle.cli.format import ms, table
 from lifecycle.cli.progress import Progress
 from lifecycle.errors import BackendUnavailableError, InvalidConfigError
 from lifecycle.module import ModuleLifecycle
@@ -40,7 +41,7 @@ def default_compile_backend(device_type: str) -> str:
     return CPU_COMPILE_BACKEND if device_type == "cpu" else DEVICE_COMPILE_BACKEND
 
 
-def _resolve_backend(name: str) -> Any:
+def resolve_backend(name: str) -> Any:
     from adapters import BackendUnavailable, InvalidOptions, get_backend
 
     try:
@@ -58,7 +59,7 @@ def run_demo(options: DemoOptions, progress: Progress | None = None) -> dict[str
     from lifecycle.testing.tiny import FluxShape, demo_cache_config, denoise, denoiser, flux_inputs, tiny_flux
 
     started = time.perf_counter()
-    adapter = _resolve_backend(options.backend)
+    adapter = resolve_backend(options.backend)
     device = adapter.device_type
     compile_backend = options.compile_backend or default_compile_backend(device)
     shape = FluxShape()
@@ -149,22 +150,6 @@ def run_demo(options: DemoOptions, progress: Progress | None = None) -> dict[str
 
 
 # ---------------------------------------------------------------------------- text summary
-def _ms(value: float) -> str:
-    return f"{value / 1000:.2f} s" if value >= 1000 else f"{value:.1f} ms"
-
-
-def table(headers: list[str], rows: list[list[Any]]) -> str:
-    """A plain left-aligned text table."""
-    cells = [headers, *[[str(cell) for cell in row] for row in rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = [
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in cells
-    ]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines)
-
-
 def format_summary(result: dict[str, Any]) -> str:
     """The human-readable summary of ``run_demo``'s result."""
     policy = LifecyclePolicy.from_dict(result["policy"])
@@ -181,7 +166,7 @@ def format_summary(result: dict[str, Any]) -> str:
         table(
             ["phase", "transition", "outcome", "time"],
             [
-                [p["trigger"], f"{p['source']} -> {p['dest']}", p["outcome"], _ms(p["duration_ms"])]
+                [p["trigger"], f"{p['source']} -> {p['dest']}", p["outcome"], ms(p["duration_ms"])]
                 for p in result["phases"]
             ],
         ),
@@ -200,7 +185,7 @@ def format_summary(result: dict[str, Any]) -> str:
                     r["num_inference_steps"],
                     r["cached_steps"],
                     r["new_graphs"],
-                    _ms(r["duration_ms"]),
+                    ms(r["duration_ms"]),
                     f"{r['max_abs_diff_to_first']:.3g}",
                 ]
                 for r in result["requests"]
@@ -214,4 +199,4 @@ def format_summary(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["DemoOptions", "default_compile_backend", "format_summary", "run_demo", "table"]
+__all__ = ["DemoOptions", "default_compile_backend", "format_summary", "resolve_backend", "run_demo"]

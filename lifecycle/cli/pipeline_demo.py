@@ -10,7 +10,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from lifecycle.errors import BackendUnavailableError, InvalidConfigError
+from lifecycle.cli.format import ms, table
+from lifecycle.errors import InvalidConfigError
 from lifecycle.pipeline import PipelineLifecycle
 from states import LifecyclePolicy
 
@@ -137,28 +138,26 @@ def run_pipeline_demo(
 def format_pipeline_demo(result: dict[str, Any]) -> str:
     """The demo's result as a plain-text table."""
     members = result["members"]
-    header = ["request", "steps", *(f"cached[{m}]" for m in members), "new graphs", "time ms", "max |diff|"]
-    lines = [
-        f"{result['pipeline']} ({', '.join(members)}) on {result['device']}: prepared in "
-        f"{result['prepare_s']:.2f} s with a {result['warmup_steps']}-step call "
-        f"({result['graphs_compiled_in_warmup']} graphs compiled)",
-    ]
-    table = [header] + [
+    header = ["request", "steps", *(f"cached[{m}]" for m in members), "new graphs", "time", "max |diff|"]
+    rows = [
         [
             row["request_id"],
-            str(row["steps"]),
-            *(str(row["cached_steps"][m]) for m in members),
-            str(row["new_graphs"]),
-            f"{row['time_ms']:.1f}",
+            row["steps"],
+            *(row["cached_steps"][m] for m in members),
+            row["new_graphs"],
+            ms(row["time_ms"]),
             f"{row['max_abs_diff_to_first']:.3g}",
         ]
         for row in result["requests"]
     ]
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in table]
     verdict = "identical" if result["identical_outputs"] else "DIFFERENT"
-    lines.append(f"identical requests gave {verdict} outputs")
-    return "\n".join(lines)
+    return "\n".join([
+        f"{result['pipeline']} ({', '.join(members)}) on {result['device']}: prepared in "
+        f"{result['prepare_s']:.2f} s with a {result['warmup_steps']}-step call "
+        f"({result['graphs_compiled_in_warmup']} graphs compiled)",
+        table(header, rows),
+        f"identical requests gave {verdict} outputs",
+    ])
 
 
 def _check_kind(kind: str) -> None:
@@ -167,14 +166,9 @@ def _check_kind(kind: str) -> None:
 
 
 def _device_of(backend: str) -> str:
-    from adapters import BackendUnavailable, InvalidOptions, get_backend
+    from lifecycle.cli.demo import resolve_backend
 
-    try:
-        return str(get_backend(backend).device_type)
-    except BackendUnavailable as exc:
-        raise BackendUnavailableError(f"backend {backend!r}: {exc}") from exc
-    except InvalidOptions as exc:
-        raise InvalidConfigError(str(exc)) from exc
+    return str(resolve_backend(backend).device_type)
 
 
 def _graph_count(plc: PipelineLifecycle) -> int:

@@ -14,7 +14,8 @@ import time
 from collections.abc import MutableMapping
 from typing import Any, TextIO
 
-from lifecycle import audit
+from lifecycle.audit import events as audit
+from lifecycle.cli.format import ms
 from states import LifecyclePolicy, State, Trigger, destination
 
 # Why a phase may take a while, shown when it starts.
@@ -120,7 +121,7 @@ class Progress:
         if name == audit.TRANSITION_EVENT:
             text = (
                 f"{module}: {event['trigger']} ({event['source']} -> {event['dest']}) "
-                f"{event['outcome']} in {_duration(event.get('duration_ms'))}"
+                f"{event['outcome']} in {ms(event.get('duration_ms'))}"
             )
             if event["outcome"] == "ok":
                 self.done(text)
@@ -132,19 +133,13 @@ class Progress:
             text = (
                 f"{module}: request {event.get('request_id')} ({event.get('num_inference_steps')} steps, "
                 f"{event.get('cached_steps')} cached, {event.get('new_graphs')} new graphs) "
-                f"{event.get('outcome')} in {_duration(event.get('duration_ms'))}"
+                f"{event.get('outcome')} in {ms(event.get('duration_ms'))}"
             )
             self.done(text) if event.get("outcome") == "ok" else self.note(text)
         elif name == audit.RECOMPILE_EVENT:
             self.note(f"{module}: {event.get('new_graphs')} graph(s) compiled after warm-up")
         elif name == audit.WARMUP_COVERAGE_EVENT:
             self.note(f"{module}: warm-up did not reach cache-dit's cached-step branch")
-
-
-def _duration(ms: Any) -> str:
-    if not isinstance(ms, (int, float)):
-        return "?"
-    return f"{ms / 1000:.2f} s" if ms >= 1000 else f"{ms:.1f} ms"
 
 
 __all__ = ["Progress", "next_phase"]
