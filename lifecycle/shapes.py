@@ -1,0 +1,719 @@
+"""Serving shapes: declared buckets as data, their warm-up, and what a request at a shape no
+warm-up covered does (issue 15).
+
+A *shape* is a mapping of the host's own call arguments, e.g. ``{"height": 1024, "width": 1024}``
+or ``{"num_frames": 81, "height": 480, "width": 832}``: the lifecycle never interprets it, it
+hands it back to the host's warm-up callable, ``run(target, shape)``, which makes one warm-up
+call at that shape. Its canonical key is ``"height=1024,width=1024"`` (keys sorted).
+
+How a request's shape is known:
+- The host says it: ``lc.request(..., shape={"height": 512, "width": 512})``. A shape whose key
+  is a warmed bucket is served; any other is a miss, decided *before the block runs*.
+- The host says nothing: every call of the transformer inside the request is compared, before
+  it runs and outside compiled code (``adapters.stance.guard_calls``), against the input
+  signatures (tensor sizes and dtypes) recorded while warming up. A call at a signature no
+  warm-up made is a miss, decided before that call runs.
+
+What a miss does (``on_unwarmed``, per lifecycle, overridable per request):
+- ``"eager"`` (the default): the request runs under ``torch.compiler.set_stance(
+  "eager_on_recompile")``: whatever compiled code fits still runs, and wherever a recompile would
+  be needed the frame runs eagerly; nothing compiles. Why the default: an inline compile at an
+  unwarmed shape costs 148x to 282x a steady request (FINDINGS), an eager cache-dit request about
+  1.5x to 2x; a server that must never stall should pay the small price and be told.
+- ``"compile"``: today's behaviour: it compiles inline, audited as a recompile.
+- ``"fail"``: ``UnwarmedShapeError`` before the transformer runs; the state stays WarmedUp and
+  the request is audited as refused.
+Every miss is a ``lifecycle.shape_miss`` audit event and counts in ``stats()``;
+``missed_shapes()`` lists the shapes the host named, so ``warm_up(run, shapes=lc.missed_shapes())``
+warms them when the server is idle.
+
+Buckets that share graphs: ``compile_options={"dynamic_buckets": True}`` compiles with
+``dynamic=True`` and duck shaping off while warm-up traces (two sizes equal at one bucket must
+not become one symbol), probes the input signature of every declared bucket (stopping each
+probe call before the transformer runs) and marks the dimensions that differ between buckets
+dynamic with the buckets' bounds, so N buckets cost one compile.
+
+A settled warm-up: after the buckets, ``warm_up`` makes one more call of each bucket in the
+serving context (not the steered one), timed and audited as ``lifecycle.warmup_settle``, then
+refreshes the context for the first real request.
+
+Compiled or eager per bucket (``compile_options={"measure_paths": True}``): each bucket's call
+is timed once compiled and once eager after it is warm; requests at a bucket where eager was
+faster run eagerly. ``lifecycle.warmup_path`` says which and the timings that chose it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from adapters import stance as st
+from lifecycle import audit
+from lifecycle.errors import InvalidConfigError, UnwarmedShapeError
+
+Shape = Mapping[str, Any]
+POLICIES = ("eager", "compile", "fail")
+DEFAULT_ON_UNWARMED = "eager"
+# Lifecycle-level compile options (consumed here, never passed to torch.compile).
+SHAPE_OPTION_KEYS = ("dynamic_buckets", "measure_paths")
+DEFAULT_DYNAMIC_BUCKETS = False
+# The key of the implicit bucket a warm-up without declared shapes warms.
+IMPLICIT_KEY = "*"
+WARMUP_SHAPE_EVENT = "lifecycle.warmup_shape"
+SHAPE_MISS_EVENT = "lifecycle.shape_miss"
+WARMUP_SETTLE_EVENT = "lifecycle.warmup_settle"
+WARMUP_PATH_EVENT = "lifecycle.warmup_path"
+_SCALARS = (int, float, str, bool)
+
+
+# ---------------------------------------------------------------------------- shapes as data
+def canonical_shape(shape: object, *, module: str | None = None) -> dict[str, Any]:
+    """A shape as a plain dict with sorted str keys and hashable scalar (or tuple) values."""
+    if not isinstance(shape, Mapping) or not shape:
+        raise InvalidConfigError(
+            f"{module or 'lifecycle'}: a shape is a non-empty mapping of the host's call arguments, "
+            f"e.g. {{'height': 1024, 'width': 1024}}; got {shape!r}",
+            module=module,
+        )
+    out: dict[str, Any] = {}
+    for key in sorted(shape, key=str):
+        value = shape[key]
+        if not isinstance(key, str) or not key:
+            raise InvalidConfigError(
+                f"{module or 'lifecycle'}: shape keys must be non-empty str, got {key!r}", module=module
+            )
+        if isinstance(value, list):
+            value = tuple(value)
+        ok = isinstance(value, _SCALARS) or (
+            isinstance(value, tuple) and all(isinstance(v, _SCALARS) for v in value)
+        )
+        if not ok:
+            raise InvalidConfigError(
+                f"{module or 'lifecycle'}: shape value {key}={value!r} must be an int, float, str, bool "
+                "or a tuple of them",
+                module=module,
+            )
+        out[key] = value
+    return out
+
+
+def shape_key(shape: Shape) -> str:
+    """The canonical key: ``"height=1024,width=1024"``."""
+    canon = canonical_shape(shape)
+    return ",".join(f"{k}={'x'.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in canon.items())
+
+
+def check_shapes(shapes: object, *, module: str | None = None) -> list[dict[str, Any]]:
+    """Declared buckets: a non-empty list of shapes, de-duplicated, in the host's order."""
+    if isinstance(shapes, Mapping) or not isinstance(shapes, Sequence) or isinstance(shapes, str):
+        raise InvalidConfigError(
+            f"{module or 'lifecycle'}: shapes must be a list of shape mappings, e.g. "
+            f"[{{'height': 1024, 'width': 1024}}]; got {type(shapes).__name__}",
+            module=module,
+        )
+    if not shapes:
+        raise InvalidConfigError(
+            f"{module or 'lifecycle'}: shapes is empty; declare at least one bucket", module=module
+        )
+    seen: dict[str, dict[str, Any]] = {}
+    for shape in shapes:
+        canon = canonical_shape(shape, module=module)
+        seen.setdefault(shape_key(canon), canon)
+    return list(seen.values())
+
+
+def check_policy(value: object, *, module: str | None = None) -> str:
+    if value not in POLICIES:
+        raise InvalidConfigError(
+            f"{module or 'lifecycle'}: on_unwarmed must be one of {list(POLICIES)}, got {value!r}",
+            module=module,
+        )
+    return str(value)
+
+
+def split_options(
+    options: Mapping[str, Any] | None, *, module: str | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the shape options, the rest for the backend). Refuses a non-bool shape option."""
+    options = dict(options or {})
+    mine: dict[str, Any] = {"dynamic_buckets": DEFAULT_DYNAMIC_BUCKETS, "measure_paths": False}
+    for key in SHAPE_OPTION_KEYS:
+        if key in options:
+            value = options.pop(key)
+            if not isinstance(value, bool):
+                raise InvalidConfigError(
+                    f"{module or 'lifecycle'}: compile option {key} must be True or False, got {value!r}",
+                    module=module,
+                )
+            mine[key] = value
+    if mine["dynamic_buckets"]:
+        # One compile for every bucket needs every frame symbolic, the frames after cache-dit's
+        # graph breaks too (their inputs are fresh tensors no mark reaches): measured on the
+        # tiny Flux, marks alone recompiled 7 of 8 graphs at the second bucket.
+        if options.get("dynamic") is False:
+            raise InvalidConfigError(
+                f"{module or 'lifecycle'}: compile options dynamic_buckets=True and dynamic=False "
+                "contradict each other; drop one of them",
+                module=module,
+            )
+        options["dynamic"] = True
+    return mine, options
+
+
+# ---------------------------------------------------------------------------- the records
+@dataclass
+class BucketCoverage:
+    """One bucket: what its warm-up did and how its requests went."""
+
+    key: str
+    shape: dict[str, Any] | None
+    warmed: bool = False
+    graphs: int = 0
+    seconds: float = 0.0
+    covered: bool | None = None
+    runs: int = 0
+    signatures: set[Any] = field(default_factory=set)
+    path: str = "compiled"
+    path_reason: str | None = None
+    compiled_s: float | None = None
+    eager_s: float | None = None
+    requests_s: list[float] = field(default_factory=list)
+
+    @property
+    def first_request_ratio(self) -> float | None:
+        """First request / median of the later ones, once at least two were served."""
+        if len(self.requests_s) < 2:
+            return None
+        return self.requests_s[0] / statistics.median(self.requests_s[1:])
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "shape": self.shape,
+            "warmed": self.warmed,
+            "graphs": self.graphs,
+            "seconds": round(self.seconds, 6),
+            "covered": self.covered,
+            "runs": self.runs,
+            "signatures": len(self.signatures),
+            "path": self.path,
+            "path_reason": self.path_reason,
+            "compiled_s": self.compiled_s,
+            "eager_s": self.eager_s,
+            "requests": len(self.requests_s),
+            "first_request_s": self.requests_s[0] if self.requests_s else None,
+            "first_request_ratio": self.first_request_ratio,
+        }
+
+
+@dataclass(frozen=True)
+class ShapeMiss:
+    """One request at a shape no warm-up covered."""
+
+    request_id: str
+    key: str | None
+    shape: dict[str, Any] | None
+    policy: str
+    detected: str  # "shape" (the host named it) | "signature" (a call's input sizes)
+    duration_ms: float = 0.0
+    new_graphs: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "request_id": self.request_id,
+            "shape_key": self.key,
+            "shape": self.shape,
+            "policy": self.policy,
+            "detected": self.detected,
+            "duration_ms": round(self.duration_ms, 3),
+            "new_graphs": self.new_graphs,
+        }
+
+
+class ShapeBook:
+    """Per lifecycle: the declared buckets (the plan), their coverage, and the misses."""
+
+    def __init__(self, on_unwarmed: str, options: Mapping[str, Any]) -> None:
+        self.on_unwarmed = on_unwarmed
+        self.dynamic_buckets = bool(options.get("dynamic_buckets", DEFAULT_DYNAMIC_BUCKETS))
+        self.measure_paths = bool(options.get("measure_paths", False))
+        self.buckets: dict[str, BucketCoverage] = {}
+        self.misses: list[ShapeMiss] = []
+        self.shared_dims: dict[Any, Any] = {}
+        # signature -> bucket key, for requests that name no shape
+        self.signatures: dict[Any, str] = {}
+
+    # the plan
+    @property
+    def declared(self) -> list[BucketCoverage]:
+        return [b for b in self.buckets.values() if b.key != IMPLICIT_KEY]
+
+    def declare(self, shapes: list[dict[str, Any]]) -> list[BucketCoverage]:
+        """Add buckets to the plan; returns every bucket of ``shapes``, in order."""
+        out = []
+        for shape in shapes:
+            key = shape_key(shape)
+            out.append(self.buckets.setdefault(key, BucketCoverage(key, dict(shape))))
+        return out
+
+    def implicit(self) -> BucketCoverage:
+        return self.buckets.setdefault(IMPLICIT_KEY, BucketCoverage(IMPLICIT_KEY, None))
+
+    def lookup(self, shape: Shape) -> BucketCoverage | None:
+        bucket = self.buckets.get(shape_key(shape))
+        return bucket if bucket is not None and bucket.warmed else None
+
+    def bucket_of(self, signature: Any) -> BucketCoverage | None:
+        key = self.signatures.get(signature)
+        bucket = self.buckets.get(key) if key is not None else None
+        return bucket if bucket is not None and bucket.warmed else None
+
+    def all_warm(self) -> bool:
+        return all(b.warmed for b in self.buckets.values())
+
+    def note_warm(
+        self,
+        bucket: BucketCoverage,
+        *,
+        graphs: int,
+        seconds: float,
+        covered: bool,
+        runs: int,
+        signatures: set[Any],
+    ) -> None:
+        bucket.warmed = True
+        bucket.graphs += graphs
+        bucket.seconds += seconds
+        bucket.covered = covered
+        bucket.runs += runs
+        bucket.signatures |= signatures
+        for signature in signatures:
+            self.signatures.setdefault(signature, bucket.key)
+
+    def cool(self) -> None:
+        """Weights changed (invalidate): every bucket must be warmed again; the plan stays."""
+        for bucket in self.buckets.values():
+            bucket.warmed = False
+            bucket.requests_s.clear()
+        self.signatures.clear()
+
+    def forget(self) -> None:
+        """reset(): back to Loaded, the plan is dropped (the next prepare declares it again)."""
+        self.buckets.clear()
+        self.signatures.clear()
+        self.shared_dims = {}
+
+    # misses
+    def note_miss(self, miss: ShapeMiss) -> None:
+        self.misses.append(miss)
+
+    def missed_shapes(self) -> list[dict[str, Any]]:
+        """Shapes of misses the host named that no bucket covers now, de-duplicated, oldest first."""
+        out: dict[str, dict[str, Any]] = {}
+        for miss in self.misses:
+            if miss.shape is None or miss.key is None:
+                continue
+            bucket = self.buckets.get(miss.key)
+            if bucket is None or not bucket.warmed:
+                out.setdefault(miss.key, dict(miss.shape))
+        return list(out.values())
+
+    def coverage(self) -> list[dict[str, Any]]:
+        return [b.as_dict() for b in self.buckets.values()]
+
+    def stats(self) -> dict[str, Any]:
+        by_policy: dict[str, int] = {}
+        for miss in self.misses:
+            by_policy[miss.policy] = by_policy.get(miss.policy, 0) + 1
+        return {
+            "declared": len(self.declared),
+            "warm": sum(1 for b in self.declared if b.warmed),
+            "shape_misses": len(self.misses),
+            "shape_misses_by_policy": by_policy,
+            "on_unwarmed": self.on_unwarmed,
+            "dynamic_buckets": self.dynamic_buckets,
+            "shared_dims": {
+                f"{name}[{dim}]": list(bounds) for (name, dim), bounds in self.shared_dims.items()
+            },
+        }
+
+
+# ---------------------------------------------------------------------------- warm-up
+# A member is a ModuleLifecycle; typed Any here to keep this module free of a cycle with it.
+Member = Any
+
+
+@contextmanager
+def _recording(members: Sequence[Member], seen: dict[int, set[Any]], *, steered: bool) -> Iterator[None]:
+    """Guard every member's calls: record each call's input signature, apply the shared
+    dynamic dims, and start a fresh cache context when a call's signature changes (a warm-up
+    that calls two sizes would otherwise mix their cached residuals: issue 20 item 5)."""
+    with ExitStack() as stack:
+        for member in members:
+            book: ShapeBook = member.shapes
+            last: list[Any] = [None]
+            sigs = seen.setdefault(id(member), set())
+
+            def before(
+                args: tuple[Any, ...],
+                kwargs: dict[str, Any],
+                member: Member = member,
+                book: ShapeBook = book,
+                last: list[Any] = last,
+                sigs: set[Any] = sigs,
+            ) -> None:
+                signature = st.input_signature(args, kwargs)
+                if last[0] is not None and signature != last[0] and member.policy.cache_dit:
+                    if steered:
+                        member.cache.refresh_for_warmup(member._module, member.cache_config)
+                    else:
+                        member.cache.refresh(member._module, member.cache_config, member._serving_steps)
+                last[0] = signature
+                sigs.add(signature)
+                st.mark_shared_dims(book.shared_dims, args, kwargs)
+
+            stack.enter_context(st.guard_calls(member._module, before))
+        if any(m.shapes.dynamic_buckets for m in members):
+            stack.enter_context(st.no_duck_shape())
+        yield
+
+
+def _probe(
+    members: Sequence[Member],
+    call_at: Callable[[dict[str, Any] | None], object],
+    buckets: list[BucketCoverage],
+) -> None:
+    """dynamic_buckets: each bucket's first call signature, then the dims that differ."""
+    for member in members:
+        book: ShapeBook = member.shapes
+        if not (book.dynamic_buckets and member.policy.compile):
+            continue
+        signatures = []
+        for bucket in book.declared:
+            signature = st.probe_signature(member._module, partial(call_at, bucket.shape))
+            if signature is not None:
+                signatures.append(signature)
+        book.shared_dims = st.shared_dims(signatures)
+        audit.logger().debug(
+            "lifecycle.shape_probe",
+            **member._audit_base(),
+            buckets=len(book.declared),
+            shared_dims={f"{n}[{d}]": list(b) for (n, d), b in book.shared_dims.items()},
+        )
+    # The probes ran host code (a pipeline may have moved a member's cache context).
+    for member in members:
+        if member.policy.cache_dit:
+            member.cache.refresh(member._module, member.cache_config, member._serving_steps)
+
+
+def _sync(members: Sequence[Member]) -> None:
+    for member in members:
+        member.backend.synchronize()
+
+
+def _graphs(members: Sequence[Member]) -> int:
+    return int(members[0].backend.graph_count())
+
+
+def run_warmup(
+    members: Sequence[Member],
+    call_at: Callable[[dict[str, Any] | None], object],
+    shapes: list[dict[str, Any]] | None,
+    attempt: Any,
+    *,
+    max_runs: int,
+) -> None:
+    """Warm ``members`` together: every bucket of ``shapes`` (``call_at(shape)``), or the
+    implicit bucket (``call_at(None)``) when there are none; then settle.
+
+    Each bucket runs in its own steered cache context until the cached-step branch is covered
+    (at most ``max_runs`` calls); one ``lifecycle.warmup_shape`` event per declared bucket.
+    ``attempt`` is the caller's transition scratch (its ``extra`` goes into the audit event) or
+    None. Raises whatever the warm-up callable raised (the caller's transition records it)."""
+    first: ShapeBook = members[0].shapes
+    if shapes is not None:
+        buckets_per_member = [m.shapes.declare(shapes) for m in members]
+    elif first.declared:
+        # A warm-up again (after invalidate) without shapes: the plan's buckets.
+        buckets_per_member = [list(m.shapes.declared) for m in members]
+    else:
+        buckets_per_member = [[m.shapes.implicit()] for m in members]
+    plan = buckets_per_member[0]
+    if shapes is not None or first.declared:
+        _probe(members, call_at, plan)
+    started = time.perf_counter()
+    all_covered = True
+    total_runs = 0
+    for index, bucket in enumerate(plan):
+        seen: dict[int, set[Any]] = {}
+        graphs_before = _graphs(members)
+        bucket_started = time.perf_counter()
+        runs = 0
+        with ExitStack() as stack:
+            covered = [stack.enter_context(m._warmup_context()) for m in members]
+            stack.enter_context(_recording(members, seen, steered=True))
+            while True:
+                call_at(bucket.shape)
+                runs += 1
+                done = [check() for check in covered]
+                if all(done) or runs >= max_runs:
+                    break
+            _sync(members)
+        seconds = time.perf_counter() - bucket_started
+        graphs = _graphs(members) - graphs_before
+        total_runs += runs
+        for member, ok, buckets in zip(members, done, buckets_per_member, strict=True):
+            own = buckets[index]
+            member.shapes.note_warm(
+                own,
+                graphs=graphs,
+                seconds=seconds,
+                covered=ok,
+                runs=runs,
+                signatures=seen.get(id(member), set()),
+            )
+            if not ok:
+                member._warn_uncovered(runs)
+            if own.key != IMPLICIT_KEY:
+                audit.emit(
+                    WARMUP_SHAPE_EVENT,
+                    "ok" if ok else "refused",
+                    {
+                        **member._audit_base(),
+                        "shape": own.shape,
+                        "shape_key": own.key,
+                        "graphs": graphs,
+                        "seconds": round(seconds, 6),
+                        "covered": ok,
+                        "warmup_runs": runs,
+                        "signatures": len(own.signatures),
+                    },
+                )
+        all_covered = all_covered and all(done)
+    if any(m.policy.compile for m in members):
+        if any(m.shapes.measure_paths for m in members):
+            _measure_paths(members, call_at, buckets_per_member)
+        else:
+            for bucket in plan:
+                _settle(members, call_at, bucket)
+    elapsed = time.perf_counter() - started
+    for member, buckets in zip(members, buckets_per_member, strict=True):
+        member._warmup_covered = all(bool(b.covered) for b in buckets)
+        member._save_artifacts(attempt)
+        member._recompiles_since_warmup = 0
+    extra: dict[str, Any] | None = attempt.extra if attempt is not None else None
+    if extra is not None:
+        extra["warmup_runs"] = total_runs
+        extra["cached_branch_covered"] = all_covered
+        if plan[0].key != IMPLICIT_KEY:
+            extra["buckets"] = [b.key for b in plan]
+    for member in members:
+        member._warmup_s += elapsed
+
+
+def _timed_call(
+    members: Sequence[Member], call: Callable[[], object], *, steered: bool = False, eager: bool = False
+) -> tuple[float, int]:
+    """One call in the serving context (fresh before and after), timed, graphs counted."""
+    for member in members:
+        if member.policy.cache_dit:
+            member.cache.refresh(member._module, member.cache_config, member._serving_steps)
+    seen: dict[int, set[Any]] = {}
+    _sync(members)
+    graphs_before = _graphs(members)
+    started = time.perf_counter()
+    with ExitStack() as stack:
+        stack.enter_context(_recording(members, seen, steered=steered))
+        if eager:
+            stack.enter_context(st.stance("force_eager"))
+        call()
+        _sync(members)
+    seconds = time.perf_counter() - started
+    graphs = _graphs(members) - graphs_before
+    for member in members:
+        if member.policy.cache_dit:
+            member.cache.refresh(member._module, member.cache_config, member._serving_steps)
+    return seconds, graphs
+
+
+def _settle(
+    members: Sequence[Member], call_at: Callable[[dict[str, Any] | None], object], bucket: BucketCoverage
+) -> None:
+    """One more call of a bucket in the serving context: whatever the first request would
+    still pay after warm-up (lazily loaded kernels, allocator growth, first launches outside the
+    steered context) is paid here, at the cost of one warm-up call per bucket."""
+    seconds, graphs = _timed_call(members, lambda: call_at(bucket.shape))
+    for member in members:
+        audit.emit(
+            WARMUP_SETTLE_EVENT,
+            "ok",
+            {
+                **member._audit_base(),
+                "shape_key": bucket.key,
+                "seconds": round(seconds, 6),
+                "graphs": graphs,
+            },
+        )
+
+
+def _measure_paths(
+    members: Sequence[Member],
+    call_at: Callable[[dict[str, Any] | None], object],
+    buckets_per_member: list[list[BucketCoverage]],
+) -> None:
+    """Each bucket's call timed compiled (it doubles as the settle call) and eager; the faster
+    path serves that bucket."""
+    for index, bucket in enumerate(buckets_per_member[0]):
+        call = partial(call_at, bucket.shape)
+        compiled_s, graphs = _timed_call(members, call)
+        eager_s, _ = _timed_call(members, call, eager=True)
+        path = "eager" if eager_s < compiled_s else "compiled"
+        reason = (
+            f"one warm-up call took {compiled_s:.4f} s compiled and {eager_s:.4f} s eager; {path} is faster"
+        )
+        for member, buckets in zip(members, buckets_per_member, strict=True):
+            own = buckets[index]
+            own.path, own.path_reason, own.compiled_s, own.eager_s = path, reason, compiled_s, eager_s
+            audit.emit(
+                WARMUP_PATH_EVENT,
+                "ok",
+                {
+                    **member._audit_base(),
+                    "shape_key": own.key,
+                    "path": path,
+                    "reason": reason,
+                    "compiled_s": round(compiled_s, 6),
+                    "eager_s": round(eager_s, 6),
+                    "graphs": graphs,
+                },
+            )
+
+
+# ---------------------------------------------------------------------------- serving
+@dataclass
+class RequestShape:
+    """What one request knows about its shape while it runs."""
+
+    policy: str
+    key: str | None = None
+    shape: dict[str, Any] | None = None
+    bucket: BucketCoverage | None = None
+    miss: str | None = None  # None | "shape" | "signature"
+
+
+def begin_request(
+    member: Member, shape: Shape | None, on_unwarmed: str | None, request_id: str
+) -> RequestShape:
+    """Before the request's block runs: the policy, and a miss decided from a named shape.
+
+    Raises ``UnwarmedShapeError`` (nothing ran) for a named, unwarmed shape under ``"fail"``,
+    after recording the miss; the caller audits the refused request."""
+    book: ShapeBook = member.shapes
+    policy = check_policy(on_unwarmed, module=member.name) if on_unwarmed is not None else book.on_unwarmed
+    info = RequestShape(policy)
+    if shape is not None:
+        info.shape = canonical_shape(shape, module=member.name)
+        info.key = shape_key(info.shape)
+        info.bucket = book.lookup(info.shape)
+        if info.bucket is None and member.policy.compile:
+            info.miss = "shape"
+            if policy == "fail":
+                error = unwarmed_error(member, info, request_id)
+                end_request(member, info, request_id, 0.0, 0, error)
+                raise error
+    return info
+
+
+def unwarmed_error(member: Member, info: RequestShape, request_id: str) -> UnwarmedShapeError:
+    warmed = [b.key for b in member.shapes.buckets.values() if b.warmed]
+    what = f"shape {info.key!r}" if info.key is not None else "input sizes no warm-up call made"
+    fix = (
+        f"warm_up(run, shapes=[{info.shape!r}])"
+        if info.shape is not None
+        else "pass shape= to request() and warm it with warm_up(run, shapes=lc.missed_shapes())"
+    )
+    error = UnwarmedShapeError(
+        f"{member.name}: request {request_id!r} at {what} is not warmed up (warmed buckets: "
+        f"{warmed or 'none'}) and on_unwarmed='fail'; nothing ran and the state stays WarmedUp. "
+        f"Declare it and warm it first: {fix}, or serve it with on_unwarmed='eager'.",
+        module=member.name,
+        state=member.state,
+        trigger="request",
+    )
+    error.shape_key = info.key  # type: ignore[attr-defined]
+    return error
+
+
+@contextmanager
+def serving(member: Member, info: RequestShape, request_id: str) -> Iterator[None]:
+    """Around the request's block: the stance for a named miss, and the call guard that detects
+    a miss by input signature (and applies the shared dynamic dims, and a measured eager path)."""
+    book: ShapeBook = member.shapes
+    if not member.policy.compile:
+        yield
+        return
+
+    def before(args: tuple[Any, ...], kwargs: dict[str, Any]) -> AbstractContextManager[Any] | None:
+        st.mark_shared_dims(book.shared_dims, args, kwargs)
+        if info.key is not None:
+            if info.bucket is not None and info.bucket.path == "eager":
+                return st.stance("force_eager")
+            return None  # a named shape: decided at the start of the request
+        signature = st.input_signature(args, kwargs)
+        bucket = book.bucket_of(signature)
+        if bucket is not None:
+            if info.bucket is None:
+                info.bucket = bucket
+            return st.stance("force_eager") if bucket.path == "eager" else None
+        if info.miss is None:
+            info.miss = "signature"
+        if info.policy == "fail":
+            raise unwarmed_error(member, info, request_id)
+        return st.stance("eager_on_recompile") if info.policy == "eager" else None
+
+    with ExitStack() as stack:
+        if info.miss == "shape" and info.policy == "eager":
+            stack.enter_context(st.stance("eager_on_recompile"))
+        stack.enter_context(st.guard_calls(member._module, before))
+        yield
+
+
+def end_request(
+    member: Member,
+    info: RequestShape,
+    request_id: str,
+    duration_ms: float,
+    new_graphs: int,
+    error: BaseException | None,
+) -> None:
+    """After the block: the miss event (and the served bucket's timing)."""
+    book: ShapeBook = member.shapes
+    if info.miss is not None:
+        miss = ShapeMiss(request_id, info.key, info.shape, info.policy, info.miss, duration_ms, new_graphs)
+        book.note_miss(miss)
+        outcome = "refused" if isinstance(error, UnwarmedShapeError) else "ok" if error is None else "failed"
+        audit.emit(
+            SHAPE_MISS_EVENT,
+            "refused" if outcome != "failed" else "failed",
+            {
+                **member._audit_base(),
+                **miss.as_dict(),
+                "outcome": outcome,
+            },
+        )
+    elif info.bucket is not None and error is None:
+        info.bucket.requests_s.append(duration_ms / 1000.0)
+
+
+def is_refusal(error: BaseException | None) -> bool:
+    """A request that ended in UnwarmedShapeError was refused, not failed."""
+    return isinstance(error, UnwarmedShapeError)
+
+
+def maybe(context: AbstractContextManager[Any] | None) -> AbstractContextManager[Any]:
+    return context if context is not None else nullcontext()
