@@ -239,3 +239,106 @@ def test_progress_ticks_on_a_terminal():
     quiet.start_next("dit", LifecyclePolicy(compile=False), State.LOADED)
     quiet.close()
     assert plain.getvalue() == "[..] dit: mount_cache (Loaded -> CacheMounted)\n"
+
+
+# ---------------------------------------------------------------------------- start-up
+HEAVY = ("torch", "diffusers", "cache_dit", "transitions", "numpy", "adapters")
+_FRESH = """
+import json, runpy, sys
+out, args, heavy_roots = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+sys.argv = ["lifecycle", *args]
+code = 0
+try:
+    runpy.run_module("lifecycle", run_name="__main__", alter_sys=True)
+except SystemExit as exc:
+    code = exc.code
+heavy = sorted(m for m in sys.modules if m.partition(".")[0] in heavy_roots)
+core = sorted(m for m in sys.modules if m in ("lifecycle.module", "lifecycle.pipeline"))
+open(out, "w").write(json.dumps({"code": code, "heavy": heavy, "core": core}))
+"""
+
+
+@pytest.mark.parametrize("args", [("graph",), ("graph", "--no-cache", "--format", "dot"),
+                                  ("audit", "verify", "{empty}"), ("audit", "show", "{audit}")],
+                         ids=["graph", "graph-dot", "verify", "show"])
+def test_graph_and_audit_never_import_torch(tmp_path, args):
+    """In a fresh interpreter, as ``python -m lifecycle`` runs them: torch and the core stay out."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    audit = tmp_path / "audit.jsonl"
+    audit.write_text(json.dumps({
+        "event": "lifecycle.transition", "module": "dit", "module_id": "m1", "trigger": "mount_cache",
+        "source": "Loaded", "dest": "CacheMounted", "outcome": "ok", "duration_ms": 1.0,
+        "backend": "cpu", "policy": {"cache_dit": True, "compile": True}, "seq": 1,
+    }) + "\n")
+    argv = [a.format(empty=empty, audit=audit) for a in args]
+    out = tmp_path / "modules.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    run = subprocess.run([sys.executable, "-c", _FRESH, str(out), json.dumps(argv), json.dumps(HEAVY)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 0, run.stderr
+    found = json.loads(out.read_text())
+    assert found == {"code": 0, "heavy": [], "core": []}, found
+    assert run.stdout  # the command really ran and printed
+
+
+def _interrupt_during(needle: str, *args: str) -> tuple[int, list[str]]:
+    """Run the CLI with ``-X importtime``, send SIGINT as soon as ``needle`` is imported, and
+    return the exit status and the stderr lines that are not import timings."""
+    import signal
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    child = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "lifecycle", *args], cwd=ROOT,
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert child.stderr is not None
+    sent = False
+    for line in child.stderr:
+        if line.startswith("import time:") and line.rsplit("|", 1)[-1].strip().partition(".")[0] == needle:
+            child.send_signal(signal.SIGINT)
+            sent = True
+            break
+    rest = child.stderr.read()
+    code = child.wait(timeout=120)
+    assert sent, f"{needle} was never imported"
+    return code, [line for line in rest.splitlines() if not line.startswith("import time:")]
+
+
+@pytest.mark.parametrize("needle", ["argparse", "structlog", "torch", "diffusers"])
+def test_ctrl_c_during_start_up_is_one_line_and_130(needle):
+    code, lines = _interrupt_during(needle, "demo", "--backend", "cpu", "--quiet")
+    assert (code, lines) == (130, ["dit-lifecycle: interrupted"])
+
+
+def test_ctrl_c_in_a_command_is_one_line_and_130(monkeypatch, capsys):
+    from lifecycle.cli import commands
+
+    def interrupted(_args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(commands, "_cmd_graph", interrupted)
+    assert main(["graph"]) == 130
+    assert capsys.readouterr().err == "dit-lifecycle: interrupted\n"
+
+
+# ---------------------------------------------------------------------------- defect 9, from the CLI
+def test_deeply_nested_audit_is_one_line_in_verify_and_show(tmp_path, capsys):
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    run = cli("audit", "verify", str(deep))
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines() == [f"{deep}:1: not valid JSON (nested deeper than the JSON "
+                                               "reader can follow; an audit event is flat): "
+                                               + repr("[" * 60 + "...")]
+    assert main(["audit", "show", str(deep)]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1].startswith(f"verify: {deep}:1: not valid JSON (nested deeper")
+
+
+# ---------------------------------------------------------------------------- formatting
+def test_one_duration_format_and_one_table():
+    from lifecycle.cli.format import ms, table
+
+    assert [ms(v) for v in (0.04, 999.94, 1000, 1234.5, None, True, "3")] == [
+        "0.0 ms", "999.9 ms", "1.00 s", "1.23 s", "?", "?", "?"]
+    assert table(["a", "num"], [["xyz", 1], ["b", 22]], right=(1,)).splitlines() == [
+        "a    num", "---  ---", "xyz    1", "b     22"]
