@@ -235,3 +235,17 @@ def test_the_auto_choice_is_in_the_audit(flux, cache_config, audit_events):
     lc.mount_cache()
     (event,) = audit_events.of("lifecycle.transition")
     assert event["backend"] == lc.backend.name == get_backend("auto").name
+
+
+def test_the_no_op_adapters_implement_the_interfaces_and_drive_a_lifecycle():
+    """``lifecycle.testing``'s stand-ins are what hosts test with: they must stay conformant."""
+    from adapters.protocols import CacheAdapter
+    from lifecycle.testing import NoopBackend, NoopCache
+
+    cache, backend = NoopCache(), NoopBackend()
+    assert isinstance(cache, CacheAdapter) and not isinstance(object(), CacheAdapter)
+    lc = ModuleLifecycle(nn.Linear(2, 2), backend=backend, cache_adapter=cache, compile_options={})
+    lc.prepare(lambda module: module(torch.ones(1, 2)))
+    assert lc.state.value == "WarmedUp" and backend.compiles == 1 and cache.is_mounted(lc.module)
+    lc.reset()
+    assert not cache.is_mounted(lc.module) and backend.decompiles == 1

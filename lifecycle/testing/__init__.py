@@ -1,11 +1,12 @@
 """What a host needs to test its own integration, in the spirit of ``structlog.testing``:
-audit capture, a no-op backend adapter and a no-op cache adapter."""
+audit capture, a no-op backend adapter and a no-op cache adapter (``NoopCache`` implements
+``adapters.protocols.CacheAdapter``; mypy checks it below)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any, overload
 
 from structlog.testing import capture_logs
 from torch import nn
@@ -13,9 +14,12 @@ from torch import nn
 from adapters import BackendAdapter, CacheSummary, InvalidOptions
 from lifecycle import audit
 
+if TYPE_CHECKING:
+    from adapters.protocols import CacheAdapter
+
 
 @contextmanager
-def capture_audit() -> Iterator[list[dict[str, Any]]]:
+def capture_audit() -> Iterator[AuditEvents]:
     """Collect the lifecycle's audit events (transition, request, recompile, coverage) as dicts.
 
     Like ``structlog.testing.capture_logs``, it replaces the processors for the duration, so
@@ -25,22 +29,28 @@ def capture_audit() -> Iterator[list[dict[str, Any]]]:
         yield AuditEvents(logs)
 
 
-class AuditEvents(Sequence[dict[str, Any]]):
+class AuditEvents(Sequence[MutableMapping[str, Any]]):
     """A live, read-only view of the captured ``lifecycle.*`` events, oldest first."""
 
-    def __init__(self, logs: list[dict[str, Any]]) -> None:
+    def __init__(self, logs: list[MutableMapping[str, Any]]) -> None:
         self._logs = logs
 
-    def _events(self) -> list[dict[str, Any]]:
+    def _events(self) -> list[MutableMapping[str, Any]]:
         return [e for e in self._logs if str(e.get("event", "")).startswith("lifecycle.")]
 
-    def __getitem__(self, index: Any) -> Any:
+    @overload
+    def __getitem__(self, index: int) -> MutableMapping[str, Any]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[MutableMapping[str, Any]]: ...
+
+    def __getitem__(self, index: int | slice) -> MutableMapping[str, Any] | list[MutableMapping[str, Any]]:
         return self._events()[index]
 
     def __len__(self) -> int:
         return len(self._events())
 
-    def of(self, event: str, module: str | None = None) -> list[dict[str, Any]]:
+    def of(self, event: str, module: str | None = None) -> list[MutableMapping[str, Any]]:
         """Events named ``event`` (e.g. "lifecycle.transition"), optionally of one module."""
         return [
             e for e in self._events()
@@ -85,7 +95,8 @@ class NoopBackend(BackendAdapter):
 
 
 class NoopCache:
-    """A cache adapter that mounts nothing but keeps the mounted flag and counts refreshes."""
+    """A cache adapter that mounts nothing but keeps the mounted flag and counts refreshes.
+    Implements ``adapters.protocols.CacheAdapter`` structurally (no base class)."""
 
     name = "noop-cache"
 
@@ -125,6 +136,11 @@ class NoopCache:
 
     def describe_config(self, config: Any) -> dict[str, Any]:
         return {"type": "noop"}
+
+
+if TYPE_CHECKING:
+    # mypy --strict checks that NoopCache implements the protocol, method by method.
+    _NOOP_CACHE_IS_A_CACHE_ADAPTER: type[CacheAdapter] = NoopCache
 
 
 __all__ = ["AuditEvents", "NoopBackend", "NoopCache", "audit", "capture_audit"]
