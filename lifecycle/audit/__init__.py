@@ -3,10 +3,13 @@ verifier (``verify``) and the timeline (``show``).
 
 The library never calls ``structlog.configure``: events go through ``structlog.get_logger`` and
 follow whatever the host configured (and ``structlog.testing.capture_logs`` sees them). Nothing
-here imports torch.
+here imports torch, and the sink (with structlog) loads on first use of its names.
 """
 
 from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from lifecycle.audit.events import (
     CACHE_REFRESH_EVENT,
@@ -24,7 +27,19 @@ from lifecycle.audit.events import (
     level_for,
     logger,
 )
-from lifecycle.audit.sink import AuditSinkError, JsonlSink, configure_default
+
+if TYPE_CHECKING:
+    from lifecycle.audit.sink import AuditSinkError, JsonlSink, configure_default
+
+_SINK_NAMES = frozenset({"AuditSinkError", "JsonlSink", "configure_default"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SINK_NAMES:
+        value = getattr(importlib.import_module("lifecycle.audit.sink"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lifecycle.audit' has no attribute {name!r}")
 
 __all__ = [
     "CACHE_REFRESH_EVENT",

@@ -2,13 +2,13 @@
 
 The library never calls ``structlog.configure``: events go through ``structlog.get_logger`` and
 follow whatever the host configured (and ``structlog.testing.capture_logs`` sees them).
+structlog itself is imported at the first event, so that the verifier and ``audit show``, which
+only need the names, start fast.
 """
 
 from __future__ import annotations
 
 from typing import Any, Final, Literal
-
-import structlog
 
 LOGGER_NAME: Final = "dit_lifecycle"
 TRANSITION_EVENT: Final = "lifecycle.transition"
@@ -51,12 +51,18 @@ REQUEST_KEYS: Final = (
 _LEVEL_BY_OUTCOME: Final = {"ok": "info", "refused": "warning", "failed": "error"}
 
 # A lazy proxy: it binds against the configuration current at each call, so a host that
-# configures structlog later (or structlog.testing.capture_logs) is still followed.
-_LOGGER: Any = structlog.get_logger(LOGGER_NAME)
+# configures structlog later (or structlog.testing.capture_logs) is still followed. Made at the
+# first event (two threads racing here make two equivalent proxies: harmless).
+_LOGGER: Any = None
 
 
 def logger() -> Any:
     """The library's structlog logger (a lazy proxy named ``LOGGER_NAME``)."""
+    global _LOGGER
+    if _LOGGER is None:
+        import structlog
+
+        _LOGGER = structlog.get_logger(LOGGER_NAME)
     return _LOGGER
 
 
@@ -67,7 +73,8 @@ def level_for(outcome: str) -> str:
 
 def emit(event: str, outcome: str, fields: dict[str, Any]) -> None:
     """Send one audit event at the level its outcome deserves."""
-    getattr(_LOGGER, level_for(outcome))(event, **fields)
+    log = _LOGGER if _LOGGER is not None else logger()
+    getattr(log, _LEVEL_BY_OUTCOME.get(outcome, "warning"))(event, **fields)
 
 
 __all__ = [

@@ -280,9 +280,6 @@ def _format_generic(result: dict[str, Any]) -> str:
 def run(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the command; returns the exit status (0 ok, 1 failure, 2 usage).
     ``lifecycle.cli.main`` wraps it and turns a Ctrl-C into one line and 130."""
-    from lifecycle.audit.sink import AuditSinkError
-    from lifecycle.errors import LifecycleError
-
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -292,11 +289,24 @@ def run(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
-    except (CliError, LifecycleError, AuditSinkError) as exc:
+    except Exception as exc:
         # Expected failures (a missing backend, an unwritable audit file): one line each.
         # Anything else is a bug and keeps its traceback.
+        if not _expected(exc):
+            raise
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return 1
+
+
+def _expected(exc: Exception) -> bool:
+    """A CliError, a LifecycleError or an AuditSinkError. Their modules are looked up only if
+    loaded: an error of a module never imported cannot have been raised (and ``graph`` and
+    ``audit`` stay fast by not importing them)."""
+    if isinstance(exc, CliError):
+        return True
+    kinds = [getattr(sys.modules.get(module), name, None) for module, name in
+             (("lifecycle.errors", "LifecycleError"), ("lifecycle.audit.sink", "AuditSinkError"))]
+    return any(isinstance(kind, type) and isinstance(exc, kind) for kind in kinds)
 
 
 def _one_line(exc: BaseException) -> str:
