@@ -92,7 +92,7 @@ def _version(package: str) -> str | None:
 
 def device_kind(module: nn.Module) -> str:
     """Where the module's parameters live, as far as compiled kernels care (GPU model and arch)."""
-    tensor = next(module.parameters(), None)
+    tensor: torch.Tensor | None = next(module.parameters(), None)
     if tensor is None:
         tensor = next(module.buffers(), None)
     device = tensor.device if tensor is not None else torch.device("cpu")

@@ -35,7 +35,7 @@ class CudaAdapter(TorchCompileAdapter):
             return False
 
     def ensure_available(self) -> None:
-        if not torch.backends.cuda.is_built():
+        if not torch.backends.cuda.is_built():  # type: ignore[no-untyped-call]
             raise BackendUnavailable(
                 f"backend 'cuda' needs a CUDA build of torch, but torch {torch.__version__} is a "
                 "CPU build; install a CUDA wheel of torch, or use backend='cpu'"

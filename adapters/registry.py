@@ -38,7 +38,8 @@ def _builtin(module: str, cls: str) -> AdapterFactory:
     def factory() -> BackendAdapter:
         import importlib
 
-        return getattr(importlib.import_module(module), cls)()
+        adapter_class: type[BackendAdapter] = getattr(importlib.import_module(module), cls)
+        return adapter_class()
 
     return factory
 

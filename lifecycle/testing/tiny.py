@@ -57,7 +57,7 @@ def tiny_flux(
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(seed)
-    model = FluxTransformer2DModel(
+    model: nn.Module = FluxTransformer2DModel(
         patch_size=1,
         in_channels=shape.in_channels,
         num_layers=shape.num_layers,

@@ -103,7 +103,7 @@ def tiny_wan_transformer(shape: WanShape = WanShape(), *, seed: int = 0) -> torc
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(seed)
-    return WanTransformer3DModel(
+    model: torch.nn.Module = WanTransformer3DModel(
         patch_size=(1, 2, 2),
         num_attention_heads=shape.num_attention_heads,
         attention_head_dim=shape.attention_head_dim,
@@ -116,7 +116,8 @@ def tiny_wan_transformer(shape: WanShape = WanShape(), *, seed: int = 0) -> torc
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
         rope_max_seq_len=32,
-    ).eval()
+    )
+    return model.eval()
 
 
 def tiny_wan22_pipeline(shape: WanShape = WanShape(), *, seed: int = 0) -> Any:
