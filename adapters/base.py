@@ -12,6 +12,12 @@ from torch import nn
 
 from adapters.errors import BackendUnavailable, InvalidOptions
 from adapters.regional import REGIONAL_KEY, compile_regional, decompile_regional, validate_regional
+from adapters.reproducible import (
+    REPRODUCIBLE_KEY,
+    audit_fields,
+    torch_compile_kwargs,
+    validate_reproducible,
+)
 
 
 def dynamo_graph_count() -> int:
@@ -74,6 +80,11 @@ class BackendAdapter(ABC):
         """What the audit records about this backend."""
         return {"backend": self.name, "device_type": self.device_type}
 
+    def reproducibility(self, options: Mapping[str, Any]) -> dict[str, Any] | None:
+        """What the compile transition's audit records about ``reproducible=True`` (None: off or
+        not supported by this backend)."""
+        return None
+
 
 # torch.compile's keyword arguments, read from its signature so a torch upgrade is picked up.
 TORCH_COMPILE_KEYS = frozenset(
@@ -100,7 +111,7 @@ class TorchCompileAdapter(BackendAdapter):
     modes: ClassVar[tuple[str, ...]] = INDUCTOR_MODES
     # Adapter-specific keys (not torch.compile's) that subclasses accept and consume themselves.
     # "regional": compile the repeated blocks one by one (adapters/regional.py says which and why).
-    extra_keys: ClassVar[frozenset[str]] = frozenset({REGIONAL_KEY})
+    extra_keys: ClassVar[frozenset[str]] = frozenset({REGIONAL_KEY, REPRODUCIBLE_KEY})
 
     def accepted_keys(self) -> frozenset[str]:
         return TORCH_COMPILE_KEYS | self.extra_keys
@@ -121,6 +132,7 @@ class TorchCompileAdapter(BackendAdapter):
         merged = {"backend": self.default_backend, **options}
         check_option_types(merged)
         validate_regional(merged)
+        validate_reproducible(merged)
         backend = merged["backend"]
         if isinstance(backend, str):
             known = torch._dynamo.list_backends(exclude_tags=())
@@ -144,7 +156,10 @@ class TorchCompileAdapter(BackendAdapter):
         return merged
 
     def compile(self, module: nn.Module, options: Mapping[str, Any]) -> None:
-        torch_options = {key: value for key, value in options.items() if key not in self.extra_keys}
+        torch_options = torch_compile_kwargs(
+            {key: value for key, value in options.items() if key != REGIONAL_KEY}
+        )
+        torch_options = {key: value for key, value in torch_options.items() if key not in self.extra_keys}
         if options.get(REGIONAL_KEY):
             compile_regional(module, torch_options)  # never half-compiled either
             return
@@ -165,6 +180,9 @@ class TorchCompileAdapter(BackendAdapter):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "torch": torch.__version__}
+
+    def reproducibility(self, options: Mapping[str, Any]) -> dict[str, Any] | None:
+        return audit_fields(options, self.device_type)
 
 
 def check_option_types(options: Mapping[str, Any]) -> None:

@@ -359,6 +359,9 @@ class ModuleLifecycle:
                 attempt.extra["reused_compiled"] = not first
             self._compile_s += time.perf_counter() - started
             attempt.extra["compile_backend"] = str(self.compile_options.get("backend"))
+            reproducible = self.backend.reproducibility(self.compile_options)
+            if reproducible is not None:  # compile_options={"reproducible": True}
+                attempt.extra["reproducible"] = reproducible
 
     def warm_up(self, run: WarmupRun) -> None:
         """-> WarmedUp: call ``run(module)``; with cache-dit mounted and compile on, the warm-up

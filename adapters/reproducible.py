@@ -1,0 +1,140 @@
+"""``compile_options={"reproducible": True}``: compiled outputs that are bit-identical across
+processes (replicas) and across a restart from compile artifacts.
+
+The source of the difference (measured on an H200, torch 2.11, ``bench/gpu_replicas.py``; the
+README's "Reproducibility" section has the numbers): inductor picks some kernel configurations by
+*benchmarking at run time*. A reduction kernel (LayerNorm, RMSNorm, softmax, mean) gets several
+candidate Triton configs (block size along the reduced axis, warps, split); on its first call
+each candidate is timed on the device and the fastest is kept. The candidates add the reduced
+elements in different orders, so a different winner gives different low bits, and two processes
+with identical weights, inputs and seed pick different winners whenever two timings are close
+(timing noise decides). The same holds for inductor's other benchmark-driven choices
+(``pad_mm``'s padded-or-not matmul, max-autotune's template choice, coordinate-descent tuning,
+occupancy-driven ``R0_BLOCK`` scaling). Eager is unaffected (its kernels are fixed per shape),
+which is why eager + cache-dit is bit-identical across processes and compiled code is not;
+cache-dit's cached steps then carry the first differing step forward.
+
+What the option does: it compiles with inductor's deterministic mode (``deterministic=True``,
+torch >= 2.8: "skips any on-device benchmarking in inductor if we know it affects numerics"):
+reduction kernels get one configuration chosen by a fixed rule, ``pad_mm`` and template
+selection decide without timing, and coordinate descent and ``R0_BLOCK`` scaling are off for
+reductions. Pointwise kernels still autotune: their configs do not change numerics.
+
+Scope: *per compile, not process-wide*. The setting travels as inductor ``options`` of this
+module's ``torch.compile`` (inductor applies it as a config patch around each of its compiles and
+bakes it into the generated kernels' metadata), so other modules of the process and the host's
+own ``torch.compile`` calls are untouched, and nothing is left to restore on ``reset()``. It is
+part of inductor's own cache key and of our artifact key (``compile_options``), so a reproducible
+artifact is never loaded into a non-reproducible compile, nor the reverse.
+
+What it cannot fix on its own, reported in the audit (``reproducible`` on the compile
+transition, see ``process_settings``) rather than changed behind the host's back, because these
+are process-wide switches the host owns: ``torch.backends.cudnn.benchmark`` (cuDNN times
+convolution algorithms, the same problem for eager convolutions), the matmul precision settings
+(TF32), and, on the CPU, the thread count (a reduction split over N threads adds in an order
+that depends on N: replicas must run with the same ``torch.get_num_threads()``).
+Backends other than inductor (``eager``, ``aot_eager``) run eager kernels, already reproducible:
+there the option only adds the audit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from adapters.errors import InvalidOptions
+
+REPRODUCIBLE_KEY = "reproducible"
+# inductor config keys the option sets for its compiles (as torch.compile ``options``).
+INDUCTOR_SETTINGS: dict[str, Any] = {"deterministic": True}
+
+
+def supported() -> bool:
+    """Whether this torch's inductor has the deterministic mode (torch >= 2.8)."""
+    try:
+        import torch._inductor.config as inductor_config
+    except Exception:  # a torch without inductor
+        return False
+    return hasattr(inductor_config, "deterministic")
+
+
+def validate_reproducible(options: Mapping[str, Any]) -> None:
+    """Check the option's type and that it does not contradict the other options."""
+    value = options.get(REPRODUCIBLE_KEY, False)
+    if not isinstance(value, bool):
+        raise InvalidOptions(
+            f"compile option 'reproducible' must be True or False, got {value!r}"
+        )
+    if not value or options.get("backend", "inductor") != "inductor":
+        return
+    if not supported():
+        raise InvalidOptions(
+            f"compile option reproducible=True needs inductor's deterministic mode (torch >= 2.8); "
+            f"torch {torch.__version__} has none: upgrade torch, or drop 'reproducible'"
+        )
+    inductor_options = options.get("options") or {}
+    for key, wanted in INDUCTOR_SETTINGS.items():
+        if key in inductor_options and inductor_options[key] != wanted:
+            raise InvalidOptions(
+                f"compile options contradict each other: reproducible=True sets inductor "
+                f"{key}={wanted!r}, but options[{key!r}] is {inductor_options[key]!r}; drop one"
+            )
+
+
+def torch_compile_kwargs(options: Mapping[str, Any]) -> dict[str, Any]:
+    """torch.compile's keyword arguments for validated ``options`` (adapter-only keys removed by
+    the caller), with the reproducible settings merged in when the option is on.
+
+    torch.compile takes ``mode`` or ``options``, not both, so a ``mode`` is expanded into the
+    inductor options it stands for (``torch._inductor.list_mode_options``) first.
+    """
+    kwargs = {key: value for key, value in options.items() if key != REPRODUCIBLE_KEY}
+    if not options.get(REPRODUCIBLE_KEY) or kwargs.get("backend", "inductor") != "inductor":
+        return kwargs
+    from torch._inductor import list_mode_options
+
+    mode = kwargs.pop("mode", None)
+    merged: dict[str, Any] = dict(list_mode_options(mode)) if mode not in (None, "default") else {}
+    merged.update(kwargs.get("options") or {})
+    merged.update(INDUCTOR_SETTINGS)
+    kwargs["options"] = merged
+    return kwargs
+
+
+def process_settings(device_type: str) -> dict[str, Any]:
+    """The process-wide switches that decide reproducibility beyond the compile (for the audit)."""
+    settings: dict[str, Any] = {
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+        "deterministic_algorithms": bool(torch.are_deterministic_algorithms_enabled()),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+    }
+    if device_type == "cpu":
+        settings["threads"] = torch.get_num_threads()
+    return settings
+
+
+def audit_fields(options: Mapping[str, Any], device_type: str) -> dict[str, Any] | None:
+    """What the compile transition records when the option is on (None when it is off)."""
+    if not options.get(REPRODUCIBLE_KEY):
+        return None
+    inductor = options.get("backend", "inductor") == "inductor"
+    settings = process_settings(device_type)
+    warnings = []
+    if settings["cudnn_benchmark"]:
+        warnings.append(
+            "torch.backends.cudnn.benchmark is on: cuDNN picks convolution algorithms by timing "
+            "them, so convolutions may differ between processes; set it False in every replica"
+        )
+    if device_type == "cpu":
+        warnings.append(
+            f"CPU reductions depend on the thread count ({settings['threads']} here): run every "
+            "replica with the same torch.set_num_threads()"
+        )
+    return {
+        "scope": "this module's compile (inductor options), not process-wide",
+        "inductor": dict(INDUCTOR_SETTINGS) if inductor else None,
+        "process": settings,
+        "notes": warnings,
+    }
