@@ -50,6 +50,12 @@ def _positive(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535 (0: any free port), got {text!r}")
+    return int(text)
+
+
 def _add_policy_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-cache", action="store_true", help="policy without cache-dit")
     parser.add_argument("--no-compile", action="store_true", help="policy without torch.compile")
@@ -81,6 +87,11 @@ def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fsync", action="store_true", help="fsync the audit file after every event")
     parser.add_argument("--json", action="store_true", help="print only a JSON result on stdout")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.add_argument(
+        "--metrics-port", type=_port, metavar="N",
+        help="serve /health/live, /health/ready and /metrics on 127.0.0.1:N while the demo runs "
+        "(0: any free port; the URLs are printed)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,8 +189,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     _quiet_third_party()
     progress = Progress(enabled=not args.quiet)
-    sink = audit.configure_default(args.audit, fsync=args.fsync, echo=False, processors=[progress])
+    ops = None
+    if args.metrics_port is not None:
+        if args.pipeline:
+            raise UsageError("--metrics-port serves the single-module demo; leave out --pipeline")
+        from lifecycle.ops.demo import DemoOps
+
+        ops = DemoOps(args.metrics_port)
+    extra = ops.processors if ops is not None else []
+    sink = audit.configure_default(args.audit, fsync=args.fsync, echo=False, processors=[progress, *extra])
     try:
+        if ops is not None:
+            from lifecycle.ops.demo import format_urls
+
+            print(format_urls(ops.start()), end="", file=sys.stderr, flush=True)
         if args.pipeline:
             result = _run_pipeline(args, progress)
         else:
@@ -195,8 +218,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                 regional=args.regional,
                 artifact_dir=args.artifacts,
             )
-            result = run_demo(options, progress)
+            result = run_demo(options, progress, on_lifecycle=ops.watch if ops is not None else None)
+        if ops is not None:
+            result["ops"] = ops.finish()
     finally:
+        if ops is not None:
+            ops.stop()
         progress.close()
         if sink is not None:
             sink.close()
@@ -208,6 +235,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         from lifecycle.cli.demo import format_summary
 
         sys.stdout.write(format_summary(result))
+        if "ops" in result:
+            from lifecycle.ops.demo import format_summary as format_ops
+
+            sys.stdout.write(format_ops(result["ops"]))
     if args.audit and not args.json:
         print(f"audit: {args.audit} (check it with '{PROG} audit verify {args.audit}')")
     return 0 if result.get("ok", True) else 1

@@ -9,6 +9,7 @@ follows the audit events this run emits.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,8 +53,14 @@ def resolve_backend(name: str) -> Any:
         raise InvalidConfigError(str(exc)) from exc
 
 
-def run_demo(options: DemoOptions, progress: Progress | None = None) -> dict[str, Any]:
-    """Run the whole lifecycle once and return what the summary shows (JSON-serialisable)."""
+def run_demo(
+    options: DemoOptions,
+    progress: Progress | None = None,
+    on_lifecycle: Callable[[ModuleLifecycle], None] | None = None,
+) -> dict[str, Any]:
+    """Run the whole lifecycle once and return what the summary shows (JSON-serialisable).
+    ``on_lifecycle(lc)`` is called once the lifecycle is built, before ``prepare`` (the
+    ``--metrics-port`` endpoint starts answering for it there)."""
     import torch
 
     from lifecycle.testing.tiny import FluxShape, demo_cache_config, denoise, denoiser, flux_inputs, tiny_flux
@@ -79,6 +86,8 @@ def run_demo(options: DemoOptions, progress: Progress | None = None) -> dict[str
         artifact_dir=options.artifact_dir,
     )
     build_s = time.perf_counter() - started
+    if on_lifecycle is not None:
+        on_lifecycle(lc)
 
     graphs_before = lc.backend.graph_count()
     if progress is not None:

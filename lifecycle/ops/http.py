@@ -1,0 +1,434 @@
+"""Health probes and ``/metrics`` over HTTP: plain functions, a WSGI app, an ASGI app, and a small
+server on a thread for hosts that have none.
+
+Routes (GET and HEAD):
+
+- ``/health/live``, ``/v2/health/live``: 200 while the process answers. Never depends on the
+  lifecycle: a module compiling for minutes is alive, not dead.
+- ``/health/ready``, ``/v2/health/ready``: 200 when every given lifecycle is ready
+  (``lc.ready``: WarmedUp, and warm in every declared bucket), else 503; the JSON body has
+  each lifecycle's state (and a pipeline's members') either way.
+- ``/v2/models/{name}/ready`` (also ``/v2/models/{name}/versions/{v}/ready``): the same for one
+  lifecycle, or one pipeline member, by name; 404 for a name it does not serve.
+- ``/metrics``: the Prometheus text exposition of the registry given (default: the global one).
+
+Stdlib only (``http.server``); ``prometheus_client`` is imported for ``/metrics`` alone.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import socket
+import threading
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
+
+from lifecycle.ops.errors import InvalidConfigError, OpsError, PortInUseError, ServerStoppedError
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+JSON: str = "application/json"
+LIVE_PATHS = ("/health/live", "/v2/health/live")
+READY_PATHS = ("/health/ready", "/v2/health/ready")
+METRICS_PATH = "/metrics"
+PATHS = (*LIVE_PATHS, *READY_PATHS, "/v2/models/{name}/ready", METRICS_PATH)
+
+
+# ---------------------------------------------------------------------------- what is watched
+def _name_of(lifecycle: Any) -> str:
+    name = getattr(lifecycle, "name", None)
+    if isinstance(name, str) and name:
+        return name
+    return "pipeline" if hasattr(lifecycle, "members") else type(lifecycle).__name__
+
+
+def _check(lifecycle: Any) -> None:
+    if not (hasattr(lifecycle, "ready") and hasattr(lifecycle, "state")):
+        raise InvalidConfigError(
+            f"cannot probe a {type(lifecycle).__name__}: expected a ModuleLifecycle or PipelineLifecycle "
+            "(anything with .ready and .state)"
+        )
+
+
+class Lifecycles:
+    """The lifecycles a probe answers for, by name; a host may add more later (``add``).
+
+    Built from one lifecycle, a sequence of them (named by ``.name``; a pipeline is
+    ``"pipeline"``), or a mapping of name to lifecycle. Two with one name raise
+    ``InvalidConfigError``: pass a mapping to name them.
+    """
+
+    def __init__(self, lifecycles: Any = ()) -> None:
+        self._lock = threading.Lock()
+        self._by_name: dict[str, Any] = {}
+        if isinstance(lifecycles, Lifecycles):
+            self._by_name = lifecycles.snapshot()
+        elif isinstance(lifecycles, Mapping):
+            for name, lifecycle in lifecycles.items():
+                self.add(lifecycle, name=name)
+        elif isinstance(lifecycles, (list, tuple, set, frozenset)):
+            for lifecycle in lifecycles:
+                self.add(lifecycle)
+        else:
+            self.add(lifecycles)
+
+    def add(self, lifecycle: Any, name: str | None = None) -> None:
+        _check(lifecycle)
+        key = _name_of(lifecycle) if name is None else name
+        if not isinstance(key, str) or not key:
+            raise InvalidConfigError(f"a lifecycle's name must be a non-empty str, got {key!r}")
+        with self._lock:
+            other = self._by_name.get(key)
+            if other is not None and other is not lifecycle:
+                raise InvalidConfigError(
+                    f"two lifecycles named {key!r}; pass a mapping {{name: lifecycle}} to name them apart"
+                )
+            self._by_name[key] = lifecycle
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return dict(self._by_name)
+
+    def __len__(self) -> int:
+        return len(self.snapshot())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.snapshot())
+
+    def __repr__(self) -> str:
+        return f"Lifecycles({sorted(self.snapshot())})"
+
+
+def _as_lifecycles(lifecycles: Any) -> Lifecycles:
+    return lifecycles if isinstance(lifecycles, Lifecycles) else Lifecycles(lifecycles)
+
+
+# ---------------------------------------------------------------------------- plain functions
+@dataclass(frozen=True)
+class Health:
+    """A probe's answer: HTTP status and JSON body."""
+
+    status: int
+    body: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200
+
+    def json(self) -> bytes:
+        return json.dumps(self.body, sort_keys=True).encode() + b"\n"
+
+
+def _describe(lifecycle: Any) -> dict[str, Any]:
+    """Ready and state of one lifecycle (lock-free reads: a probe never waits on a compile)."""
+    try:
+        ready = bool(lifecycle.ready)
+        state = lifecycle.state
+        entry: dict[str, Any] = {"ready": ready, "state": str(getattr(state, "value", state))}
+        members = getattr(lifecycle, "members", None)
+        if isinstance(members, Mapping):
+            entry["members"] = {name: _describe(member) for name, member in members.items()}
+    except Exception as exc:  # a probe reports, it does not crash the server
+        return {"ready": False, "state": "unknown", "error": f"{type(exc).__name__}: {exc}"}
+    return entry
+
+
+def health_live() -> Health:
+    """Liveness: 200 while the process answers; it never looks at any lifecycle."""
+    return Health(200, {"live": True})
+
+
+def health_ready(lifecycles: Any) -> Health:
+    """Readiness: 200 when every lifecycle is ready, else 503; the body has every state.
+    With no lifecycle at all it is 503 (nothing warm to serve yet)."""
+    models = {name: _describe(lc) for name, lc in _as_lifecycles(lifecycles).snapshot().items()}
+    ready = bool(models) and all(entry["ready"] for entry in models.values())
+    body: dict[str, Any] = {"ready": ready, "models": models}
+    if not models:
+        body["reason"] = "no lifecycle registered yet"
+    return Health(200 if ready else 503, body)
+
+
+def model_ready(lifecycles: Any, name: str) -> Health:
+    """One lifecycle's readiness by name (or one pipeline member's); 404 for a name not served."""
+    snapshot = _as_lifecycles(lifecycles).snapshot()
+    found = snapshot.get(name)
+    if found is None:
+        for lifecycle in snapshot.values():
+            members = getattr(lifecycle, "members", None)
+            if isinstance(members, Mapping) and name in members:
+                found = members[name]
+                break
+    if found is None:
+        return Health(404, {"name": name, "ready": False, "error": f"no model named {name!r}",
+                            "models": sorted(snapshot)})
+    entry = _describe(found)
+    return Health(200 if entry["ready"] else 503, {"name": name, **entry})
+
+
+# ---------------------------------------------------------------------------- the router
+@dataclass(frozen=True)
+class Response:
+    status: int
+    content_type: str
+    body: bytes
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def _health(health: Health) -> Response:
+    return Response(health.status, JSON, health.json())
+
+
+def metrics_text(registry: CollectorRegistry | None = None) -> tuple[bytes, str]:
+    """The Prometheus text exposition of ``registry`` (default: the global one) and its type."""
+    from prometheus_client import REGISTRY, generate_latest
+    from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+    return generate_latest(REGISTRY if registry is None else registry), CONTENT_TYPE_LATEST
+
+
+class OpsApp:
+    """The routes, independent of any server: ``handle(method, path)`` -> ``Response``."""
+
+    def __init__(self, lifecycles: Any = (), registry: CollectorRegistry | None = None) -> None:
+        if registry is not None:
+            from prometheus_client import CollectorRegistry
+
+            if not isinstance(registry, CollectorRegistry):
+                raise InvalidConfigError(
+                    f"registry must be a prometheus_client.CollectorRegistry, got {type(registry).__name__}"
+                )
+        self.lifecycles = _as_lifecycles(lifecycles)
+        self.registry = registry
+
+    def handle(self, method: str, target: str) -> Response:
+        path = target.split("?", 1)[0].split("#", 1)[0]
+        if len(path) > 1:
+            path = path.rstrip("/")
+        if method not in ("GET", "HEAD"):
+            body = json.dumps({"error": f"method {method} not allowed"}).encode() + b"\n"
+            return Response(405, JSON, body, (("Allow", "GET, HEAD"),))
+        if path in LIVE_PATHS:
+            return _health(health_live())
+        if path in READY_PATHS:
+            return _health(health_ready(self.lifecycles))
+        if path == METRICS_PATH:
+            try:
+                body, content_type = metrics_text(self.registry)
+            except ImportError:
+                text = "prometheus_client is not installed: pip install 'dit-lifecycle[ops]'\n"
+                return Response(501, "text/plain; charset=utf-8", text.encode())
+            return Response(200, content_type, body)
+        parts = path.split("/")
+        # /v2/models/{name}/ready and /v2/models/{name}/versions/{version}/ready
+        if len(parts) in (5, 7) and parts[:3] == ["", "v2", "models"] and parts[-1] == "ready":
+            if len(parts) == 5 or parts[4] == "versions":
+                return _health(model_ready(self.lifecycles, parts[3]))
+        body = json.dumps({"error": f"no route {path}", "routes": list(PATHS)}).encode() + b"\n"
+        return Response(404, JSON, body)
+
+    # -- WSGI (PEP 3333)
+    def wsgi(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        method = str(environ.get("REQUEST_METHOD", "GET"))
+        response = self.handle(method, str(environ.get("PATH_INFO", "/")) or "/")
+        status = f"{response.status} {HTTPStatus(response.status).phrase}"
+        headers = [("Content-Type", response.content_type), ("Content-Length", str(len(response.body))),
+                   *response.headers]
+        start_response(status, headers)
+        return [b""] if method == "HEAD" else [response.body]
+
+    # -- ASGI 3
+    async def asgi(
+        self,
+        scope: dict[str, Any],
+        receive: Callable[[], Awaitable[dict[str, Any]]],
+        send: Callable[[dict[str, Any]], Awaitable[None]],
+    ) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            raise ValueError(f"lifecycle.ops ASGI app serves http, not {scope['type']!r}")
+        method = str(scope.get("method", "GET"))
+        response = self.handle(method, str(scope.get("path", "/")))
+        headers = [(b"content-type", response.content_type.encode()),
+                   (b"content-length", str(len(response.body)).encode()),
+                   *((k.lower().encode(), v.encode()) for k, v in response.headers)]
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        await send({"type": "http.response.body", "body": b"" if method == "HEAD" else response.body})
+
+
+def make_wsgi_app(lifecycles: Any = (), registry: CollectorRegistry | None = None) -> Callable[..., Any]:
+    """A WSGI app with the routes above, to mount in a host's own server."""
+    return OpsApp(lifecycles, registry).wsgi
+
+
+def make_asgi_app(lifecycles: Any = (), registry: CollectorRegistry | None = None) -> Callable[..., Any]:
+    """An ASGI 3 app with the routes above (e.g. ``app.mount("/", make_asgi_app(plc))``)."""
+    return OpsApp(lifecycles, registry).asgi
+
+
+# ---------------------------------------------------------------------------- the server
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    server_version = "dit-lifecycle-ops"
+
+    def _answer(self) -> None:
+        response = self.server.app.handle(self.command, self.path)
+        self.send_response(response.status)
+        self.send_header("Content-Type", response.content_type)
+        self.send_header("Content-Length", str(len(response.body)))
+        for key, value in response.headers:
+            self.send_header(key, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(response.body)
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = _answer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return None  # probes every few seconds would flood stderr; the audit is the record
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    app: OpsApp
+
+
+class OpsServer:
+    """A running endpoint: ``url``, ``host``, ``port`` (the real one when 0 was asked for),
+    ``thread``; ``stop()`` shuts it down and joins the thread. A context manager too."""
+
+    def __init__(self, server: _Server, thread: threading.Thread) -> None:
+        self._server = server
+        self.thread = thread
+        self._stopped = False
+        self._stop_lock = threading.Lock()
+        address = server.server_address
+        self.host: str = str(address[0])
+        self.port: int = int(address[1])
+
+    @property
+    def app(self) -> OpsApp:
+        return self._server.app
+
+    @property
+    def lifecycles(self) -> Lifecycles:
+        return self._server.app.lifecycles
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def urls(self) -> dict[str, str]:
+        """The probe and metrics URLs, for printing."""
+        return {
+            "live": self.url + LIVE_PATHS[0],
+            "ready": self.url + READY_PATHS[0],
+            "metrics": self.url + METRICS_PATH,
+        }
+
+    @property
+    def running(self) -> bool:
+        return not self._stopped and self.thread.is_alive()
+
+    def watch(self, lifecycle: Any, name: str | None = None) -> None:
+        """Answer for one more lifecycle from now on (e.g. one built after the server started)."""
+        if self._stopped:
+            raise ServerStoppedError(f"the server at {self.url} is stopped; call serve(...) again")
+        self.lifecycles.add(lifecycle, name=name)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop serving, close the socket and join the thread (idempotent)."""
+        with self._stop_lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            self._server.shutdown()
+            self._server.server_close()
+        self.thread.join(timeout)
+        if self.thread.is_alive():  # pragma: no cover - serve_forever returns after shutdown()
+            raise OpsError(f"the server thread for {self.url} did not end within {timeout} s")
+
+    def __enter__(self) -> OpsServer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"OpsServer({self.url!r}, running={self.running}, lifecycles={sorted(self.lifecycles)})"
+
+
+def _check_port(port: Any) -> int:
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise InvalidConfigError(
+            f"port must be an int from 0 to 65535 (0: any free port, the handle says which), got {port!r}"
+        )
+    return port
+
+
+def serve(
+    lifecycles: Any = (),
+    *,
+    port: int,
+    host: str = "127.0.0.1",
+    registry: CollectorRegistry | None = None,
+) -> OpsServer:
+    """Serve the probes and ``/metrics`` on a daemon thread; returns the running ``OpsServer``.
+
+    Loopback by default: pass ``host="0.0.0.0"`` (or the pod IP) for a kubelet or Prometheus on
+    another host. ``port=0`` picks a free port (``handle.port`` says which). A port another
+    socket holds raises ``PortInUseError``; bad arguments ``InvalidConfigError``.
+    """
+    port = _check_port(port)
+    if not isinstance(host, str) or not host:
+        raise InvalidConfigError(f"host must be a non-empty str (e.g. '127.0.0.1'), got {host!r}")
+    app = OpsApp(lifecycles, registry)
+    server_class: type[_Server] = _Server
+    if ":" in host:
+        server_class = type("_Server6", (_Server,), {"address_family": socket.AF_INET6})
+    try:
+        server = server_class((host, port), _Handler)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUseError(
+                f"cannot listen on {host}:{port} for the lifecycle's probes and metrics: "
+                f"{exc.strerror or exc}; choose another port (or port=0 for any free one)"
+            ) from exc
+        hint = "use a port >= 1024" if exc.errno == errno.EACCES else "check the host address"
+        raise OpsError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; {hint}") from exc
+    server.app = app
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05},
+        name=f"dit-lifecycle-ops:{server.server_address[1]}", daemon=True,
+    )
+    thread.start()
+    return OpsServer(server, thread)
+
+
+__all__ = [
+    "Health",
+    "Lifecycles",
+    "OpsApp",
+    "OpsServer",
+    "Response",
+    "health_live",
+    "health_ready",
+    "make_asgi_app",
+    "make_wsgi_app",
+    "metrics_text",
+    "model_ready",
+    "serve",
+]

@@ -1,0 +1,301 @@
+"""Prometheus metrics fed by the lifecycle's own audit events.
+
+``LifecycleMetrics`` is a structlog processor: put it in the host's processor chain (or call
+``.attach()`` once) and every ``lifecycle.*`` event that reaches the audit also moves the
+metrics. There is no second source, so the metrics and the audit cannot disagree: a counter
+is the number of matching events the host's audit received (events the host's level filter
+drops are dropped for both).
+
+Labels are bounded: module name, trigger, outcome, backend, state, policy. Request ids,
+shapes and errors never become labels (they stay in the audit).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Mapping, MutableMapping
+from typing import Any, Final
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
+
+from lifecycle.audit import (
+    OUTCOMES,
+    RECOMPILE_EVENT,
+    REQUEST_EVENT,
+    TRANSITION_EVENT,
+    WARMUP_COVERAGE_EVENT,
+)
+from lifecycle.ops.errors import InvalidConfigError, MetricsAlreadyRegisteredError
+from states import State
+
+# Named here (not imported from lifecycle.shapes) so that metrics load without torch.
+SHAPE_MISS_EVENT: Final = "lifecycle.shape_miss"
+WARMUP_SHAPE_EVENT: Final = "lifecycle.warmup_shape"
+# The per-request ``on_unwarmed`` policies a shape miss carries as its "policy" label.
+ON_UNWARMED_POLICIES: Final = ("eager", "compile", "fail")
+
+PREFIX: Final = "dit_lifecycle"
+# Transitions run from microseconds (a refusal) to many minutes (an inductor warm-up).
+TRANSITION_BUCKETS: Final = (0.0001, 0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+                             1800.0)
+# A diffusion request: tens of milliseconds (tiny model, CPU) to minutes (video).
+REQUEST_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+                          300.0)
+
+_STATES: Final = tuple(state.value for state in State)
+
+
+def policy_label(policy: Any) -> str:
+    """A LifecyclePolicy (or its audit dict) as one bounded label: ``cache_dit+compile``,
+    ``cache_dit``, ``compile`` or ``none``."""
+    if isinstance(policy, Mapping):
+        cache_dit, compiled = bool(policy.get("cache_dit")), bool(policy.get("compile"))
+    elif hasattr(policy, "cache_dit") and hasattr(policy, "compile"):
+        cache_dit, compiled = bool(policy.cache_dit), bool(policy.compile)
+    else:
+        return "unknown"
+    parts = [name for name, on in (("cache_dit", cache_dit), ("compile", compiled)) if on]
+    return "+".join(parts) or "none"
+
+
+def _outcome(value: Any) -> str:
+    text = str(value)
+    return text if text in OUTCOMES else "other"
+
+
+def _seconds(duration_ms: Any) -> float | None:
+    if isinstance(duration_ms, bool) or not isinstance(duration_ms, (int, float)):
+        return None
+    return max(0.0, float(duration_ms) / 1000.0)
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        return 0
+    return max(0, value)
+
+
+class LifecycleMetrics:
+    """The ``dit_lifecycle_*`` metrics on ``registry`` (default: prometheus_client's global
+    ``REGISTRY``), updated by the audit events passing through this structlog processor.
+
+    Registering a second instance on a registry that has them raises
+    ``MetricsAlreadyRegisteredError`` (two feeds would double-count). The processor never raises
+    and never changes the event: a metric it cannot update counts in
+    ``dit_lifecycle_metrics_errors_total`` and the audit goes on.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        if registry is not None and not isinstance(registry, CollectorRegistry):
+            raise InvalidConfigError(
+                f"registry must be a prometheus_client.CollectorRegistry, got {type(registry).__name__}; "
+                "leave it None for the global REGISTRY"
+            )
+        self.registry: CollectorRegistry = REGISTRY if registry is None else registry
+        self._lock = threading.Lock()
+        self._states: dict[str, str] = {}
+        self.state = Gauge(
+            f"{PREFIX}_state", "1 for the state each managed module is in now, 0 for the others",
+            ["module", "state"], registry=None,
+        )
+        self.info = Gauge(
+            f"{PREFIX}_module_info", "1 per managed module, with its backend and policy",
+            ["module", "backend", "policy"], registry=None,
+        )
+        self.transitions = Counter(
+            f"{PREFIX}_transitions", "Trigger attempts (lifecycle.transition events) by trigger and outcome",
+            ["module", "trigger", "outcome"], registry=None,
+        )
+        self.transition_seconds = Histogram(
+            f"{PREFIX}_transition_seconds", "Time of each trigger attempt (its work), per trigger",
+            ["module", "trigger"], buckets=TRANSITION_BUCKETS, registry=None,
+        )
+        self.requests = Counter(
+            f"{PREFIX}_requests", "Requests (lifecycle.request events) by outcome",
+            ["module", "outcome"], registry=None,
+        )
+        self.request_seconds = Histogram(
+            f"{PREFIX}_request_seconds", "Time of each request that ran (ok or failed)",
+            ["module"], buckets=REQUEST_BUCKETS, registry=None,
+        )
+        self.cached_steps = Counter(
+            f"{PREFIX}_cached_steps", "Denoising steps served from cache-dit's cache, summed over requests",
+            ["module"], registry=None,
+        )
+        self.recompiles = Counter(
+            f"{PREFIX}_recompiles",
+            "Requests that compiled new graphs after warm-up (lifecycle.recompile events): alert on any",
+            ["module", "backend"], registry=None,
+        )
+        self.recompiled_graphs = Counter(
+            f"{PREFIX}_recompiled_graphs", "Graphs compiled by requests after warm-up",
+            ["module", "backend"], registry=None,
+        )
+        self.warmup_covered = Gauge(
+            f"{PREFIX}_warmup_covered",
+            "1 when the last warm-up covered the path requests take (cache-dit's cached-step branch), "
+            "0 when it did not or the module is not warm",
+            ["module"], registry=None,
+        )
+        self.warmup_shapes = Counter(
+            f"{PREFIX}_warmup_shapes", "Declared shape buckets warmed (lifecycle.warmup_shape events)",
+            ["module", "outcome"], registry=None,
+        )
+        self.shape_misses = Counter(
+            f"{PREFIX}_shape_misses",
+            "Requests at a shape no warm-up covered (lifecycle.shape_miss events), by on_unwarmed policy",
+            ["module", "policy"], registry=None,
+        )
+        self.errors = Counter(
+            f"{PREFIX}_metrics_errors", "Audit events the metrics could not account for (the audit has them)",
+            [], registry=None,
+        )
+        self._collectors: tuple[MetricWrapperBase, ...] = (
+            self.state, self.info, self.transitions, self.transition_seconds, self.requests,
+            self.request_seconds, self.cached_steps, self.recompiles, self.recompiled_graphs,
+            self.warmup_covered, self.warmup_shapes, self.shape_misses, self.errors,
+        )
+        self._register()
+
+    # ------------------------------------------------------------------ registry
+    def _register(self) -> None:
+        done: list[MetricWrapperBase] = []
+        for collector in self._collectors:
+            try:
+                self.registry.register(collector)
+            except ValueError as exc:
+                for registered in done:
+                    self.registry.unregister(registered)
+                raise MetricsAlreadyRegisteredError(
+                    f"this prometheus registry already has the {PREFIX}_* metrics ({exc}); a second "
+                    "LifecycleMetrics on it would double-count. Reuse the one already attached, pass "
+                    "registry=prometheus_client.CollectorRegistry(), or call .unregister() on the old one"
+                ) from exc
+            done.append(collector)
+
+    def unregister(self) -> None:
+        """Take the metrics off the registry (idempotent); the processor keeps counting privately."""
+        for collector in self._collectors:
+            try:
+                self.registry.unregister(collector)
+            except KeyError:
+                pass
+
+    # ------------------------------------------------------------------ structlog
+    def __call__(self, _logger: Any, _method_name: str, event_dict: MutableMapping[str, Any]) -> Any:
+        event = event_dict.get("event")
+        if isinstance(event, str) and event.startswith("lifecycle."):
+            try:
+                self.observe(event, event_dict)
+            except Exception:  # never break (or lose) an audit write for a metric
+                self.errors.inc()
+        return event_dict
+
+    def attach(self) -> LifecycleMetrics:
+        """Put this processor first in structlog's current processor chain (once).
+
+        A host call, for hosts that configure structlog elsewhere: it re-runs
+        ``structlog.configure`` with the current configuration plus this processor. Call it before
+        the first event when loggers are cached (``cache_logger_on_first_use``). Hosts that build
+        their own chain just put the instance in it instead.
+        """
+        import structlog
+
+        processors = list(structlog.get_config()["processors"])
+        if not any(p is self for p in processors):
+            structlog.configure(processors=[self, *processors])
+        return self
+
+    def detach(self) -> None:
+        """Take this processor out of structlog's current chain (idempotent)."""
+        import structlog
+
+        processors = list(structlog.get_config()["processors"])
+        if any(p is self for p in processors):
+            structlog.configure(processors=[p for p in processors if p is not self])
+
+    def watch(self, *lifecycles: Any) -> LifecycleMetrics:
+        """Show modules that have had no event yet: their current state and info. A
+        ``PipelineLifecycle`` (anything with ``members``) counts as its members."""
+        for lc in _modules(lifecycles):
+            name = str(lc.name)
+            self._set_state(name, State(lc.state).value)
+            self.info.labels(name, str(lc.backend.name), policy_label(lc.policy)).set(1)
+            self.warmup_covered.labels(name)
+        return self
+
+    # ------------------------------------------------------------------ events
+    def observe(self, event: str, fields: MutableMapping[str, Any]) -> None:
+        """Account for one audit event (what the processor does; public for a host's own hook)."""
+        module = str(fields.get("module", "unknown"))
+        if event == TRANSITION_EVENT:
+            self._transition(module, fields)
+        elif event == REQUEST_EVENT:
+            outcome = _outcome(fields.get("outcome"))
+            self.requests.labels(module, outcome).inc()
+            seconds = _seconds(fields.get("duration_ms"))
+            if outcome != "refused" and seconds is not None:
+                self.request_seconds.labels(module).observe(seconds)
+            self.cached_steps.labels(module).inc(_count(fields.get("cached_steps")))
+        elif event == RECOMPILE_EVENT:
+            backend = str(fields.get("backend", "unknown"))
+            self.recompiles.labels(module, backend).inc()
+            self.recompiled_graphs.labels(module, backend).inc(_count(fields.get("new_graphs")))
+        elif event == WARMUP_COVERAGE_EVENT:
+            if "covered" in fields:
+                self.warmup_covered.labels(module).set(1 if fields["covered"] else 0)
+        elif event == WARMUP_SHAPE_EVENT:
+            self.warmup_shapes.labels(module, _outcome(fields.get("outcome", "ok"))).inc()
+        elif event == SHAPE_MISS_EVENT:
+            policy = str(fields.get("policy"))
+            self.shape_misses.labels(module, policy if policy in ON_UNWARMED_POLICIES else "other").inc()
+
+    def _transition(self, module: str, fields: MutableMapping[str, Any]) -> None:
+        trigger = str(fields.get("trigger", "unknown"))
+        outcome = _outcome(fields.get("outcome"))
+        self.transitions.labels(module, trigger, outcome).inc()
+        seconds = _seconds(fields.get("duration_ms"))
+        if seconds is not None:
+            self.transition_seconds.labels(module, trigger).observe(seconds)
+        if "backend" in fields and "policy" in fields:
+            self.info.labels(module, str(fields["backend"]), policy_label(fields["policy"])).set(1)
+        if outcome != "ok":
+            return
+        dest = str(fields.get("dest"))
+        if dest not in _STATES:
+            return
+        self._set_state(module, dest)
+        if dest != State.WARMED_UP.value:
+            self.warmup_covered.labels(module).set(0)
+        elif trigger == "warm_up":
+            covered = fields.get("cached_branch_covered", fields.get("warmup_covered_cached_branch", True))
+            # None: nothing to cover (no cache-dit, or no compile); the warm-up is complete.
+            self.warmup_covered.labels(module).set(0 if covered is False else 1)
+
+    def _set_state(self, module: str, state: str) -> None:
+        with self._lock:
+            if self._states.get(module) == state:
+                return
+            self._states[module] = state
+            for name in _STATES:
+                self.state.labels(module, name).set(1 if name == state else 0)
+
+    def __repr__(self) -> str:
+        return f"LifecycleMetrics(registry={self.registry!r}, modules={sorted(self._states)})"
+
+
+def _modules(lifecycles: Iterable[Any]) -> Iterable[Any]:
+    for lc in lifecycles:
+        members = getattr(lc, "members", None)
+        if isinstance(members, Mapping):
+            yield from members.values()
+        elif hasattr(lc, "name") and hasattr(lc, "state"):
+            yield lc
+        else:
+            raise InvalidConfigError(
+                f"expected a ModuleLifecycle or PipelineLifecycle, got {type(lc).__name__}"
+            )
+
+
+__all__ = ["LifecycleMetrics", "policy_label"]
