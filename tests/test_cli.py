@@ -342,3 +342,19 @@ def test_one_duration_format_and_one_table():
         "0.0 ms", "999.9 ms", "1.00 s", "1.23 s", "?", "?", "?"]
     assert table(["a", "num"], [["xyz", 1], ["b", 22]], right=(1,)).splitlines() == [
         "a    num", "---  ---", "xyz    1", "b     22"]
+
+
+def test_show_marks_a_request_the_table_forbids(tmp_path, capsys):
+    base = {"module": "dit", "module_id": "m1", "outcome": "ok", "duration_ms": 2.0, "backend": "cpu",
+            "policy": {"cache_dit": True, "compile": True}}
+    mount = {**base, "event": "lifecycle.transition", "trigger": "mount_cache", "source": "Loaded",
+             "dest": "CacheMounted", "seq": 1}
+    request = {**base, "event": "lifecycle.request", "request_id": "early", "num_inference_steps": 4,
+               "cached_steps": 0, "new_graphs": 0}
+    path = tmp_path / "early.jsonl"
+    path.write_text(json.dumps(mount) + "\n" + json.dumps(request) + "\n")
+    assert main(["audit", "show", str(path)]) == 0
+    out = capsys.readouterr().out
+    (row,) = [line for line in out.splitlines() if "request early" in line]
+    assert "ILLEGAL: no request from CacheMounted in the table" in row
+    assert ":2: request 'early'" in out and "ran (ok) in CacheMounted" in out  # the verdict agrees
