@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -348,37 +349,55 @@ class ShapeBook:
 Member = Any
 
 
+class _Seen:
+    """One member's input signatures during a warm-up bucket, and whether each one's cache
+    context reached the cached-step branch."""
+
+    def __init__(self, member: Member, covered: Callable[[], bool]) -> None:
+        self.member = member
+        self.covered = covered
+        self.signatures: dict[Any, bool] = {}
+        self.last: Any = None
+
+    def close_segment(self) -> None:
+        """The context that served ``last`` ends here: keep whether it was covered."""
+        if self.last is not None:
+            self.signatures[self.last] = self.signatures.get(self.last, False) or bool(self.covered())
+
+    def all_covered(self) -> bool:
+        self.close_segment()
+        return bool(self.signatures) and all(self.signatures.values())
+
+    def warm(self) -> set[Any]:
+        self.close_segment()
+        return {sig for sig, ok in self.signatures.items() if ok}
+
+
 @contextmanager
-def _recording(members: Sequence[Member], seen: dict[int, set[Any]], *, steered: bool) -> Iterator[None]:
+def _recording(seen: Sequence[_Seen], *, steered: bool) -> Iterator[None]:
     """Guard every member's calls: record each call's input signature, apply the shared
     dynamic dims, and start a fresh cache context when a call's signature changes (a warm-up
-    that calls two sizes would otherwise mix their cached residuals: issue 20 item 5)."""
+    that calls two sizes would otherwise mix their cached residuals inside cache-dit: issue 20
+    item 5)."""
     with ExitStack() as stack:
-        for member in members:
-            book: ShapeBook = member.shapes
-            last: list[Any] = [None]
-            sigs = seen.setdefault(id(member), set())
+        for tracker in seen:
 
-            def before(
-                args: tuple[Any, ...],
-                kwargs: dict[str, Any],
-                member: Member = member,
-                book: ShapeBook = book,
-                last: list[Any] = last,
-                sigs: set[Any] = sigs,
-            ) -> None:
+            def before(args: tuple[Any, ...], kwargs: dict[str, Any], tracker: _Seen = tracker) -> None:
+                member = tracker.member
                 signature = st.input_signature(args, kwargs)
-                if last[0] is not None and signature != last[0] and member.policy.cache_dit:
-                    if steered:
-                        member.cache.refresh_for_warmup(member._module, member.cache_config)
-                    else:
-                        member.cache.refresh(member._module, member.cache_config, member._serving_steps)
-                last[0] = signature
-                sigs.add(signature)
-                st.mark_shared_dims(book.shared_dims, args, kwargs)
+                if tracker.last is not None and signature != tracker.last:
+                    tracker.close_segment()
+                    if member.policy.cache_dit:
+                        if steered:
+                            member.cache.refresh_for_warmup(member._module, member.cache_config)
+                        else:
+                            member.cache.refresh(member._module, member.cache_config, member._serving_steps)
+                tracker.last = signature
+                tracker.signatures.setdefault(signature, False)
+                st.mark_shared_dims(member.shapes.shared_dims, args, kwargs)
 
-            stack.enter_context(st.guard_calls(member._module, before))
-        if any(m.shapes.dynamic_buckets for m in members):
+            stack.enter_context(st.guard_calls(tracker.member._module, before))
+        if any(t.member.shapes.dynamic_buckets for t in seen):
             stack.enter_context(st.no_duck_shape())
         yield
 
@@ -409,6 +428,21 @@ def _probe(
     for member in members:
         if member.policy.cache_dit:
             member.cache.refresh(member._module, member.cache_config, member._serving_steps)
+
+
+class UndeclaredShapesWarning(UserWarning):
+    """A warm-up without declared shapes called the transformer at several input sizes and
+    could not cover them all: declare them as buckets."""
+
+
+def _warn_undeclared(member: Member, sizes: int, warm: int) -> None:
+    message = (
+        f"{member.name}: the warm-up callable called the transformer at {sizes} input sizes, and "
+        f"only {warm} reached cache-dit's cached-step branch; requests at the others are shape "
+        f"misses (on_unwarmed={member.shapes.on_unwarmed!r}). Declare the sizes as buckets: "
+        "prepare(run, shapes=[{...}, ...]) with run(target, shape) making one call at a shape."
+    )
+    warnings.warn(message, UndeclaredShapesWarning, stacklevel=5)
 
 
 def _sync(members: Sequence[Member]) -> None:
@@ -450,35 +484,35 @@ def run_warmup(
     all_covered = True
     total_runs = 0
     for index, bucket in enumerate(plan):
-        seen: dict[int, set[Any]] = {}
         graphs_before = _graphs(members)
         bucket_started = time.perf_counter()
         runs = 0
         with ExitStack() as stack:
             covered = [stack.enter_context(m._warmup_context()) for m in members]
-            stack.enter_context(_recording(members, seen, steered=True))
+            seen = [_Seen(m, check) for m, check in zip(members, covered, strict=True)]
+            stack.enter_context(_recording(seen, steered=True))
             while True:
                 call_at(bucket.shape)
                 runs += 1
-                done = [check() for check in covered]
+                done = [tracker.all_covered() for tracker in seen]
                 if all(done) or runs >= max_runs:
                     break
+            warm = [tracker.warm() for tracker in seen]
             _sync(members)
         seconds = time.perf_counter() - bucket_started
         graphs = _graphs(members) - graphs_before
         total_runs += runs
-        for member, ok, buckets in zip(members, done, buckets_per_member, strict=True):
+        for member, ok, buckets, tracker, signatures in zip(
+            members, done, buckets_per_member, seen, warm, strict=True
+        ):
             own = buckets[index]
             member.shapes.note_warm(
-                own,
-                graphs=graphs,
-                seconds=seconds,
-                covered=ok,
-                runs=runs,
-                signatures=seen.get(id(member), set()),
+                own, graphs=graphs, seconds=seconds, covered=ok, runs=runs, signatures=signatures
             )
             if not ok:
                 member._warn_uncovered(runs)
+                if own.key == IMPLICIT_KEY and len(tracker.signatures) > 1:
+                    _warn_undeclared(member, len(tracker.signatures), len(signatures))
             if own.key != IMPLICIT_KEY:
                 audit.emit(
                     WARMUP_SHAPE_EVENT,
@@ -523,12 +557,12 @@ def _timed_call(
     for member in members:
         if member.policy.cache_dit:
             member.cache.refresh(member._module, member.cache_config, member._serving_steps)
-    seen: dict[int, set[Any]] = {}
+    seen = [_Seen(m, lambda: True) for m in members]
     _sync(members)
     graphs_before = _graphs(members)
     started = time.perf_counter()
     with ExitStack() as stack:
-        stack.enter_context(_recording(members, seen, steered=steered))
+        stack.enter_context(_recording(seen, steered=steered))
         if eager:
             stack.enter_context(st.stance("force_eager"))
         call()
