@@ -249,3 +249,10 @@ def test_the_no_op_adapters_implement_the_interfaces_and_drive_a_lifecycle():
     assert lc.state.value == "WarmedUp" and backend.compiles == 1 and cache.is_mounted(lc.module)
     lc.reset()
     assert not cache.is_mounted(lc.module) and backend.decompiles == 1
+
+
+def test_an_unknown_dynamo_backend_is_named_with_the_available_ones():
+    # (Refusal at ModuleLifecycle construction, with its typed error: tests/test_bad_inputs.py.)
+    with pytest.raises(InvalidOptions) as info:
+        CpuAdapter().validate_options({"backend": "no-such-backend"})
+    assert "no-such-backend" in str(info.value) and "aot_eager" in str(info.value)
