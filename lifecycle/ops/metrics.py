@@ -95,6 +95,7 @@ class LifecycleMetrics:
         self.registry: CollectorRegistry = REGISTRY if registry is None else registry
         self._lock = threading.Lock()
         self._states: dict[str, str] = {}
+        self._known: set[tuple[str, str]] = set()
         self.state = Gauge(
             f"{PREFIX}_state", "1 for the state each managed module is in now, 0 for the others",
             ["module", "state"], registry=None,
@@ -221,9 +222,24 @@ class LifecycleMetrics:
         for lc in _modules(lifecycles):
             name = str(lc.name)
             self._set_state(name, State(lc.state).value)
-            self.info.labels(name, str(lc.backend.name), policy_label(lc.policy)).set(1)
-            self.warmup_covered.labels(name)
+            self._module_seen(name, str(lc.backend.name), policy_label(lc.policy))
         return self
+
+    def _module_seen(self, module: str, backend: str, policy: str) -> None:
+        """Start a module's series at 0, so that ``increase(...[5m])`` sees its first event."""
+        self.info.labels(module, backend, policy).set(1)
+        with self._lock:
+            if (module, backend) in self._known:
+                return
+            self._known.add((module, backend))
+        self.recompiles.labels(module, backend)
+        self.recompiled_graphs.labels(module, backend)
+        self.cached_steps.labels(module)
+        self.warmup_covered.labels(module)
+        for outcome in OUTCOMES:
+            self.requests.labels(module, outcome)
+        for on_unwarmed in ON_UNWARMED_POLICIES:
+            self.shape_misses.labels(module, on_unwarmed)
 
     # ------------------------------------------------------------------ events
     def observe(self, event: str, fields: MutableMapping[str, Any]) -> None:
@@ -259,7 +275,7 @@ class LifecycleMetrics:
         if seconds is not None:
             self.transition_seconds.labels(module, trigger).observe(seconds)
         if "backend" in fields and "policy" in fields:
-            self.info.labels(module, str(fields["backend"]), policy_label(fields["policy"])).set(1)
+            self._module_seen(module, str(fields["backend"]), policy_label(fields["policy"]))
         if outcome != "ok":
             return
         dest = str(fields.get("dest"))
