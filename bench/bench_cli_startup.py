@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "cli_startup.json")
     args = parser.parse_args(argv)
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         empty = Path(tmp) / "empty.jsonl"
         empty.write_text("")
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "benchmark": "cli_startup",
         "targets": {"wall_s": TARGET_S, "peak_rss_mib": TARGET_MIB},
-        "machine": machine_info(),
+        "machine": machine_info(load_avg_1m_before=load_before),
         "peak_rss_from": "GNU time %M" if os.path.exists(GNU_TIME) else "os.wait4 ru_maxrss",
         "results": results,
         "met": {
