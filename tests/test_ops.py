@@ -192,6 +192,7 @@ def test_probes_follow_the_lifecycle_and_metrics_equal_the_audit(
 
     def broken(module: Any) -> None:
         during.append(get(url + "/health/ready")[0])
+        live.append(get(url + "/health/live")[0])  # alive while warming up
         raise RuntimeError("weights file truncated")
 
     lc.invalidate()

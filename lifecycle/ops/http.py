@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import json
 import socket
+import socketserver
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -303,6 +304,14 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     app: OpsApp
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind resolves the host's FQDN (a reverse DNS lookup that can stall
+        # for seconds in a pod without DNS); the probes never need it.
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name = str(host)
+        self.server_port = int(port)
 
 
 class OpsServer:
