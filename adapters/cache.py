@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,11 +57,93 @@ def _cache_dit() -> Any:
     return cache_dit
 
 
+# What a mount changed outside cache-dit's own bookkeeping: cache-dit's patch functors (Chroma,
+# HiDream, DiT, HunyuanDiT, ...) replace ``forward`` on the transformer and on its blocks and
+# mark the transformer ``_is_patched``; ``disable_cache`` undoes neither. Recorded per module
+# before each mount (weakly: no module is kept alive) so ``unmount`` restores them all.
+_MISSING = object()
+_PATCH_ATTRIBUTES = ("forward", "_is_patched", "_block_id")
+_PREMOUNT: weakref.WeakKeyDictionary[nn.Module, list[tuple[nn.Module, dict[str, Any]]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _snapshot(module: nn.Module) -> list[tuple[nn.Module, dict[str, Any]]]:
+    return [
+        (sub, {name: vars(sub).get(name, _MISSING) for name in _PATCH_ATTRIBUTES})
+        for sub in module.modules()
+    ]
+
+
+def _from_cache_dit(value: Any) -> bool:
+    function = getattr(value, "__func__", value)
+    return str(getattr(function, "__module__", "")).startswith("cache_dit")
+
+
+def _restore_patched(module: nn.Module) -> None:
+    """Put back what patch functors replaced; without a snapshot (a mount made by the host),
+    drop the instance attributes that cache-dit installed."""
+    snapshot = _PREMOUNT.pop(module, None)
+    if snapshot is None:
+        for sub in module.modules():
+            for name in _PATCH_ATTRIBUTES:
+                value = vars(sub).get(name, _MISSING)
+                if value is not _MISSING and (name != "forward" or _from_cache_dit(value)):
+                    delattr(sub, name)
+        return
+    for sub, before in snapshot:
+        for name, value in before.items():
+            if value is _MISSING:
+                if name in vars(sub):
+                    delattr(sub, name)
+            else:
+                setattr(sub, name, value)
+
+
 class CacheDitAdapter:
     """cache-dit's transformer-only API: ``enable_cache``, ``refresh_context``, ``disable_cache``,
-    ``summary``. One instance serves any number of modules; it holds no per-module state."""
+    ``summary``. One instance serves any number of modules; it holds no per-module state.
+
+    ``pipeline_class`` (optional, e.g. ``"StableDiffusion3Pipeline"``) is the name of the
+    pipeline the modules come from: cache-dit registers some families only under the pipeline's
+    name (StableDiffusion3 for ``SD3Transformer2DModel``), so a transformer no adapter matches by
+    its own class name is mounted through the adapter registered for its pipeline.
+    ``PipelineLifecycle.from_diffusers`` passes it.
+    """
 
     name = "cache-dit"
+
+    def __init__(self, pipeline_class: str | None = None) -> None:
+        self.pipeline_class = pipeline_class
+
+    def _registered(self, module: nn.Module) -> tuple[str, bool] | None:
+        """The cache-dit registry prefix that serves ``module``, and whether it matched the
+        module's own class name (else the pipeline's)."""
+        register = _cache_dit().BlockAdapterRegister
+        for owner, by_module in ((type(module).__name__, True), (self.pipeline_class, False)):
+            if owner:
+                for prefix in register._adapters:
+                    if owner.startswith(prefix):
+                        return prefix, by_module
+        return None
+
+    def _family(self, module: nn.Module) -> str:
+        owner = f" (pipeline {self.pipeline_class})" if self.pipeline_class else ""
+        return f"{type(module).__name__}{owner}"
+
+    def _separate_cfg(self, module: nn.Module) -> bool:
+        """Whether cache-dit lists this family (by pipeline or transformer class name) among
+        those that run classifier-free guidance as separate cond/uncond transformer calls."""
+        prefixes = _cache_dit().BlockAdapterRegister._predefined_adapters_has_separate_cfg
+        owners = [name for name in (self.pipeline_class, type(module).__name__) if name]
+        return any(owner.startswith(prefix) for owner in owners for prefix in prefixes)
+
+    def _block_adapter(self, module: nn.Module, prefix: str, **kwargs: Any) -> Any:
+        """cache-dit's registered adapter ``prefix`` built around ``module`` alone."""
+        from cache_dit.caching.block_adapters import FakeDiffusionPipeline
+
+        factory = _cache_dit().BlockAdapterRegister._adapters[prefix]
+        return factory(FakeDiffusionPipeline(module), **kwargs)
 
     def version(self) -> str:
         return str(getattr(_cache_dit(), "__version__", "unknown"))
@@ -88,22 +171,61 @@ class CacheDitAdapter:
             raise InvalidOptions(f"cache_config.num_inference_steps must be a positive int, got {steps!r}")
         return copy.deepcopy(config)
 
+    def validate_for_module(self, module: nn.Module, config: Any) -> None:
+        """Refuse, at construction, a config whose ``Fn_compute_blocks + Bn_compute_blocks``
+        exceed a block list of the module (cache-dit asserts only during the first call)."""
+        fn = getattr(config, "Fn_compute_blocks", 0) or 0
+        bn = getattr(config, "Bn_compute_blocks", 0) or 0
+        lists = {
+            name: len(child) for name, child in module.named_children()
+            if isinstance(child, nn.ModuleList) and "blocks" in name and len(child) > 0
+        }
+        if not lists or fn + bn <= min(lists.values()):
+            return
+        name, count = min(lists.items(), key=lambda item: item[1])
+        raise InvalidOptions(
+            f"cache_config Fn_compute_blocks={fn} + Bn_compute_blocks={bn} = {fn + bn} exceed the "
+            f"{count} blocks of {type(module).__name__}.{name}; choose Fn_compute_blocks + "
+            f"Bn_compute_blocks <= {count}"
+        )
+
     def check_supported(self, module: nn.Module) -> None:
-        cache_dit = _cache_dit()
-        if not cache_dit.BlockAdapterRegister.is_supported(module):
+        """Refuse, before anything is installed, a module cache-dit cannot wrap: no registered
+        adapter matches it (nor its pipeline), or the matching adapter rejects its structure."""
+        way_out = (
+            "describe its blocks with cache_dit.BlockAdapter(transformer=..., blocks=..., "
+            "forward_pattern=...) and mount that, or use LifecyclePolicy(cache_dit=False)"
+        )
+        registered = self._registered(module)
+        if registered is None:
             raise UnsupportedForCache(
-                f"cache-dit has no registered adapter for {type(module).__name__}; describe its "
-                "blocks with cache_dit.BlockAdapter(transformer=..., blocks=..., forward_pattern=...) "
-                "and mount that, or use LifecyclePolicy(cache_dit=False)"
+                f"cache-dit has no registered adapter for {self._family(module)}; {way_out}"
             )
+        prefix, _ = registered
+        try:
+            self._block_adapter(module, prefix, skip_post_init=True)
+        except Exception as exc:
+            raise UnsupportedForCache(
+                f"cache-dit's registered {prefix!r} adapter cannot wrap {self._family(module)} "
+                f"({type(exc).__name__}: {exc}); {way_out}"
+            ) from exc
 
     def is_mounted(self, module: nn.Module) -> bool:
         return bool(getattr(module, "_is_cached", False))
 
     def mount(self, module: nn.Module, config: Any) -> None:
         self.check_supported(module)
+        prefix, by_module = self._registered(module) or ("", True)
+        config = copy.deepcopy(config)
+        if getattr(config, "enable_separate_cfg", None) is None and self._separate_cfg(module):
+            # cache-dit decides this from the pipeline's class name, which a transformer-only
+            # mount hides from it (Lumina2 would count each cond/uncond call as a step).
+            config.enable_separate_cfg = True
+        _PREMOUNT[module] = _snapshot(module)
         try:
-            _cache_dit().enable_cache(module, cache_config=copy.deepcopy(config))
+            # Matched by the module's own class: cache-dit builds the same adapter itself.
+            target = module if by_module else self._block_adapter(module, prefix)
+            _cache_dit().enable_cache(target, cache_config=config)
         except BaseException:
             self.unmount(module)  # never leave half-installed hooks behind
             raise
@@ -134,6 +256,7 @@ class CacheDitAdapter:
         # (and anything patched on the class later) is what runs.
         if "forward" in vars(module) and not hasattr(module, "_original_forward"):
             del module.forward
+        _restore_patched(module)
 
     def _contexts(self, module: nn.Module) -> list[Any]:
         manager = getattr(module, "_context_manager", None)
@@ -183,6 +306,6 @@ def _config_summary(config: Any) -> dict[str, Any]:
     )
     summary: dict[str, Any] = {"type": type(config).__name__}
     for key in keys:
-        value = getattr(config, key, None)
+        value: Any = getattr(config, key, None)
         summary[key] = float(value) if hasattr(value, "item") else value
     return summary

@@ -74,6 +74,12 @@ class PipelineLifecycle:
         <= 1) pass a ``cache_config`` with ``enable_separate_cfg=False``, or the context
         would count two steps as one.
         """
+        if "cache_adapter" not in lifecycle_kwargs:
+            # The pipeline's class name lets the cache adapter mount families cache-dit
+            # registers only under the pipeline's name (StableDiffusion3).
+            from adapters import CacheDitAdapter
+
+            lifecycle_kwargs = {**lifecycle_kwargs, "cache_adapter": CacheDitAdapter(type(pipe).__name__)}
         members = {}
         for attribute in DIFFUSERS_MEMBERS:
             module = getattr(pipe, attribute, None)

@@ -1,0 +1,69 @@
+"""Generate the README's "Supported pipelines" table from the family cases the tests run.
+
+    python scripts/families_table.py                 # run every family, print the table
+    python scripts/families_table.py --write         # ... and write it into README.md
+    python scripts/families_table.py --json out.json # ... and keep the measured rows
+    python scripts/families_table.py --from-json out.json --write   # render saved rows, run nothing
+
+Each family runs ``lifecycle.testing.families.run_family`` (the same function
+``tests/test_families.py`` asserts on), on the CPU with ``aot_eager``; a full run takes a few
+minutes on 2 cores. ``tests/test_families.py`` checks that README's table equals the one its own
+runs render, so the README cannot drift from what the code does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main(argv: list[str] | None = None) -> int:
+    sys.path.insert(0, str(ROOT))
+    from lifecycle.testing.families import FAMILIES, FamilyResult, render_table, run_family, with_table
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--write", action="store_true", help="write the table into README.md")
+    parser.add_argument("--json", type=Path, help="also write the measured rows to this JSON file")
+    parser.add_argument("--from-json", type=Path, help="render rows saved by --json (or the tests) instead")
+    parser.add_argument("--only", nargs="*", help="run only these family keys (not with --write)")
+    args = parser.parse_args(argv)
+    if args.write and args.only:
+        parser.error("--write needs every family; drop --only")
+
+    if args.from_json is not None:
+        rows = json.loads(args.from_json.read_text())
+        results = [FamilyResult(**row) for row in rows]
+    else:
+        import torch
+
+        logging.getLogger("CACHE_DIT").setLevel(logging.WARNING)
+        torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+        results = []
+        for family in FAMILIES:
+            if args.only and family.key not in args.only:
+                continue
+            torch._dynamo.reset()  # graph counts per family, as in the tests
+            started = time.perf_counter()
+            results.append(run_family(family))
+            print(f"{family.key}: {time.perf_counter() - started:.1f}s", file=sys.stderr, flush=True)
+    if args.json is not None:
+        args.json.write_text(json.dumps([r.as_dict() for r in results], indent=1))
+    table = render_table(results)
+    print(table)
+    if args.write:
+        readme = ROOT / "README.md"
+        readme.write_text(with_table(readme.read_text(), table))
+        print(f"wrote {readme}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
