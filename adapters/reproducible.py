@@ -3,16 +3,18 @@ processes (replicas) and across a restart from compile artifacts.
 
 The source of the difference (measured on an H200, torch 2.11, ``bench/gpu_replicas.py``; the
 README's "Reproducibility" section has the numbers): inductor picks some kernel configurations by
-*benchmarking at run time*. A reduction kernel (LayerNorm, RMSNorm, softmax, mean) gets several
-candidate Triton configs (block size along the reduced axis, warps, split); on its first call
-each candidate is timed on the device and the fastest is kept. The candidates add the reduced
-elements in different orders, so a different winner gives different low bits, and two processes
-with identical weights, inputs and seed pick different winners whenever two timings are close
-(timing noise decides). The same holds for inductor's other benchmark-driven choices
-(``pad_mm``'s padded-or-not matmul, max-autotune's template choice, coordinate-descent tuning,
-occupancy-driven ``R0_BLOCK`` scaling). Eager is unaffected (its kernels are fixed per shape),
-which is why eager + cache-dit is bit-identical across processes and compiled code is not;
-cache-dit's cached steps then carry the first differing step forward.
+*benchmarking at run time*. A reduction kernel (LayerNorm, RMSNorm, softmax statistics) gets
+several candidate Triton configs (block size along the reduced axis, rows per program, warps);
+on its first call each candidate is timed on the device and the fastest is kept. The candidates
+add the reduced elements in different orders, so a different winner gives different low bits,
+and two processes with identical weights, inputs and seed pick different winners whenever two
+timings are close. Measured: three default processes gave three outputs, and every pair had
+picked a different winner for at least one reduction (``R0_BLOCK`` 2048 against 4096; a
+persistent reduction's ``XBLOCK`` 8 against 32); under this option the reductions were not
+timed and the three outputs were bit-identical, although pointwise kernels still picked
+different winners (their configs do not change numerics). Eager is unaffected (its kernels are
+fixed per shape), which is why eager + cache-dit is bit-identical across processes and compiled
+code is not; cache-dit's cached steps then carry the first differing step forward.
 
 What the option does: it compiles with inductor's deterministic mode (``deterministic=True``,
 torch >= 2.8: "skips any on-device benchmarking in inductor if we know it affects numerics"):
