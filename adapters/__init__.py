@@ -4,6 +4,7 @@ cache-dit. Device runtimes and cache-dit are imported lazily, when an adapter is
 from adapters.base import BackendAdapter, TorchCompileAdapter, dynamo_graph_count
 from adapters.cache import CacheDitAdapter, CacheSummary
 from adapters.errors import AdapterError, BackendUnavailable, InvalidOptions, UnsupportedForCache
+from adapters.protocols import CacheAdapter
 from adapters.registry import (
     AUTO_ORDER,
     ENTRY_POINT_GROUP,
@@ -18,6 +19,7 @@ __all__ = [
     "AdapterError",
     "BackendAdapter",
     "BackendUnavailable",
+    "CacheAdapter",
     "CacheDitAdapter",
     "CacheSummary",
     "InvalidOptions",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import typing
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -11,7 +12,13 @@ import torch
 from torch import nn
 
 from adapters.errors import BackendUnavailable, InvalidOptions
-from adapters.regional import REGIONAL_KEY, compile_regional, decompile_regional, validate_regional
+from adapters.regional import (
+    REGIONAL_KEY,
+    check_regional_module,
+    compile_regional,
+    decompile_regional,
+    validate_regional,
+)
 from adapters.reproducible import (
     REPRODUCIBLE_KEY,
     audit_fields,
@@ -72,6 +79,11 @@ class BackendAdapter(ABC):
     def synchronize(self) -> None:
         """Wait for queued device work, so that timings mean something."""
 
+    def validate_for_module(self, module: nn.Module, options: Mapping[str, Any]) -> None:
+        """Check validated ``options`` against the module itself, at construction (e.g. regional
+        compilation needs repeated blocks). Raises ``InvalidOptions``; the default accepts all."""
+        return None
+
     def graph_count(self) -> int:
         """Monotonic count of graphs compiled in this process; its deltas count recompiles."""
         return dynamo_graph_count()
@@ -111,6 +123,7 @@ class TorchCompileAdapter(BackendAdapter):
     modes: ClassVar[tuple[str, ...]] = INDUCTOR_MODES
     # Adapter-specific keys (not torch.compile's) that subclasses accept and consume themselves.
     # "regional": compile the repeated blocks one by one (adapters/regional.py says which and why).
+    # "reproducible": bit-identical outputs across processes (adapters/reproducible.py).
     extra_keys: ClassVar[frozenset[str]] = frozenset({REGIONAL_KEY, REPRODUCIBLE_KEY})
 
     def accepted_keys(self) -> frozenset[str]:
@@ -155,6 +168,10 @@ class TorchCompileAdapter(BackendAdapter):
             raise InvalidOptions("torch.compile takes mode or options, not both; drop one of them")
         return merged
 
+    def validate_for_module(self, module: nn.Module, options: Mapping[str, Any]) -> None:
+        if options.get(REGIONAL_KEY):
+            check_regional_module(module)
+
     def compile(self, module: nn.Module, options: Mapping[str, Any]) -> None:
         torch_options = torch_compile_kwargs(
             {key: value for key, value in options.items() if key != REGIONAL_KEY}
@@ -198,3 +215,27 @@ def check_option_types(options: Mapping[str, Any]) -> None:
         raise InvalidOptions(
             f"compile option options must be a dict, got {type(inductor_options).__name__}"
         )
+    if inductor_options:
+        check_inductor_options(inductor_options)
+
+
+def check_inductor_options(options: Mapping[str, Any]) -> None:
+    """Inductor's own checks (``torch._TorchCompileInductorWrapper.apply_options``), done before
+    any work: a key inductor does not know, or a value of the wrong type, is a bad argument."""
+    from torch._inductor import config
+
+    current = config.get_config_copy()
+    for key, value in options.items():
+        name = str(key).replace("-", "_")
+        if name not in current:
+            close = sorted(k for k in current if name.split(".")[-1] in k)[:5]
+            raise InvalidOptions(
+                f"unknown inductor option {key!r} in compile_options['options']"
+                + (f"; did you mean one of {close}?" if close else "; see torch._inductor.list_options()")
+            )
+        expected = config.get_type(name)  # type: ignore[attr-defined]
+        if typing.get_origin(expected) is None and isinstance(expected, type) and not isinstance(value, expected):
+            raise InvalidOptions(
+                f"inductor option {key!r} must be {type(current[name]).__name__}, got "
+                f"{type(value).__name__} {value!r}"
+            )

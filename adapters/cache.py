@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import types
+import typing
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -166,6 +168,7 @@ class CacheDitAdapter:
                 "build one with cache_dit.DBCacheConfig(Fn_compute_blocks=..., "
                 "residual_diff_threshold=...)"
             )
+        check_field_types(config)
         steps = config.num_inference_steps
         if steps is not None and (not isinstance(steps, int) or steps <= 0):
             raise InvalidOptions(f"cache_config.num_inference_steps must be a positive int, got {steps!r}")
@@ -292,6 +295,50 @@ class CacheDitAdapter:
 
     def describe_config(self, config: Any) -> dict[str, Any]:
         return _config_summary(config)
+
+
+def check_field_types(config: Any) -> None:
+    """Each field of a cache-dit config dataclass against its declared type, before any work
+    (a wrong-typed field otherwise fails inside the first warm-up call)."""
+    if not dataclasses.is_dataclass(config):
+        return
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        if not _matches(value, item.type):
+            raise InvalidOptions(
+                f"cache_config.{item.name} must be {_type_name(item.type)}, got "
+                f"{type(value).__name__} {value!r}"
+            )
+
+
+def _matches(value: Any, declared: Any) -> bool:
+    origin = typing.get_origin(declared)
+    if declared is Any or isinstance(declared, str) or isinstance(declared, typing.TypeVar):
+        return True  # unresolved annotation: nothing to check against
+    if origin is typing.Union or origin is types.UnionType:
+        return any(_matches(value, arg) for arg in typing.get_args(declared))
+    if declared is type(None):
+        return value is None
+    if origin in (list, tuple, set, frozenset):
+        args = [a for a in typing.get_args(declared) if a is not Ellipsis]
+        return isinstance(value, origin) and all(_matches(v, args[0]) for v in value) if args else isinstance(value, origin)
+    if origin is not None:
+        return isinstance(value, origin)
+    if not isinstance(declared, type):
+        return True
+    if declared is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if declared is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, declared)
+
+
+def _type_name(declared: Any) -> str:
+    if typing.get_origin(declared) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in typing.get_args(declared))
+    if typing.get_origin(declared) is None and isinstance(declared, type):
+        return "None" if declared is type(None) else declared.__name__
+    return str(declared).replace("typing.", "")
 
 
 def _config_summary(config: Any) -> dict[str, Any]:

@@ -79,6 +79,16 @@ def validate_regional(options: Mapping[str, Any]) -> None:
         raise InvalidOptions(f"compile option 'regional' must be True or False, got {value!r}")
 
 
+def check_regional_module(module: nn.Module) -> None:
+    """Refuse regional compilation of a module with no repeated blocks (at construction)."""
+    if not repeated_blocks(module):
+        raise InvalidOptions(
+            f"regional compilation found no repeated blocks in {type(module).__name__}: it has no "
+            "diffusers `_repeated_blocks` and no nn.ModuleList of identical blocks; drop "
+            "'regional' to compile the whole model"
+        )
+
+
 def compile_regional(module: nn.Module, torch_options: Mapping[str, Any]) -> list[nn.Module]:
     """Compile each repeated block of ``module`` in place; return the blocks compiled.
 

@@ -20,6 +20,8 @@ _LAZY: dict[str, str] = {
     "DistributedTransitionError": "lifecycle.errors",
     "PeerFailedError": "lifecycle.errors",
     "RankDivergenceError": "lifecycle.errors",
+    "AuditWriteError": "lifecycle.errors",
+    "AuditWriteWarning": "lifecycle.errors",
     "BackendUnavailableError": "lifecycle.errors",
     "IllegalTransitionError": "lifecycle.errors",
     "InvalidConfigError": "lifecycle.errors",
@@ -29,9 +31,9 @@ _LAZY: dict[str, str] = {
     "UnwarmedShapeError": "lifecycle.errors",
     "PipelineError": "lifecycle.errors",
     "ModuleLifecycle": "lifecycle.module",
-    "RequestRecord": "lifecycle.module",
-    "TransitionRecord": "lifecycle.module",
-    "WarmupCoverageWarning": "lifecycle.module",
+    "RequestRecord": "lifecycle.serving",
+    "TransitionRecord": "lifecycle.record",
+    "WarmupCoverageWarning": "lifecycle.warmup",
     "PipelineLifecycle": "lifecycle.pipeline",
 }
 

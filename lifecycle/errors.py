@@ -66,6 +66,19 @@ class InvalidConfigError(LifecycleError, ValueError):
     before any work; the state is unchanged."""
 
 
+class AuditWriteError(LifecycleError):
+    """The audit event of a transition that succeeded could not be written (e.g. a full disk).
+
+    The work was done and the state moved: ``state`` is the new state, as the message says. The
+    lifecycle keeps working; fix the audit sink. (When a refused or failed trigger's event cannot
+    be written, the trigger's own typed error is raised instead, with an ``AuditWriteWarning`` and a
+    note naming the sink failure.)"""
+
+
+class AuditWriteWarning(UserWarning):
+    """An audit event could not be written; the warning names the event and the sink's error."""
+
+
 class UnwarmedShapeError(LifecycleError):
     """A request at a shape no warm-up covered, under ``on_unwarmed="fail"``; raised before the
     transformer runs, the state stays WarmedUp."""
@@ -111,3 +124,22 @@ class PeerFailedError(LifecycleError):
     def __init__(self, message: str, failed_ranks: Mapping[int, str]) -> None:
         super().__init__(message)
         self.failed_ranks = dict(failed_ranks)
+
+
+def translate_adapter_error(
+    error: Exception, *, module: str, state: State | None = None, trigger: Trigger | str | None = None
+) -> LifecycleError:
+    """The one place adapter errors (``adapters.errors``) become lifecycle errors: the adapter's
+    message, prefixed with the module name; module, state and trigger attached."""
+    from adapters.errors import BackendUnavailable, InvalidOptions, UnsupportedForCache
+
+    kind: type[LifecycleError]
+    if isinstance(error, BackendUnavailable):
+        kind = BackendUnavailableError
+    elif isinstance(error, InvalidOptions):
+        kind = InvalidConfigError
+    elif isinstance(error, UnsupportedForCache):
+        kind = UnsupportedModuleError
+    else:
+        kind = TransitionFailedError
+    return kind(f"{module}: {error}", module=module, state=state, trigger=trigger)

@@ -1,103 +1,111 @@
-"""The transitions machines that hold each lifecycle's state.
+"""The transitions machine that runs every lifecycle's transitions.
 
-One ``transitions.Machine`` per policy, shared by every lifecycle with that policy: a machine
-per lifecycle costs about three times the memory and creates reference cycles, and a
-``LockedMachine`` takes one lock for all its models (a compile on one module would block every
-other). Each lifecycle locks itself instead (``ModuleLifecycle._lock``), and the machine only
-ever sees a small ``StateHolder``, never the ``nn.Module``: transitions silently skips binding a
-trigger whose name the model already has (``nn.Module.compile`` exists).
+One ``transitions.Machine`` per policy, built from the states table, decides legality: a trigger
+with no edge from the current state raises its ``MachineError``. The machine's own callbacks run
+each attempt (an ``Attempt``, supplied by whoever fires the trigger):
+
+- ``before_state_change`` -> ``attempt.run()``: the work. transitions moves the state only after
+  ``before`` returns, so work that raises leaves the old state (transitions 0.9.3, checked).
+- ``after_state_change`` -> ``attempt.committed()``: the state has moved; the audit is written.
+- ``on_exception`` -> ``attempt.aborted(error)``: a refusal (``MachineError``, a bad argument) or a
+  failure; it audits and raises the lifecycle's typed error. (Not ``finalize_event``: exceptions
+  there are only logged, and a lost audit write must never be silent.)
+
+Models are never added to the machine: ``Event.trigger(model)`` needs only the model's ``state``
+attribute, so the machine holds no reference to any lifecycle (nothing to detach, no cycles, no
+per-lifecycle memory beyond a two-slot holder), and transitions never binds methods onto an
+``nn.Module`` (``nn.Module.compile`` exists). The caller serialises triggers per model with its
+own lock (``lifecycle.locking``): a ``LockedMachine`` would take one lock for all models.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-import weakref
-from collections import deque
-from typing import Any
+from functools import cache
+from typing import Any, Protocol
 
-from transitions import Machine
+from transitions import Event, EventData, Machine, MachineError
 
 from states import LifecyclePolicy, State, Trigger, transitions_for
 
 # transitions logs every trigger at INFO; under a host's INFO root logger that costs ~5x.
 logging.getLogger("transitions.core").setLevel(logging.WARNING)
 
-_machines: dict[LifecyclePolicy, Machine] = {}
-_machines_lock = threading.Lock()
+__all__ = ["Attempt", "MachineError", "StateHolder", "fire", "machine_for"]
+
+
+class Attempt(Protocol):
+    """One trigger attempt, driven by the machine's callbacks."""
+
+    def run(self) -> None:
+        """The work, before the state moves; raising leaves the state unchanged."""
+
+    def committed(self) -> None:
+        """The state has moved."""
+
+    def aborted(self, error: BaseException) -> None:
+        """The trigger was refused or the work failed (state unchanged); must raise."""
 
 
 class StateHolder:
-    """The model object transitions binds triggers to. Holds nothing but the state's value."""
+    """The model object the machine moves: nothing but the state's value (a str)."""
 
-    state: str
+    __slots__ = ("__weakref__", "state")
+
+    def __init__(self) -> None:
+        self.state = State.LOADED.value
 
 
+def _run(event: EventData) -> None:
+    event.kwargs["attempt"].run()
+
+
+def _committed(event: EventData) -> None:
+    event.kwargs["attempt"].committed()
+
+
+def _aborted(event: EventData) -> None:
+    attempt = event.kwargs.get("attempt")
+    if attempt is None or event.error is None:  # pragma: no cover - transitions always passes both
+        raise RuntimeError("lifecycle machine: trigger fired without an attempt")
+    attempt.aborted(event.error)
+
+
+@cache
 def machine_for(policy: LifecyclePolicy) -> Machine:
-    """The shared machine for ``policy``, built once from the states table."""
-    with _machines_lock:
-        machine = _machines.get(policy)
-        if machine is None:
-            # States by their string values, not the Enum: transitions reads an Enum state's
-            # name through enum's descriptor a dozen times per trigger (~4 us of ~30).
-            machine = Machine(
-                model=None,
-                states=[state.value for state in State],
-                transitions=[
-                    {
-                        "trigger": edge.trigger.value,
-                        "source": edge.source.value,
-                        "dest": edge.dest.value,
-                    }
-                    for edge in transitions_for(policy)
-                ],
-                initial=State.LOADED.value,
-                auto_transitions=False,  # no to_<State>() back doors
-                ignore_invalid_triggers=False,
-                send_event=False,
-                model_attribute="state",
-            )
-            _machines[policy] = machine
-        return machine
+    """The machine for ``policy``, built once from the states table."""
+    return Machine(
+        model=None,
+        # States by their string values: transitions reads an Enum state's name through enum's
+        # descriptor a dozen times per trigger (~4 us of ~30).
+        states=[state.value for state in State],
+        transitions=[
+            {"trigger": edge.trigger.value, "source": edge.source.value, "dest": edge.dest.value}
+            for edge in transitions_for(policy)
+        ],
+        initial=State.LOADED.value,
+        auto_transitions=False,  # no to_<State>() back doors
+        ignore_invalid_triggers=False,
+        send_event=True,
+        before_state_change=[_run],
+        after_state_change=[_committed],
+        on_exception=[_aborted],
+        model_attribute="state",
+    )
 
 
-def attach(policy: LifecyclePolicy, owner: object) -> StateHolder:
-    """A new holder in Loaded on the policy's machine, detached when ``owner`` is collected.
-
-    The machine keeps strong references to its models; the finalizer removes the holder so
-    that a dropped lifecycle does not leak.
-    """
-    machine = machine_for(policy)
-    holder = StateHolder()
-    with _machines_lock:
-        machine.add_model(holder, initial=State.LOADED.value)
-        _drain_detached()
-    weakref.finalize(owner, _detach, machine, holder)
-    return holder
+@cache
+def _events(policy: LifecyclePolicy) -> dict[Trigger, Event]:
+    events = machine_for(policy).events
+    return {trigger: events[trigger.value] for trigger in Trigger if trigger.value in events}
 
 
-# Finalizers run whenever the garbage collector does: also inside add_model above, on the thread
-# that holds _machines_lock (a blocking acquire there deadlocked). They only queue the removal;
-# whoever holds the lock next drains the queue.
-_detached: deque[tuple[Machine, StateHolder]] = deque()
-
-
-def _detach(machine: Machine, holder: StateHolder) -> None:
-    _detached.append((machine, holder))
-    if _machines_lock.acquire(blocking=False):
-        try:
-            _drain_detached()
-        finally:
-            _machines_lock.release()
-
-
-def _drain_detached() -> None:
-    """Remove queued holders from their machines; the caller holds _machines_lock."""
-    while _detached:
-        machine, holder = _detached.popleft()
-        machine.remove_model(holder)
-
-
-def fire(holder: StateHolder, trigger: Trigger) -> Any:
-    """Move ``holder`` along ``trigger`` (already checked legal against the table)."""
-    return getattr(holder, trigger.value)()
+def fire(policy: LifecyclePolicy, holder: StateHolder, trigger: Trigger, attempt: Attempt) -> Any:
+    """Run ``attempt`` as ``trigger`` on ``holder``: legality, work, move, audit."""
+    event = _events(policy).get(trigger)
+    if event is None:
+        # The policy has no edge at all for this trigger (compile under compile=False): the
+        # machine has no such event; refuse it the way the machine refuses any illegal one.
+        attempt.aborted(MachineError(f"Can't trigger event {trigger.value} from state {holder.state}!"))
+        return False
+    return event.trigger(holder, attempt=attempt)

@@ -1,107 +1,194 @@
 """``ModuleLifecycle``: one transformer's walk Loaded -> CacheMounted -> Compiled -> WarmedUp.
 
-Every trigger goes through ``_transition``: check the table, run the work *before* the state
-changes (transitions has no rollback), then move the machine and write one audit event. A
-refused or failed trigger leaves the state as it was.
+Every trigger is fired on the policy's transitions machine (``lifecycle.machine``), which decides
+legality from the states table. The work runs in the machine's ``before`` callback, so work that
+raises leaves the state unchanged; the commit hook (``lifecycle.commit``) agrees before the state
+moves; the audit event is written from the machine's ``after`` / ``on_exception`` callbacks.
+
+The jobs around it live in small objects: warm-up steering and coverage (``lifecycle.warmup``),
+request serving (``lifecycle.serving``), compile artifacts and their save rule
+(``adapters.artifact_session``), module sharing and holds (``lifecycle.holds``), the lock whose
+owner is a (thread, asyncio task) pair (``lifecycle.locking``).
 """
 
 from __future__ import annotations
 
 import os
-import threading
 import time
 import uuid
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 from torch import nn
 
-from adapters import (
-    BackendAdapter,
-    BackendUnavailable,
-    CacheDitAdapter,
-    InvalidOptions,
-    UnsupportedForCache,
-    get_backend,
-)
-from adapters.artifacts import ArtifactReport, ArtifactStore, build_key, inductor_cache_misses
+from adapters import BackendAdapter, CacheDitAdapter, get_backend
+from adapters.artifact_session import ArtifactSession
+from adapters.artifacts import ArtifactKey, ArtifactReport, build_key
+from adapters.errors import AdapterError
+from adapters.protocols import CacheAdapter
 from lifecycle import audit
+from lifecycle.commit import CommitHook, LocalCommit
 from lifecycle.errors import (
-    BackendUnavailableError,
+    AuditWriteError,
     IllegalTransitionError,
     InvalidConfigError,
     LifecycleError,
+    PeerFailedError,
+    RankDivergenceError,
     TransitionFailedError,
     UnsupportedModuleError,
+    translate_adapter_error,
 )
-from lifecycle.holds import CACHE_MOUNTS, COMPILED
-from lifecycle.machine import attach, fire
-from states import (
-    LifecyclePolicy,
-    State,
-    Trigger,
-    allowed_triggers,
-    destination,
-    explain_illegal,
-)
+from lifecycle.holds import CACHE_MOUNTS, COMPILED, SHARES
+from lifecycle.locking import LockConflict, OwnerLock
+from lifecycle.machine import Attempt, MachineError, StateHolder, fire
+from lifecycle.record import Outcome, TransitionRecord, emit_checked, warn_unwritten
+from lifecycle.serving import RequestRecord, RequestServer
+from lifecycle.warmup import MAX_WARMUP_RUNS, WarmupCoverageWarning, WarmupSteering, run_warmup
+from states import LifecyclePolicy, State, Trigger, allowed_triggers, destination, explain_illegal
 
 WarmupRun = Callable[[nn.Module], object]
+_REFUSALS = (IllegalTransitionError, InvalidConfigError, UnsupportedModuleError)
+_WARMED_UP = State.WARMED_UP.value
+_LOADED = State.LOADED.value
 
-# The warm-up callable runs at most this many times while cache-dit's context is steered
-# towards its cached branch; a warm-up that makes one denoising step needs three.
-MAX_WARMUP_RUNS = 4
-
-class WarmupCoverageWarning(UserWarning):
-    """Warm-up could not reach cache-dit's cached-step branch: the first real request may compile."""
-
-
-@dataclass(frozen=True)
-class TransitionRecord:
-    """One trigger attempt, as kept in ``ModuleLifecycle.history``."""
-
-    seq: int
-    trigger: Trigger
-    source: State
-    dest: State
-    outcome: str  # "ok" | "refused" | "failed"
-    duration_ms: float
-    error: str | None = None
+__all__ = [
+    "MAX_WARMUP_RUNS",
+    "ModuleLifecycle",
+    "RequestRecord",
+    "TransitionRecord",
+    "TransitionStep",
+    "WarmupCoverageWarning",
+    "WarmupRun",
+]
 
 
-@dataclass
-class RequestRecord:
-    """Yielded by ``request()``; filled in when the block exits."""
+class TransitionStep:
+    """One trigger attempt, run by the machine's callbacks (``lifecycle.machine.Attempt``).
 
-    request_id: str
-    num_inference_steps: int | None
-    cached_steps: int = 0
-    # Steps whose unconditional (classifier-free guidance) call was cached, when cache-dit
-    # counts the two calls of a guided step separately (Wan: enable_separate_cfg).
-    cfg_cached_steps: int = 0
-    new_graphs: int = 0
-    duration_ms: float = 0.0
-    outcome: str = "running"
+    The work gets it: ``extra`` holds fields for the audit event, ``on_undo`` registers how to take
+    the work back should the commit hook refuse the commit (a peer rank failed).
+    """
 
+    __slots__ = (
+        "after_error", "done", "extra", "lc", "source", "started", "trigger", "undo", "voted",
+        "work", "worked",
+    )
 
-@dataclass
-class _Attempt:
-    """Mutable scratch for one transition: extra audit fields the work adds."""
+    def __init__(self, lc: ModuleLifecycle, trigger: Trigger, work: Callable[[TransitionStep], None]) -> None:
+        self.lc = lc
+        self.trigger = trigger
+        self.work = work
+        self.source = lc.state
+        self.started = time.perf_counter()
+        self.extra: dict[str, Any] = {}
+        self.undo: list[Callable[[], None]] = []
+        self.voted = False
+        self.worked = False
+        self.done = False
+        self.after_error: BaseException | None = None
 
-    extra: dict[str, Any] = field(default_factory=dict)
+    def on_undo(self, undo: Callable[[], None]) -> None:
+        self.undo.append(undo)
+
+    # ------------------------------------------------------------------ machine callbacks
+    def run(self) -> None:
+        lc = self.lc
+        lc.serving.guard(self.trigger)
+        if self.source is State.LOADED and self.trigger is not Trigger.RESET:
+            lc.check_sharing(self.trigger)
+        self.work(self)
+        self.worked = True
+        self.voted = True
+        if self.trigger is Trigger.RESET:
+            # An unmount cannot be undone: commit, then tell the caller what the others did.
+            try:
+                failed = lc.commit.agree(lc.name, self.trigger.value, self.source, None)
+            except BaseException as exc:
+                self.after_error = exc
+                return
+            if failed:
+                self.after_error = lc.commit.committed_anyway(lc.name, State.LOADED, failed)
+            return
+        failed = lc.commit.agree(lc.name, self.trigger.value, self.source, None)
+        if failed:
+            text = "; ".join(f"rank {rank} ({what})" for rank, what in sorted(failed.items()))
+            raise PeerFailedError(f"failed on {text}", failed)
+
+    def committed(self) -> None:
+        self.done = True
+        lc = self.lc
+        dest = lc.state
+        lost = lc.record(self.trigger, self.source, dest, "ok", self.started, None, self.extra)
+        if self.after_error is not None:
+            if lost is not None:
+                warn_unwritten(audit.TRANSITION_EVENT, lc.name, lost, self.after_error)
+            raise self.after_error
+        if lost is not None:
+            raise AuditWriteError(
+                f"{lc.name}: {self.trigger.value} succeeded and the state is now {dest.value}, but "
+                f"its audit event could not be written ({type(lost).__name__}: {lost}). The "
+                "lifecycle keeps working; fix the audit sink.",
+                module=lc.name, state=dest, trigger=self.trigger,
+            ) from lost
+
+    def aborted(self, error: BaseException) -> None:
+        if self.done:  # raised after the commit (a lost audit write, a reset's late verdict)
+            raise error
+        lc = self.lc
+        trigger, source = self.trigger, self.source
+        if self.worked and self.undo:
+            for undo in reversed(self.undo):
+                undo()
+        if isinstance(error, MachineError):
+            error = IllegalTransitionError(
+                module=lc.name, state=source, trigger=trigger,
+                reason=explain_illegal(lc.policy, source, trigger),
+                allowed=allowed_triggers(lc.policy, source),
+            )
+        if isinstance(error, _REFUSALS):
+            lost = lc.record(trigger, source, source, "refused", self.started, error, self.extra)
+            if not self.voted:
+                self.voted = True
+                lc.commit.agree(lc.name, trigger.value, source, error)
+            if lost is not None:
+                warn_unwritten(audit.TRANSITION_EVENT, lc.name, lost, error)
+            raise error
+        nested = isinstance(error, TransitionFailedError) and error.module is not None
+        cause = error.__cause__ if nested and error.__cause__ is not None else error
+        failed: Mapping[int, str] | None = None
+        vote_error: BaseException | None = None
+        if not self.voted:
+            self.voted = True
+            try:
+                failed = lc.commit.agree(lc.name, trigger.value, source, cause)
+            except BaseException as exc:
+                vote_error = exc
+        elif isinstance(error, PeerFailedError):
+            failed = error.failed_ranks
+        lost = lc.record(trigger, source, source, "failed", self.started, cause, self.extra)
+        if isinstance(cause, (KeyboardInterrupt, SystemExit)):
+            raise cause
+        if vote_error is not None:
+            raise vote_error
+        if isinstance(cause, RankDivergenceError):
+            raise cause from None
+        typed = lc.commit.failure(lc.name, trigger, source, cause, failed)
+        if lost is not None:
+            warn_unwritten(audit.TRANSITION_EVENT, lc.name, lost, typed)
+        raise typed from cause
 
 
 class ModuleLifecycle:
     """An explicit, audited lifecycle for one transformer module.
 
-    Thread-safe: every trigger and every request holds the lifecycle's re-entrant lock, so
-    transitions and requests on one lifecycle run one at a time; other lifecycles are not
-    blocked. Inside its own ``request`` a thread may call ``refresh`` (the lock is re-entrant):
-    it starts a new cache context for the rest of that request. Any other trigger, or a nested
-    ``request``, from inside a request is refused at once (it could only wait on itself).
+    Thread-safe: every trigger and every request holds the lifecycle's lock (re-entrant for its
+    owner, a thread or an asyncio task), so transitions and requests on one lifecycle run one at a
+    time; other lifecycles are not blocked (lifecycles sharing one module share its lock). Inside
+    its own ``request`` the owner may call ``refresh`` (a new cache context for the rest of that
+    request); any other trigger, or a nested ``request``, is refused at once.
     """
 
     def __init__(
@@ -113,8 +200,9 @@ class ModuleLifecycle:
         cache_config: Any = None,
         compile_options: Mapping[str, Any] | None = None,
         *,
-        cache_adapter: Any = None,
+        cache_adapter: CacheAdapter | None = None,
         artifact_dir: str | os.PathLike[str] | None = None,
+        commit: CommitHook | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise InvalidConfigError(f"name must be a non-empty str, got {name!r}")
@@ -134,47 +222,72 @@ class ModuleLifecycle:
         self.policy = policy
         self.module_id = uuid.uuid4().hex[:12]
         self._module = module
-        self._lock = threading.RLock()
+        self.commit: CommitHook = commit if commit is not None else LocalCommit()
+        self._holder = StateHolder()
         self._seq = 0
         self._history: list[TransitionRecord] = []
-        self._holder = attach(policy, self)
+        loaded = State.LOADED
         try:
             self.backend: BackendAdapter = get_backend(backend)
-        except BackendUnavailable as exc:
-            raise BackendUnavailableError(f"{name}: {exc}", module=name, state=State.LOADED) from exc
-        except InvalidOptions as exc:
-            raise InvalidConfigError(f"{name}: {exc}", module=name, state=State.LOADED) from exc
-        self.cache = cache_adapter if cache_adapter is not None else CacheDitAdapter()
+        except AdapterError as exc:
+            raise translate_adapter_error(exc, module=name, state=loaded) from exc
+        if cache_adapter is None:
+            cache_adapter = CacheDitAdapter()
+        elif not isinstance(cache_adapter, CacheAdapter):
+            raise InvalidConfigError(
+                f"{name}: cache_adapter must implement adapters.CacheAdapter (mount, refresh, "
+                f"unmount, summary, ...), got {type(cache_adapter).__name__}; leave it None for "
+                "cache-dit's",
+                module=name, state=loaded,
+            )
+        self.cache: CacheAdapter = cache_adapter
         try:
-            self.compile_options = self.backend.validate_options(compile_options or {})
-            self.cache_config = self.cache.validate_config(cache_config) if policy.cache_dit else None
-        except InvalidOptions as exc:
-            raise InvalidConfigError(f"{name}: {exc}", module=name, state=State.LOADED) from exc
-        self._serving_steps: int | None = getattr(self.cache_config, "num_inference_steps", None)
-        self._compiles = 0
-        self._compile_s = 0.0
-        self._warmup_s = 0.0
-        self._recompiles_since_warmup = 0
-        self._requests = 0
-        # The request being served, set only while its block runs (under the lock, so a non-None
-        # value seen while holding the lock belongs to this very thread).
-        self._active_request: RequestRecord | None = None
-        self._warmup_covered: bool | None = None
-        # Compile artifacts (adapters/artifacts.py): loaded before compile, saved at WarmedUp.
+            self.compile_options: dict[str, Any] = self.backend.validate_options(compile_options or {})
+            if policy.compile:
+                self.backend.validate_for_module(module, self.compile_options)
+            self.cache_config: Any = self.cache.validate_config(cache_config) if policy.cache_dit else None
+            check_config = getattr(self.cache, "validate_for_module", None)
+            if policy.cache_dit and callable(check_config):
+                check_config(module, self.cache_config)
+        except AdapterError as exc:
+            raise translate_adapter_error(exc, module=name, state=loaded) from exc
         if artifact_dir is not None and not isinstance(artifact_dir, (str, os.PathLike)):
             raise InvalidConfigError(
                 f"{name}: artifact_dir must be a directory path (str or PathLike), got "
-                f"{type(artifact_dir).__name__}", module=name, state=State.LOADED,
+                f"{type(artifact_dir).__name__}", module=name, state=loaded,
             )
-        self._artifacts = ArtifactStore(artifact_dir) if artifact_dir is not None and policy.compile else None
-        self._artifact_reports: dict[str, ArtifactReport] = {}
-        self._artifact_key_now: Any = None
-        self._misses_at_compile = 0
+        self.artifacts = (
+            ArtifactSession(artifact_dir) if artifact_dir is not None and policy.compile else None
+        )
+        self._serving_steps: int | None = getattr(self.cache_config, "num_inference_steps", None)
+        self._compiles = 0
+        self._compile_s = 0.0
+        self.steering = WarmupSteering(self)
+        self.serving = RequestServer(self)
+        self._base: dict[str, Any] = {
+            "module": name,
+            "module_id": self.module_id,
+            "backend": self.backend.name,
+            "policy": policy.as_dict(),
+            **self.commit.audit_fields(),
+        }
+        self._refuse_host_compiled(module)
+        # Lifecycles over one module share its lock (lifecycle.holds); registered last, so a
+        # construction that failed above leaves no trace.
+        self._lock: OwnerLock = SHARES.join(module, self)
+        self.check_sharing(None)
 
     # ------------------------------------------------------------------ read-only views
     @property
     def state(self) -> State:
         return State(self._holder.state)
+
+    @property
+    def ready(self) -> bool:
+        """True only while WarmedUp and serving from the lifecycle's own cache context: a
+        readiness probe's answer. Lock-free, so a probe never waits on a compile; liveness must
+        not depend on it."""
+        return self._holder.state == _WARMED_UP and not self.steering.context_steered
 
     @property
     def module(self) -> nn.Module:
@@ -187,8 +300,22 @@ class ModuleLifecycle:
         with self._lock:
             return tuple(self._history)
 
+    @property
+    def serving_steps(self) -> int | None:
+        """The step count a request serves when it names none."""
+        return self._serving_steps
+
+    @property
+    def lock(self) -> OwnerLock:
+        """This lifecycle's lock (shared by every lifecycle over the same module)."""
+        return self._lock
+
     def allowed_triggers(self) -> tuple[Trigger, ...]:
         return allowed_triggers(self.policy, self.state)
+
+    def can(self, trigger: Trigger) -> bool:
+        """Whether the table makes ``trigger`` legal now."""
+        return destination(self.policy, self.state, trigger) is not None
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -203,123 +330,101 @@ class ModuleLifecycle:
                 "backend": self.backend.name,
                 "compiles": self._compiles,
                 "compile_s": self._compile_s,
-                "warmup_s": self._warmup_s,
-                "recompiles_since_warmup": self._recompiles_since_warmup,
-                "requests": self._requests,
-                "warmup_covered_cached_branch": self._warmup_covered,
+                "warmup_s": self.steering.warmup_s,
+                "recompiles_since_warmup": self.serving.recompiles_since_warmup,
+                "requests": self.serving.requests,
+                "warmup_covered_cached_branch": self.steering.covered,
                 "cache": cache_summary,
-                "artifacts": {k: r.status for k, r in self._artifact_reports.items()} or None,
+                "artifacts": self.artifacts.statuses() if self.artifacts is not None else None,
             }
 
     def __repr__(self) -> str:
         return f"ModuleLifecycle({self.name!r}, state={self.state.value}, policy={self.policy})"
 
-    # ------------------------------------------------------------------ the machinery
-    def _audit_base(self) -> dict[str, Any]:
-        return {
-            "module": self.name,
-            "module_id": self.module_id,
-            "backend": self.backend.name,
-            "policy": self.policy.as_dict(),
-        }
+    # ------------------------------------------------------------------ audit
+    def audit_fields(self) -> dict[str, Any]:
+        """The fields every audit event of this lifecycle starts from (one place: a distributed
+        lifecycle's rank and world size come in through its commit hook)."""
+        return dict(self._base)
 
-    def _record(
+    def record(
         self,
         trigger: Trigger,
         source: State,
         dest: State,
-        outcome: str,
+        outcome: Outcome,
         started: float,
         error: BaseException | None = None,
         extra: Mapping[str, Any] | None = None,
-    ) -> None:
+    ) -> Exception | None:
+        """Append to ``history`` and write the transition event; return the sink's error, if any."""
         self._seq += 1
         duration_ms = (time.perf_counter() - started) * 1000.0
         error_text = f"{type(error).__name__}: {error}" if error is not None else None
         self._history.append(
             TransitionRecord(self._seq, trigger, source, dest, outcome, duration_ms, error_text)
         )
-        fields = {
-            **self._audit_base(),
-            "trigger": trigger.value,
-            "source": source.value,
-            "dest": dest.value,
-            "outcome": outcome,
-            "duration_ms": round(duration_ms, 3),
-            "seq": self._seq,
-        }
+        fields = dict(self._base)
+        fields.update(
+            trigger=trigger.value, source=source.value, dest=dest.value, outcome=outcome,
+            duration_ms=round(duration_ms, 3), seq=self._seq,
+        )
         if extra:
             fields.update(extra)
         if error is not None:
             fields["error"] = error_text
             fields["error_type"] = type(error).__name__
-        audit.emit(audit.TRANSITION_EVENT, outcome, fields)
+        return emit_checked(audit.TRANSITION_EVENT, outcome, fields)
 
-    def _refuse(self, trigger: Trigger, error: LifecycleError, started: float) -> LifecycleError:
+    def _refuse(self, error: LifecycleError, trigger: Trigger) -> LifecycleError:
+        """Audit a refusal decided before any trigger fired (prepare's arguments, a busy lock)."""
         source = self.state
-        self._record(trigger, source, source, "refused", started, error)
+        lost = self.record(trigger, source, source, "refused", time.perf_counter(), error)
+        if lost is not None:
+            warn_unwritten(audit.TRANSITION_EVENT, self.name, lost, error)
         return error
 
+    # ------------------------------------------------------------------ the machinery
     @contextmanager
-    def _transition(self, trigger: Trigger) -> Iterator[_Attempt]:
-        """Hold the lock, check legality, run the body, then move the state and audit."""
-        started = time.perf_counter()
-        with self._lock:
-            source = self.state
-            dest = destination(self.policy, source, trigger)
-            if dest is None:
-                error = IllegalTransitionError(
-                    module=self.name,
-                    state=source,
-                    trigger=trigger,
-                    reason=explain_illegal(self.policy, source, trigger),
-                    allowed=allowed_triggers(self.policy, source),
-                )
-                raise self._refuse(trigger, error, started)
-            if self._active_request is not None and trigger is not Trigger.REFRESH:
-                # Same thread, inside its own request: waiting would deadlock, and a reset or
-                # invalidate would change the module under the request.
-                error = IllegalTransitionError(
-                    module=self.name,
-                    state=source,
-                    trigger=trigger,
-                    reason=f"request {self._active_request.request_id!r} is running in this thread; "
-                    f"call {trigger.value}() after its block ends",
-                    allowed=(Trigger.REFRESH,),
-                )
-                raise self._refuse(trigger, error, started)
-            attempt = _Attempt()
-            try:
-                yield attempt
-            except (UnsupportedModuleError, InvalidConfigError) as exc:
-                # Refused before any work was done.
-                raise self._refuse(trigger, exc, started) from exc.__cause__
-            except BaseException as exc:
-                cause = exc.__cause__ if isinstance(exc, TransitionFailedError) and exc.__cause__ else exc
-                self._record(trigger, source, source, "failed", started, cause, attempt.extra)
-                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                    raise
-                raise TransitionFailedError(
-                    f"{self.name}: {trigger.value} failed in state {source.value} "
-                    f"({type(cause).__name__}: {cause}); the state stays {source.value} and the "
-                    f"module is usable. {_fix_hint(trigger)}",
-                    module=self.name,
-                    state=source,
-                    trigger=trigger,
-                ) from cause
-            fire(self._holder, trigger)
-            self._record(trigger, source, dest, "ok", started, None, attempt.extra)
+    def hold(self, trigger: Trigger) -> Iterator[None]:
+        """Hold this lifecycle's lock for ``trigger``; another asyncio task of the owner's thread
+        is refused (audited) instead of deadlocking the loop."""
+        try:
+            self._lock.acquire()
+        except LockConflict as exc:
+            error = IllegalTransitionError(
+                module=self.name, state=self.state, trigger=trigger, reason=str(exc),
+                allowed=allowed_triggers(self.policy, self.state),
+            )
+            if trigger is Trigger.REQUEST:
+                self.serving.refuse(None, None, error)
+                raise error from None
+            raise self._refuse(error, trigger) from None
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def fire(self, trigger: Trigger, attempt: Attempt) -> None:
+        """Fire ``trigger`` on the machine with ``attempt`` (the caller holds the lock)."""
+        fire(self.policy, self._holder, trigger, attempt)
+
+    def transition(self, trigger: Trigger, work: Callable[[TransitionStep], None]) -> None:
+        """Run ``work`` as ``trigger``: legal per the table, the state moves only if it succeeds.
+        (For this module's triggers and ``PipelineLifecycle``'s joint warm-up.)"""
+        with self.hold(trigger):
+            fire(self.policy, self._holder, trigger, TransitionStep(self, trigger, work))
 
     def _invalid(self, trigger: Trigger, message: str) -> InvalidConfigError:
         return InvalidConfigError(
             f"{self.name}: {message}", module=self.name, state=self.state, trigger=trigger
         )
 
-    def _check_steps(self, trigger: Trigger, steps: int | None) -> None:
+    def check_steps(self, trigger: Trigger, steps: object) -> None:
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0):
             raise self._invalid(trigger, f"num_inference_steps must be a positive int, got {steps!r}")
 
-    def _check_callable(self, trigger: Trigger, run: object) -> None:
+    def check_callable(self, trigger: Trigger, run: object) -> None:
         if not callable(run):
             raise self._invalid(
                 trigger,
@@ -327,76 +432,174 @@ class ModuleLifecycle:
                 f"got {type(run).__name__}",
             )
 
+    def check_prepare(self, run: object, num_inference_steps: object) -> None:
+        """``prepare``'s arguments, checked before anything moves; a refusal is audited."""
+        try:
+            if self.state is not State.WARMED_UP:
+                self.check_callable(Trigger.WARM_UP, run)
+            self.check_steps(Trigger.REFRESH, num_inference_steps)
+        except InvalidConfigError as exc:
+            trigger = exc.trigger if isinstance(exc.trigger, Trigger) else Trigger.WARM_UP
+            raise self._refuse(exc, trigger) from None
+
+    def set_serving_steps(self, steps: int | None) -> None:
+        if steps is not None:
+            self._serving_steps = steps
+
+    # ------------------------------------------------------------------ sharing
+    def _compatible(self, other: object) -> bool:
+        return (
+            isinstance(other, ModuleLifecycle)
+            and other.policy == self.policy
+            and type(other.cache) is type(self.cache)
+            and _same(other.cache_config, self.cache_config)
+            and _same(other.compile_options, self.compile_options)
+        )
+
+    def check_sharing(self, trigger: Trigger | None) -> None:
+        """Refuse to drive a module another lifecycle drives differently (issue 14, defect 5).
+
+        Lifecycles over one module share it only when they would drive it the same way (same
+        policy, cache adapter, cache config and compile options); then their state is the
+        module's and their requests run one at a time on its shared lock. Otherwise, while the
+        other one is past Loaded, this one is refused: its outputs would silently be the other's
+        (a cache-less lifecycle serving cache-dit's cached steps, say)."""
+        for other in SHARES.others(self._module, self):
+            driving = isinstance(other, ModuleLifecycle) and other.state is not State.LOADED
+            if driving and isinstance(other, ModuleLifecycle) and not self._compatible(other):
+                raise InvalidConfigError(
+                    f"{self.name}: the module is already driven by lifecycle {other.name!r} "
+                    f"(state {other.state.value}, policy {other.policy}) with another policy, cache "
+                    "or compile configuration; two lifecycles share a module only when configured "
+                    f"alike. Call reset() on {other.name!r} first, give this lifecycle its own "
+                    "module, or construct it with the same arguments",
+                    module=self.name, state=self.state, trigger=trigger,
+                )
+        if not self.policy.cache_dit and self.cache.is_mounted(self._module):
+            raise UnsupportedModuleError(
+                f"{self.name}: the module has cache-dit mounted (by the host or another lifecycle) "
+                "but this lifecycle's policy disables Cache-DiT, so it would serve cached steps; "
+                "unmount it first (cache_dit.disable_cache) or use LifecyclePolicy(cache_dit=True)",
+                module=self.name, state=self.state, trigger=trigger,
+            )
+
+    def _refuse_host_compiled(self, module: nn.Module) -> None:
+        """A module the host compiled in place is refused, never compiled or mounted over
+        (issue 14, defect 8): mounting cache-dit now would leave that code on the unwrapped path."""
+        if COMPILED.holders(module):
+            return  # compiled by another lifecycle: adopted at compile()
+        compiled = getattr(module, "_compiled_call_impl", None) is not None or any(
+            getattr(sub, "_compiled_call_impl", None) is not None for sub in module.modules()
+        )
+        if compiled:
+            raise UnsupportedModuleError(
+                f"{self.name}: the module was already compiled in place by the host "
+                "(module.compile() or a block's); the lifecycle compiles it itself, after mounting "
+                "cache-dit. Pass it uncompiled (set module._compiled_call_impl = None), or do not "
+                "manage it with a lifecycle",
+                module=self.name, state=State.LOADED,
+            )
+
     # ------------------------------------------------------------------ triggers
     def mount_cache(self) -> None:
         """Loaded -> CacheMounted: wrap the module with cache-dit (before any compile)."""
-        with self._transition(Trigger.MOUNT_CACHE) as attempt:
-            with CACHE_MOUNTS.acquire(self._module, self.module_id) as first:
-                if not first or self.cache.is_mounted(self._module):
-                    # Mounted by another lifecycle or the host: adopt it with this config.
-                    self.cache.refresh(self._module, self.cache_config, self._serving_steps)
-                    attempt.extra["adopted"] = True
-                else:
-                    try:
-                        self.cache.check_supported(self._module)
-                    except UnsupportedForCache as exc:
-                        raise UnsupportedModuleError(
-                            f"{self.name}: {exc}", module=self.name, state=self.state,
-                            trigger=Trigger.MOUNT_CACHE,
-                        ) from exc
-                    self.cache.mount(self._module, self.cache_config)
-            attempt.extra["cache_config"] = self.cache.describe_config(self.cache_config)
+        self.transition(Trigger.MOUNT_CACHE, self._mount)
+
+    def _mount(self, step: TransitionStep) -> None:
+        module = self._module
+        with CACHE_MOUNTS.acquire(module, self.module_id) as first:
+            if not first:
+                # Another lifecycle over this module mounted it (configured alike): adopt it.
+                self.cache.refresh(module, self.cache_config, self._serving_steps)
+                step.extra["adopted"] = "lifecycle"
+            elif self.cache.is_mounted(module):
+                # The host mounted it (e.g. with a BlockAdapter): adopt it, explicitly, with this
+                # lifecycle's config; reset() unmounts it.
+                self.cache.refresh(module, self.cache_config, self._serving_steps)
+                step.extra["adopted"] = "host"
+            else:
+                try:
+                    self.cache.check_supported(module)
+                except AdapterError as exc:
+                    raise translate_adapter_error(
+                        exc, module=self.name, state=self.state, trigger=Trigger.MOUNT_CACHE
+                    ) from exc
+                self.cache.mount(module, self.cache_config)
+        adopted = step.extra.get("adopted")
+        step.on_undo(lambda: self._release_cache_mount(unmount=adopted is None))
+        step.extra["cache_config"] = self.cache.describe_config(self.cache_config)
 
     def compile(self) -> None:
         """-> Compiled: compile the (cache-wrapped) module in place on the backend."""
-        with self._transition(Trigger.COMPILE) as attempt:
-            started = time.perf_counter()
-            with COMPILED.acquire(self._module, self.module_id) as first:
-                if first:
-                    self._load_artifacts(attempt)
-                    self.backend.compile(self._module, self.compile_options)
-                    self._compiles += 1
-                attempt.extra["reused_compiled"] = not first
-            self._compile_s += time.perf_counter() - started
-            attempt.extra["compile_backend"] = str(self.compile_options.get("backend"))
-            reproducible = self.backend.reproducibility(self.compile_options)
-            if reproducible is not None:  # compile_options={"reproducible": True}
-                attempt.extra["reproducible"] = reproducible
+        self.transition(Trigger.COMPILE, self._compile)
+
+    def _compile(self, step: TransitionStep) -> None:
+        started = time.perf_counter()
+        with COMPILED.acquire(self._module, self.module_id) as first:
+            if first:
+                if self.artifacts is not None:
+                    self._report_artifacts(self.artifacts.before_compile(self._artifact_key), step.extra)
+                self.backend.compile(self._module, self.compile_options)
+                self._compiles += 1
+            step.extra["reused_compiled"] = not first
+        step.on_undo(self._release_compiled)
+        self._compile_s += time.perf_counter() - started
+        step.extra["compile_backend"] = str(self.compile_options.get("backend"))
+        reproducible = self.backend.reproducibility(self.compile_options)
+        if reproducible is not None:  # compile_options={"reproducible": True}
+            step.extra["reproducible"] = reproducible
 
     def warm_up(self, run: WarmupRun) -> None:
         """-> WarmedUp: call ``run(module)``; with cache-dit mounted and compile on, the warm-up
         runs under a steered cache context until it has covered the cached-step branch."""
-        with self._transition(Trigger.WARM_UP) as attempt:
-            self._check_callable(Trigger.WARM_UP, run)
-            self._run_warmup([self], lambda: run(self._module), attempt)
+
+        def work(step: TransitionStep) -> None:
+            self.check_callable(Trigger.WARM_UP, run)
+            run_warmup([self], [lambda: run(self._module)], [step.extra])
+
+        self.transition(Trigger.WARM_UP, work)
 
     def refresh(self, num_inference_steps: int | None = None) -> None:
         """Same state, fresh cache-dit context from this lifecycle's config (and step count)."""
-        with self._transition(Trigger.REFRESH) as attempt:
-            self._check_steps(Trigger.REFRESH, num_inference_steps)
-            steps = num_inference_steps if num_inference_steps is not None else self._serving_steps
+
+        def work(step: TransitionStep) -> None:
+            self.check_steps(Trigger.REFRESH, num_inference_steps)
+            before = self._serving_steps
+            steps = num_inference_steps if num_inference_steps is not None else before
             self.cache.refresh(self._module, self.cache_config, steps)
             self._serving_steps = steps
-            attempt.extra["num_inference_steps"] = steps
-            if self._active_request is not None:
+            self.steering.context_steered = False
+            step.extra["num_inference_steps"] = steps
+            step.on_undo(lambda: self._restore_steps(before))
+            active = self.serving.active
+            if active is not None:
                 # Refresh inside one's own request: the rest of it runs in the new context.
-                self._active_request.num_inference_steps = steps
-                attempt.extra["request_id"] = self._active_request.request_id
+                active.record.num_inference_steps = steps
+                step.extra["request_id"] = active.record.request_id
+
+        self.transition(Trigger.REFRESH, work)
+
+    def _restore_steps(self, steps: int | None) -> None:
+        self._serving_steps = steps
+        self.cache.refresh(self._module, self.cache_config, steps)
 
     def invalidate(self) -> None:
         """WarmedUp -> the state before it: weights changed, so warm up again before serving."""
-        with self._transition(Trigger.INVALIDATE):
-            self._warmup_covered = None
+        self.transition(Trigger.INVALIDATE, lambda step: self.steering.reset())
 
     def reset(self) -> None:
         """-> Loaded: unmount cache-dit and drop compiled code; the original forward runs again."""
-        with self._transition(Trigger.RESET):
+
+        def work(step: TransitionStep) -> None:
             # Unmount first: it is the step that can fail, and nothing has changed yet if it does.
             # Either is undone only by the last lifecycle holding it (a shared module).
             self._release_cache_mount()
             self._release_compiled()
-            self._warmup_covered = None
-            self._recompiles_since_warmup = 0
+            self.steering.reset()
+            self.steering.context_steered = False
+            self.serving.recompiles_since_warmup = 0
+
+        self.transition(Trigger.RESET, work)
 
     def _release_cache_mount(self, *, unmount: bool = True) -> None:
         if self.policy.cache_dit:
@@ -412,17 +615,16 @@ class ModuleLifecycle:
     def prepare(self, run: WarmupRun, num_inference_steps: int | None = None) -> None:
         """Walk the legal path to WarmedUp, skipping what is done. Idempotent and thread-safe:
         concurrent callers wait on the lock, and all but the first find the work done."""
-        with self._lock:
-            if self.state is not State.WARMED_UP:
-                self._check_callable(Trigger.WARM_UP, run)
-            self._check_steps(Trigger.REFRESH, num_inference_steps)
-            if num_inference_steps is not None:
-                self._serving_steps = num_inference_steps
-            for trigger in self._remaining_path():
+        with self.hold(Trigger.WARM_UP):
+            self.check_prepare(run, num_inference_steps)
+            self.set_serving_steps(num_inference_steps)
+            for trigger in self.remaining_path():
                 if trigger is Trigger.WARM_UP:
                     self.warm_up(run)
+                elif trigger is Trigger.MOUNT_CACHE:
+                    self.mount_cache()
                 else:
-                    getattr(self, trigger.value)()
+                    self.compile()
 
     async def aprepare(self, run: WarmupRun, num_inference_steps: int | None = None) -> None:
         """``prepare`` in a worker thread, so an event loop keeps serving meanwhile."""
@@ -430,16 +632,12 @@ class ModuleLifecycle:
 
         await asyncio.to_thread(self.prepare, run, num_inference_steps)
 
-    def _remaining_path(self) -> list[Trigger]:
+    def remaining_path(self) -> list[Trigger]:
+        """The triggers from here to WarmedUp along the policy's path, read from the table."""
         path = self.policy.path
-        if self.state not in path:
-            raise IllegalTransitionError(
-                module=self.name, state=self.state, trigger="prepare",
-                reason="the state is not on this policy's path; call reset() first",
-                allowed=self.allowed_triggers(),
-            )
-        steps = []
-        here = path.index(self.state)
+        state = self.state
+        steps: list[Trigger] = []
+        here = path.index(state)
         for source, dest in zip(path[here:], path[here + 1 :], strict=False):
             steps.extend(
                 t for t in (Trigger.MOUNT_CACHE, Trigger.COMPILE, Trigger.WARM_UP)
@@ -447,117 +645,44 @@ class ModuleLifecycle:
             )
         return steps
 
-    # ------------------------------------------------------------------ warm-up internals
-    @contextmanager
-    def _warmup_context(self) -> Iterator[Callable[[], bool]]:
-        """Steer cache-dit's context for warm-up, then restore this lifecycle's serving context.
-
-        Yields ``covered()``: whether warm-up has reached the cached-step branch (always True
-        when there is nothing to cover: no cache, or no compile whose graphs could be missed).
-        """
-        steer = self.policy.cache_dit and self.policy.compile
-        if steer:
-            self.cache.refresh_for_warmup(self._module, self.cache_config)
-        try:
-            yield (lambda: self.cache.warmup_covered(self._module)) if steer else (lambda: True)
-        finally:
-            if self.policy.cache_dit:
-                # A warm-up is an earlier request: never let its context serve the first real one.
-                refreshed = time.perf_counter()
-                self.cache.refresh(self._module, self.cache_config, self._serving_steps)
-                self._audit_refresh("after_warmup", self._serving_steps, refreshed)
-
-    @staticmethod
-    def _run_warmup(
-        members: list[ModuleLifecycle], call: Callable[[], object], attempt: _Attempt | None
-    ) -> None:
-        """Enter each member's warm-up context, call until all are covered, audit coverage."""
-        from contextlib import ExitStack
-
+    # ------------------------------------------------------------------ warm-up and artifacts
+    def restore_serving_context(self, reason: str) -> None:
+        """Rebuild cache-dit's context from this lifecycle's config and serving step count."""
         started = time.perf_counter()
-        with ExitStack() as stack:
-            covered = [stack.enter_context(member._warmup_context()) for member in members]
-            runs = 0
-            while True:
-                call()
-                runs += 1
-                done = [check() for check in covered]
-                if all(done) or runs >= MAX_WARMUP_RUNS:
-                    break
-            for member, ok in zip(members, done, strict=False):
-                member.backend.synchronize()
-                member._warmup_covered = ok
-                if not ok:
-                    member._warn_uncovered(runs)
-        elapsed = time.perf_counter() - started
-        for member in members:
-            member._save_artifacts(attempt)
-            member._warmup_s += elapsed
-            member._recompiles_since_warmup = 0
-        if attempt is not None:
-            attempt.extra["warmup_runs"] = runs
-            attempt.extra["cached_branch_covered"] = all(done)
+        self.cache.refresh(self._module, self.cache_config, self._serving_steps)
+        # Debug level, for operators who want to see it; the refresh trigger has its own
+        # transition event, and every lifecycle.request implies a refresh on entry.
+        audit.logger().debug(
+            audit.CACHE_REFRESH_EVENT,
+            **self._base,
+            reason=reason,
+            num_inference_steps=self._serving_steps,
+            duration_ms=round((time.perf_counter() - started) * 1000.0, 3),
+        )
 
-    # ------------------------------------------------------------------ compile artifacts
-    def _artifact_key(self) -> Any:
+    def _artifact_key(self) -> ArtifactKey:
         return build_key(
             self._module,
             compile_options=self.compile_options,
             cache_config=self.cache_config,
-            cache_version=self.cache.version() if self.policy.cache_dit else None,
+            cache_version=_cache_version(self.cache) if self.policy.cache_dit else None,
             policy=self.policy.as_dict(),
         )
 
-    def _report_artifacts(self, report: ArtifactReport, attempt: _Attempt | None) -> None:
+    def save_artifacts(self, extra: dict[str, Any]) -> None:
+        """At WarmedUp: save what this compile added (the session's rule decides)."""
+        if self.artifacts is not None:
+            report = self.artifacts.after_warmup()
+            if report is not None:
+                self._report_artifacts(report, extra)
+
+    def _report_artifacts(self, report: ArtifactReport, extra: dict[str, Any]) -> None:
         """Audit one load or save; stale, corrupt and failed are warnings, never errors."""
-        self._artifact_reports[report.action] = report
-        if attempt is not None:
-            attempt.extra[f"artifacts_{report.action}"] = report.status
+        extra[f"artifacts_{report.action}"] = report.status
         outcome = "refused" if report.problem else "ok"
-        audit.emit("lifecycle.artifacts", outcome, {**self._audit_base(), **report.as_dict()})
-
-    def _load_artifacts(self, attempt: _Attempt | None) -> None:
-        """Before compiling: put saved graphs into torch's caches (never raises)."""
-        self._artifact_reports.pop("save", None)
-        self._artifact_key_now = None
-        self._misses_at_compile = inductor_cache_misses()
-        if self._artifacts is not None:
-            # Keyed once, here: every start builds it at this same point (mounted, before any
-            # call), and the save at WarmedUp reuses it, whatever the calls changed meanwhile.
-            try:
-                self._artifact_key_now = self._artifact_key()
-            except Exception as exc:  # artifacts are an optimisation: never fail the compile
-                self._report_artifacts(
-                    ArtifactReport("load", "failed", None, f"cannot build the key: {exc!r}"), attempt
-                )
-                return
-            self._report_artifacts(self._artifacts.load(self._artifact_key_now), attempt)
-
-    def _save_artifacts(self, attempt: _Attempt | None) -> None:
-        """At WarmedUp: save what was compiled, unless the loaded artifacts already held it all."""
-        if self._artifacts is None or "save" in self._artifact_reports:
-            return
-        loaded = self._artifact_reports.get("load")
-        compiled_new = inductor_cache_misses() > self._misses_at_compile
-        if loaded is not None and loaded.status == "loaded" and not compiled_new:
-            return
-        if self._artifact_key_now is None:
-            return  # no key: the load already reported why
-        self._report_artifacts(self._artifacts.save(self._artifact_key_now), attempt)
-
-    def _warn_uncovered(self, runs: int) -> None:
-        message = (
-            f"{self.name}: warm-up did not reach cache-dit's cached-step branch after {runs} "
-            "run(s) of the warm-up callable; the first real request may compile new graphs. "
-            "Make the warm-up call the transformer at least once per run, with the shapes of "
-            "real requests."
-        )
-        warnings.warn(message, WarmupCoverageWarning, stacklevel=4)
-        audit.emit(
-            audit.WARMUP_COVERAGE_EVENT,
-            "refused",
-            {**self._audit_base(), "covered": False, "warmup_runs": runs, "message": message},
-        )
+        lost = emit_checked("lifecycle.artifacts", outcome, {**self._base, **report.as_dict()})
+        if lost is not None:
+            warn_unwritten("lifecycle.artifacts", self.name, lost)
 
     # ------------------------------------------------------------------ serving
     @contextmanager
@@ -566,157 +691,44 @@ class ModuleLifecycle:
     ) -> Iterator[RequestRecord]:
         """Serve one request from a fresh cache context; the yielded record is filled in on exit.
 
-        - Legal only in WarmedUp; elsewhere ``IllegalTransitionError`` naming ``prepare``.
+        - Legal only where the table allows ``request`` (WarmedUp); elsewhere
+          ``IllegalTransitionError`` naming ``prepare``.
         - The context is rebuilt from this lifecycle's own cache config (and
           ``num_inference_steps`` when given), so identical requests give identical outputs and
           nothing of the warm-up or an earlier request leaks in.
         - One request at a time per lifecycle: the lock is held for the whole block, so a
-          request or transition from another thread waits for it to end.
-        - Inside the block the same thread may call ``refresh()``: the rest of the request runs
-          in the new context, ``cached_steps`` counts from there, and a step count given to it
-          becomes the serving default, as outside a request. Any other trigger and a nested
-          ``request()`` raise ``IllegalTransitionError`` at once (they could only wait on this
-          thread).
+          request or transition from another thread waits for it to end; another asyncio task
+          on the same thread is refused at once (it could only block the loop).
+        - Inside the block the owner may call ``refresh()``: the rest of the request runs in the
+          new context. Any other trigger and a nested ``request()`` raise
+          ``IllegalTransitionError`` at once.
         - An exception from the block is recorded (outcome ``failed``) and propagates unchanged;
           the state stays WarmedUp.
         - ``new_graphs`` reads dynamo's process-wide graph count: graphs compiled meanwhile for
           another module (e.g. the other Wan 2.2 transformer in the same pipeline call) count too.
         """
-        with self._lock:
-            try:
-                record = self._begin_request(num_inference_steps, request_id)
-            except LifecycleError as exc:
-                self._refuse_request(num_inference_steps, request_id, exc)
-                raise
-            started = time.perf_counter()
-            graphs_before = self.backend.graph_count()
+        with self.hold(Trigger.REQUEST):
+            active = self.serving.begin(num_inference_steps, request_id)
             error: BaseException | None = None
-            self._active_request = record
             try:
-                with structlog.contextvars.bound_contextvars(request_id=record.request_id):
-                    yield record
+                with structlog.contextvars.bound_contextvars(request_id=active.record.request_id):
+                    yield active.record
             except BaseException as exc:
                 error = exc
                 raise
             finally:
-                self._active_request = None
-                self.backend.synchronize()
-                self._end_request(record, started, graphs_before, error)
-
-    def _begin_request(self, steps: int | None, request_id: str | None) -> RequestRecord:
-        if self._active_request is not None:
-            raise IllegalTransitionError(
-                module=self.name,
-                state=self.state,
-                trigger="request",
-                reason=f"request {self._active_request.request_id!r} is already running in this "
-                "thread and requests do not nest (one cache context serves one request)",
-                allowed=(Trigger.REFRESH,),
-            )
-        if self.state is not State.WARMED_UP:
-            raise IllegalTransitionError(
-                module=self.name,
-                state=self.state,
-                trigger="request",
-                reason="requests are served only in WarmedUp; call prepare(run) first",
-                allowed=self.allowed_triggers(),
-            )
-        self._check_steps(Trigger.REFRESH, steps)
-        record = RequestRecord(request_id or uuid.uuid4().hex[:12], steps or self._serving_steps)
-        if self.policy.cache_dit:
-            try:
-                self.cache.refresh(self._module, self.cache_config, record.num_inference_steps)
-            except Exception as exc:
-                raise TransitionFailedError(
-                    f"{self.name}: the request could not start: refreshing cache-dit's context failed "
-                    f"({type(exc).__name__}: {exc}); the state stays WarmedUp and no request ran. "
-                    "Call refresh() to retry, or reset() and prepare(run) again.",
-                    module=self.name,
-                    state=self.state,
-                    trigger="request",
-                ) from exc
-        return record
-
-    def _audit_refresh(self, reason: str, steps: int | None, started: float) -> None:
-        # Debug level, for operators who want to see it; the refresh trigger has its own
-        # transition event, and every lifecycle.request implies a refresh on entry.
-        audit.logger().debug(
-            audit.CACHE_REFRESH_EVENT,
-            **self._audit_base(),
-            reason=reason,
-            num_inference_steps=steps,
-            duration_ms=round((time.perf_counter() - started) * 1000.0, 3),
-        )
-
-    def _refuse_request(self, steps: int | None, request_id: str | None, error: BaseException) -> None:
-        # Refused: not legal now or bad arguments; failed: legal, but the context refresh raised.
-        outcome = "failed" if isinstance(error, TransitionFailedError) else "refused"
-        audit.emit(
-            audit.REQUEST_EVENT,
-            outcome,
-            {
-                "module": self.name,
-                "module_id": self.module_id,
-                "request_id": request_id,
-                "num_inference_steps": steps,
-                "cached_steps": 0,
-                "new_graphs": 0,
-                "duration_ms": 0.0,
-                "outcome": outcome,
-                "state": self.state.value,
-                "error": f"{type(error).__name__}: {error}",
-            },
-        )
-
-    def _end_request(
-        self, record: RequestRecord, started: float, graphs_before: int, error: BaseException | None
-    ) -> None:
-        record.duration_ms = (time.perf_counter() - started) * 1000.0
-        record.new_graphs = max(0, self.backend.graph_count() - graphs_before)
-        if self.policy.cache_dit:
-            summary = self.cache.summary(self._module)
-            record.cached_steps = summary.cached_steps
-            record.cfg_cached_steps = summary.cfg_cached_steps
-        record.outcome = "ok" if error is None else "failed"
-        self._requests += 1
-        fields: dict[str, Any] = {
-            "module": self.name,
-            "module_id": self.module_id,
-            "request_id": record.request_id,
-            "num_inference_steps": record.num_inference_steps,
-            "cached_steps": record.cached_steps,
-            "cfg_cached_steps": record.cfg_cached_steps,
-            "new_graphs": record.new_graphs,
-            "duration_ms": round(record.duration_ms, 3),
-            "outcome": record.outcome,
-            "state": self.state.value,
-        }
-        if error is not None:
-            fields["error"] = f"{type(error).__name__}: {error}"
-        audit.emit(audit.REQUEST_EVENT, record.outcome, fields)
-        if record.new_graphs and self.policy.compile:
-            self._recompiles_since_warmup += record.new_graphs
-            audit.emit(
-                audit.RECOMPILE_EVENT,
-                "refused",
-                {
-                    **self._audit_base(),
-                    "request_id": record.request_id,
-                    "new_graphs": record.new_graphs,
-                    "recompiles_since_warmup": self._recompiles_since_warmup,
-                },
-            )
+                self.serving.end(active, error)
 
 
-def _fix_hint(trigger: Trigger) -> str:
-    hints = {
-        Trigger.MOUNT_CACHE: "Check the cache_config, then call mount_cache() again.",
-        Trigger.COMPILE: "Check compile_options, then call compile() again, or use "
-        "LifecyclePolicy(compile=False).",
-        Trigger.WARM_UP: "Fix the warm-up callable (or the compile it triggered), then call "
-        "warm_up(run) or prepare(run) again; reset() returns the module to eager.",
-        Trigger.REFRESH: "Call refresh() again with a valid step count.",
-        Trigger.INVALIDATE: "Call invalidate() again.",
-        Trigger.RESET: "Call reset() again once the cause is fixed.",
-    }
-    return hints[trigger]
+def _same(a: object, b: object) -> bool:
+    if a is b:
+        return True
+    try:
+        return bool(a == b)
+    except Exception:  # e.g. configs holding tensors
+        return False
+
+
+def _cache_version(cache: CacheAdapter) -> str | None:
+    version = getattr(cache, "version", None)
+    return str(version()) if callable(version) else None

@@ -9,8 +9,10 @@ from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from lifecycle.errors import IllegalTransitionError, InvalidConfigError, LifecycleError, PipelineError
-from lifecycle.module import ModuleLifecycle, RequestRecord
-from states import PROGRESS, State, Trigger, destination
+from lifecycle.module import ModuleLifecycle
+from lifecycle.serving import ActiveRequest, RequestRecord
+from lifecycle.warmup import warm_up_together
+from states import PROGRESS, State, Trigger
 
 # Pipeline attributes managed by from_diffusers, in order.
 DIFFUSERS_MEMBERS = ("transformer", "transformer_2")
@@ -35,13 +37,29 @@ class PipelineLifecycle:
     """
 
     def __init__(self, members: Mapping[str, ModuleLifecycle], *, pipeline: Any = None) -> None:
+        if not isinstance(members, Mapping):
+            raise InvalidConfigError(
+                f"PipelineLifecycle takes a mapping of member name -> ModuleLifecycle, got "
+                f"{type(members).__name__}; e.g. PipelineLifecycle({{'transformer': lc1, "
+                "'transformer_2': lc2}})"
+            )
         if not members:
             raise InvalidConfigError("PipelineLifecycle needs at least one member")
+        seen: dict[int, str] = {}
         for name, member in members.items():
+            if not isinstance(name, str) or not name:
+                raise InvalidConfigError(f"pipeline member names must be non-empty str, got {name!r}")
             if not isinstance(member, ModuleLifecycle):
                 raise InvalidConfigError(
                     f"member {name!r} must be a ModuleLifecycle, got {type(member).__name__}"
                 )
+            if id(member) in seen:
+                raise InvalidConfigError(
+                    f"members {seen[id(member)]!r} and {name!r} are the same lifecycle "
+                    f"({member.name!r}); a pipeline drives each lifecycle once: give each member "
+                    "its own ModuleLifecycle"
+                )
+            seen[id(member)] = name
         self.members: dict[str, ModuleLifecycle] = dict(members)
         self.pipeline = pipeline
 
@@ -95,15 +113,20 @@ class PipelineLifecycle:
     def state(self) -> State:
         return min((m.state for m in self.members.values()), key=PROGRESS.__getitem__)
 
+    @property
+    def ready(self) -> bool:
+        """True only while every member is ready to serve (see ``ModuleLifecycle.ready``)."""
+        return all(m.ready for m in self.members.values())
+
     def _warmup_target(self) -> Any:
         return self.pipeline if self.pipeline is not None else {n: m.module for n, m in self.members.items()}
 
     @contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self, trigger: Trigger) -> Iterator[None]:
         """Hold every member's lock, in insertion order (the order ``request`` takes them too)."""
         with ExitStack() as stack:
             for member in self.members.values():
-                stack.enter_context(member._lock)
+                stack.enter_context(member.hold(trigger))
             yield
 
     def _each(self, action: Callable[[ModuleLifecycle], None]) -> None:
@@ -116,24 +139,20 @@ class PipelineLifecycle:
 
         Idempotent and thread-safe like ``ModuleLifecycle.prepare``: concurrent callers wait,
         and all but the first find every member WarmedUp."""
-        with self._locked():
-
-            def check(member: ModuleLifecycle) -> None:
-                member._check_steps(Trigger.REFRESH, num_inference_steps)
-                if member.state is not State.WARMED_UP:
-                    member._check_callable(Trigger.WARM_UP, run)
-
-            self._each(check)  # every argument checked before any member moves
-            if num_inference_steps is not None:
-                for member in self.members.values():
-                    member._serving_steps = num_inference_steps
+        with self._locked(Trigger.WARM_UP):
+            # Every argument checked (and a refusal audited) before any member moves.
+            self._each(lambda member: member.check_prepare(run, num_inference_steps))
+            for member in self.members.values():
+                member.set_serving_steps(num_inference_steps)
             if all(m.state is State.WARMED_UP for m in self.members.values()):
                 return
 
             def advance(member: ModuleLifecycle) -> None:
-                for trigger in member._remaining_path():
-                    if trigger is not Trigger.WARM_UP:
-                        getattr(member, trigger.value)()
+                for trigger in member.remaining_path():
+                    if trigger is Trigger.MOUNT_CACHE:
+                        member.mount_cache()
+                    elif trigger is Trigger.COMPILE:
+                        member.compile()
 
             self._each(advance)
             cold = [m for m in self.members.values() if m.state is not State.WARMED_UP]
@@ -150,24 +169,17 @@ class PipelineLifecycle:
 
         The call cannot be attributed to one member, so a failure fails every member's warm-up
         (each stays in its previous state, each audits ``failed``) and the error names them all.
+        Each member's audit event carries its own fields (coverage, artifacts).
         """
         if not members:
             return
         for member in members:
-            if destination(member.policy, member.state, Trigger.WARM_UP) is None:
+            if not member.can(Trigger.WARM_UP):
                 # Refused before any member is entered: only this member audits the refusal.
                 self._each_one(member, lambda m: m.warm_up(lambda _module: None))
         names = tuple(m.name for m in members)
         try:
-            with ExitStack() as stack:
-                attempts = [stack.enter_context(m._transition(Trigger.WARM_UP)) for m in members]
-                ModuleLifecycle._run_warmup(members, call, attempts[0])
-                for attempt, member in zip(attempts, members, strict=True):
-                    attempt.extra.update(
-                        warmup_runs=attempts[0].extra.get("warmup_runs"),
-                        cached_branch_covered=member._warmup_covered,
-                        joint_warmup=list(names),
-                    )
+            warm_up_together(members, [call])
         except LifecycleError as exc:
             states = ", ".join(f"{m.name}={m.state.value}" for m in members)
             raise PipelineError(
@@ -192,12 +204,12 @@ class PipelineLifecycle:
 
         All or none: a member that would refuse (not mounted yet, bad step count) raises
         before any member is refreshed. A refresh compiles nothing (measured: README)."""
-        with self._locked():
+        with self._locked(Trigger.REFRESH):
             cached = [m for m in self.members.values() if m.policy.cache_dit]
             for member in cached:
                 try:
-                    member._check_steps(Trigger.REFRESH, num_inference_steps)
-                    legal = destination(member.policy, member.state, Trigger.REFRESH) is not None
+                    member.check_steps(Trigger.REFRESH, num_inference_steps)
+                    legal = member.can(Trigger.REFRESH)
                 except LifecycleError:
                     legal = False
                 if not legal:
@@ -209,13 +221,13 @@ class PipelineLifecycle:
     def invalidate(self) -> None:
         """Weights changed: every WarmedUp member steps back so the next ``prepare`` warms it
         again (compiled code is kept). Members that are not warm have nothing to invalidate."""
-        with self._locked():
+        with self._locked(Trigger.INVALIDATE):
             self._each(lambda m: m.invalidate() if m.state is State.WARMED_UP else None)
 
     def reset(self) -> None:
         """Every member back to Loaded (unmounted, compiled code dropped), in order. A member
         that fails does not stop the others; the error names every member that failed."""
-        with self._locked():
+        with self._locked(Trigger.RESET):
             failures: list[tuple[ModuleLifecycle, LifecycleError]] = []
             for member in self.members.values():
                 try:
@@ -240,31 +252,46 @@ class PipelineLifecycle:
         """Enter every member's request under one request id; yields ``{member name: record}``.
 
         Every member's lock is taken first, in insertion order (two pipeline requests never
-        deadlock), then all members' states are checked: a pipeline request is served by all
-        members or refused before any of them starts one. The rules of
-        ``ModuleLifecycle.request`` hold for each member.
+        deadlock), then the table is asked for every member: a pipeline request is served by all
+        members or refused before any of them starts one. A member whose start fails (its cache
+        context cannot be refreshed) takes back the members already started: they are audited
+        ``refused``, it ``failed``, and no body runs. The rules of ``ModuleLifecycle.request``
+        hold for each member.
         """
         request_id = request_id or uuid.uuid4().hex[:12]
-        with ExitStack() as stack:
+        with self._locked(Trigger.REQUEST):
             for member in self.members.values():
-                stack.enter_context(member._lock)
-            for member in self.members.values():
-                if member.state is not State.WARMED_UP:
-                    error = IllegalTransitionError(
+                if not member.can(Trigger.REQUEST):
+                    refusal = IllegalTransitionError(
                         module=member.name,
                         state=member.state,
-                        trigger="request",
+                        trigger=Trigger.REQUEST,
                         reason="a pipeline serves requests only when every member is WarmedUp; "
                         "call prepare(run) on the PipelineLifecycle first",
                         allowed=member.allowed_triggers(),
                     )
-                    member._refuse_request(num_inference_steps, request_id, error)
-                    raise error
-            records = {
-                name: stack.enter_context(member.request(num_inference_steps, request_id))
-                for name, member in self.members.items()
-            }
-            yield records
+                    member.serving.refuse(num_inference_steps, request_id, refusal)
+                    raise refusal
+            started: list[tuple[ModuleLifecycle, ActiveRequest]] = []
+            try:
+                for member in self.members.values():
+                    started.append((member, member.serving.begin(num_inference_steps, request_id)))
+            except LifecycleError as exc:
+                for other, active in started:
+                    other.serving.cancel(active, PipelineError(
+                        f"pipeline request {request_id!r} refused: member {member.name!r} could not "
+                        f"start ({exc})", member=member.name, state=member.state,
+                    ))
+                raise
+            error: BaseException | None = None
+            try:
+                yield {name: active.record for name, (_, active) in zip(self.members, started, strict=True)}
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                for member, active in started:
+                    member.serving.end(active, error)
 
     def stats(self) -> dict[str, dict[str, Any]]:
         return {name: member.stats() for name, member in self.members.items()}

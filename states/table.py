@@ -33,6 +33,8 @@ class Trigger(str, Enum):
     REFRESH = "refresh"
     INVALIDATE = "invalidate"
     RESET = "reset"
+    # Serve one request: legal only in WarmedUp, and it stays there.
+    REQUEST = "request"
 
     def __str__(self) -> str:
         return self.value
@@ -117,6 +119,7 @@ def transitions_for(policy: LifecyclePolicy) -> tuple[Transition, ...]:
     edges.append(Transition(Trigger.INVALIDATE, State.WARMED_UP, path[-2]))
     for state in State:
         edges.append(Transition(Trigger.RESET, state, State.LOADED))
+    edges.append(Transition(Trigger.REQUEST, State.WARMED_UP, State.WARMED_UP))
     return tuple(edges)
 
 
@@ -154,6 +157,8 @@ def explain_illegal(policy: LifecyclePolicy, state: State, trigger: Trigger) -> 
         return "the policy disables Cache-DiT, so there is no cache context to refresh"
     if trigger is Trigger.REFRESH:
         return "there is no cache context before mount_cache(); call mount_cache() or prepare(run) first"
+    if trigger is Trigger.REQUEST:
+        return "requests are served only in WarmedUp; call prepare(run) first"
     if trigger is Trigger.INVALIDATE:
         return "only a WarmedUp module can be invalidated; nothing was warmed up yet"
     if trigger is Trigger.MOUNT_CACHE and PROGRESS[state] > PROGRESS[State.CACHE_MOUNTED]:

@@ -174,7 +174,8 @@ def test_warm_up_argument_not_callable(run: Any, audit_events: AuditEvents) -> N
     with pytest.raises(InvalidConfigError, match="callable"):
         lc.prepare(run)
     assert lc.state is State.COMPILED
-    assert [r.outcome for r in lc.history] == ["ok", "ok", "refused"]
+    # prepare's refusal is audited too (issue 20, item 2).
+    assert [r.outcome for r in lc.history] == ["ok", "ok", "refused", "refused"]
 
 
 @pytest.mark.parametrize("steps", [0, -1, -28, True, False, 2.5, "28"])

@@ -52,6 +52,7 @@ API_TABLE: dict[tuple[bool, bool], dict[str, dict[str, str]]] = {
         "refresh": {M: M, C: C, W: W},
         "invalidate": {W: C},
         "reset": RESET_ANY,
+        "request": {W: W},
     },
     (True, False): {
         "mount_cache": {L: M},
@@ -60,6 +61,7 @@ API_TABLE: dict[tuple[bool, bool], dict[str, dict[str, str]]] = {
         "refresh": {M: M, W: W},
         "invalidate": {W: M},
         "reset": RESET_ANY,
+        "request": {W: W},
     },
     (False, True): {
         "mount_cache": {},
@@ -68,6 +70,7 @@ API_TABLE: dict[tuple[bool, bool], dict[str, dict[str, str]]] = {
         "refresh": {},
         "invalidate": {W: C},
         "reset": RESET_ANY,
+        "request": {W: W},
     },
     (False, False): {
         "mount_cache": {},
@@ -76,6 +79,7 @@ API_TABLE: dict[tuple[bool, bool], dict[str, dict[str, str]]] = {
         "refresh": {},
         "invalidate": {W: L},
         "reset": RESET_ANY,
+        "request": {W: W},
     },
 }
 # The forward path prepare() walks, per policy (API.md: "walks the legal path to WarmedUp").
@@ -315,14 +319,18 @@ class LifecycleMachine(RuleBasedStateMachine):
 
     @rule()
     def prepare_not_callable(self) -> None:
-        # prepare() is not a trigger: a bad argument is refused before any trigger, unaudited.
+        # A bad argument is refused before any trigger fires, and audited as a refused warm_up
+        # (issue 20, item 2: every refusal is recorded).
         LifecycleMachine.steps += 1
         if self.model.state == W:
             self.lc.prepare(None)  # type: ignore[arg-type]  # nothing to do, nothing called
-        else:
-            with pytest.raises(InvalidConfigError):
-                self.lc.prepare(None)  # type: ignore[arg-type]
-        self._check_transition_events([])
+            self._check_transition_events([])
+            return
+        with pytest.raises(InvalidConfigError):
+            self.lc.prepare(None)  # type: ignore[arg-type]
+        record = Expected("warm_up", self.model.state, self.model.state, "refused")
+        self.model.records.append(record)
+        self._check_transition_events([record])
 
     @rule(body_raises=st.booleans(), steps=st.sampled_from([None, 4, 0]))
     def request(self, body_raises: bool, steps: int | None) -> None:

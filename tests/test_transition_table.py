@@ -9,8 +9,11 @@ import warnings
 
 import pytest
 from conftest import FAST_COMPILE
+from torch import nn
 
 from lifecycle import IllegalTransitionError, LifecyclePolicy, ModuleLifecycle, State, Trigger
+from lifecycle.machine import machine_for
+from lifecycle.testing import NoopBackend, NoopCache
 from states import allowed_triggers, destination, transitions_for
 
 POLICIES = [LifecyclePolicy(cache_dit=c, compile=k) for c, k in itertools.product((True, False), repeat=2)]
@@ -36,6 +39,9 @@ def _fire(lc: ModuleLifecycle, trigger: Trigger) -> None:
         warnings.simplefilter("ignore")
         if trigger is Trigger.WARM_UP:
             lc.warm_up(_no_call)
+        elif trigger is Trigger.REQUEST:
+            with lc.request():
+                pass
         else:
             getattr(lc, trigger.value)()
 
@@ -57,6 +63,20 @@ def test_every_trigger_in_every_reachable_state(policy, state, trigger, flux, ca
     history_before = len(lc.history)
     expected = destination(policy, state, trigger)
     assert lc.allowed_triggers() == allowed_triggers(policy, state)
+    if trigger is Trigger.REQUEST:
+        # A request is the table's trigger too, audited as a lifecycle.request event (the
+        # transition seq and history stay as they were).
+        if expected is None:
+            with pytest.raises(IllegalTransitionError, match="prepare") as info:
+                _fire(lc, trigger)
+            assert info.value.trigger is Trigger.REQUEST
+        else:
+            _fire(lc, trigger)
+        assert lc.state is state
+        (event,) = audit_events.of("lifecycle.request")
+        assert event["outcome"] == ("refused" if expected is None else "ok")
+        assert len(lc.history) == history_before
+        return
     if expected is None:
         with pytest.raises(IllegalTransitionError) as info:
             _fire(lc, trigger)
@@ -86,8 +106,15 @@ def test_compile_before_mount_is_refused_with_the_fix(flux, cache_config):
     assert flux._compiled_call_impl is None  # nothing was compiled
 
 
-def test_no_back_doors_on_the_machine(flux, cache_config):
-    lc = ModuleLifecycle(flux, backend="cpu", cache_config=cache_config, compile_options=FAST_COMPILE)
-    holder = lc._holder
-    assert not any(name.startswith("to_") for name in dir(holder))
-    assert not hasattr(flux, "mount_cache")  # triggers never bind to the nn.Module
+@pytest.mark.parametrize("policy", POLICIES, ids=str)
+def test_the_machine_has_exactly_the_tables_triggers_and_holds_no_lifecycle(policy):
+    machine = machine_for(policy)
+    # No to_<State>() back doors: the machine's events are the table's triggers, nothing else.
+    assert set(machine.events) == {e.trigger.value for e in transitions_for(policy)}
+    for trigger in {e.trigger for e in transitions_for(policy)}:
+        event = machine.events[trigger.value]
+        edges = {(src, t.dest) for src, ts in event.transitions.items() for t in ts}
+        table = {(e.source.value, e.dest.value) for e in transitions_for(policy) if e.trigger is trigger}
+        assert edges == table
+    ModuleLifecycle(nn.Linear(2, 2), policy=policy, backend=NoopBackend(), cache_adapter=NoopCache())
+    assert machine.models == []  # lifecycles are never added: nothing to detach, nothing kept alive

@@ -1,0 +1,54 @@
+"""The cache adapter's interface, as a ``typing.Protocol`` (beside ``BackendAdapter``'s ABC).
+
+Structural, so a host's own adapter (or ``lifecycle.testing.NoopCache``) conforms without
+inheriting anything; ``ModuleLifecycle`` checks ``isinstance(adapter, CacheAdapter)`` at
+construction (runtime-checkable: the methods must exist) and refuses anything else.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+from torch import nn
+
+from adapters.cache import CacheSummary
+
+
+@runtime_checkable
+class CacheAdapter(Protocol):
+    """Mounts a step cache on a transformer and manages its context. Holds no per-module state.
+
+    Optional: ``validate_for_module(module, config)``, checking a config against the module (e.g.
+    cache-dit's ``Fn_compute_blocks + Bn_compute_blocks`` against its block count) at construction.
+    """
+
+    name: str
+
+    def default_config(self) -> Any: ...
+
+    def validate_config(self, config: Any) -> Any:
+        """A private copy of ``config``; raises ``adapters.InvalidOptions`` for a bad one."""
+
+    def check_supported(self, module: nn.Module) -> None:
+        """Raises ``adapters.UnsupportedForCache`` when the module cannot be mounted."""
+
+    def is_mounted(self, module: nn.Module) -> bool: ...
+
+    def mount(self, module: nn.Module, config: Any) -> None: ...
+
+    def refresh(self, module: nn.Module, config: Any, num_inference_steps: int | None = None) -> None:
+        """A fresh context from ``config`` (never the cache's own defaults)."""
+
+    def refresh_for_warmup(self, module: nn.Module, config: Any) -> None:
+        """A context steered so that any warm-up reaches the cached-step branch."""
+
+    def unmount(self, module: nn.Module) -> None: ...
+
+    def summary(self, module: nn.Module) -> CacheSummary: ...
+
+    def warmup_covered(self, module: nn.Module) -> bool: ...
+
+    def describe_config(self, config: Any) -> dict[str, Any]: ...
+
+
+__all__ = ["CacheAdapter"]

@@ -1,0 +1,166 @@
+"""Warm-up steering and coverage: make warm-up reach cache-dit's cached-step branch, then hand
+the first request the lifecycle's own serving context.
+
+``WarmupSteering`` (one per lifecycle) steers the module's cache context for a warm-up (cache
+from the 2nd step, never twice in a row) and restores the serving context afterwards;
+``run_warmup`` runs a warm-up, given as a list of calls, under every member's steering until all
+members have covered the cached branch (at most ``MAX_WARMUP_RUNS`` rounds). One member is a
+``ModuleLifecycle.warm_up``; several are a pipeline's joint warm-up (``warm_up_together``).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from typing import TYPE_CHECKING, Any
+
+from lifecycle import audit
+from lifecycle.errors import TransitionFailedError
+from lifecycle.record import emit_checked, warn_unwritten
+from states import Trigger
+
+if TYPE_CHECKING:
+    from lifecycle.module import ModuleLifecycle, TransitionStep
+
+# The warm-up calls run at most this many rounds while cache-dit's context is steered towards
+# its cached branch; a warm-up that makes one denoising step needs three.
+MAX_WARMUP_RUNS = 4
+
+WarmupCall = Callable[[], object]
+
+
+class WarmupCoverageWarning(UserWarning):
+    """Warm-up could not reach cache-dit's cached-step branch: the first real request may compile."""
+
+
+class WarmupSteering:
+    """Steers one lifecycle's cache context during warm-up and restores its serving context."""
+
+    def __init__(self, lifecycle: ModuleLifecycle) -> None:
+        self.lifecycle = lifecycle
+        # Whether the last warm-up reached the cached branch (None: no warm-up since reset).
+        self.covered: bool | None = None
+        # True while the steered warm-up context is the module's context (restoring the serving
+        # one failed): the lifecycle is not ready until a refresh or a request replaces it.
+        self.context_steered = False
+        self.warmup_s = 0.0
+
+    @property
+    def steers(self) -> bool:
+        """Steering matters only with cache-dit and compile: graphs a warm-up misses compile later."""
+        policy = self.lifecycle.policy
+        return policy.cache_dit and policy.compile
+
+    @contextmanager
+    def steered(self) -> Iterator[Callable[[], bool]]:
+        """Steer the context; yield ``covered()``; restore the serving context on the way out."""
+        lc = self.lifecycle
+        if self.steers:
+            self.context_steered = True
+            lc.cache.refresh_for_warmup(lc.module, lc.cache_config)
+        try:
+            yield (lambda: lc.cache.warmup_covered(lc.module)) if self.steers else (lambda: True)
+        finally:
+            if lc.policy.cache_dit:
+                # A warm-up is an earlier request: never let its context serve the first real one.
+                # If this raises, context_steered stays True and ready stays False (defect 7).
+                lc.restore_serving_context("after_warmup")
+                self.context_steered = False
+
+    def reset(self) -> None:
+        self.covered = None
+
+
+def run_warmup(
+    members: Sequence[ModuleLifecycle], calls: Sequence[WarmupCall], extras: Sequence[dict[str, Any]]
+) -> None:
+    """Run ``calls`` (one round = each call once) under every member's steering until all have
+    covered the cached branch; then record coverage, save artifacts and write each member's own
+    fields into its own audit ``extras`` (one dict per member, same order)."""
+    started = time.perf_counter()
+    runs = 0
+    with ExitStack() as stack:
+        checks = [stack.enter_context(member.steering.steered()) for member in members]
+        while True:
+            for call in calls:
+                _call_warmup(call)
+            runs += 1
+            done = [check() for check in checks]
+            if all(done) or runs >= MAX_WARMUP_RUNS:
+                break
+        for member, ok in zip(members, done, strict=True):
+            member.backend.synchronize()
+            member.steering.covered = ok
+            if not ok:
+                _warn_uncovered(member, runs)
+    elapsed = time.perf_counter() - started
+    names = [m.name for m in members]
+    for member, ok, extra in zip(members, done, extras, strict=True):
+        member.steering.warmup_s += elapsed
+        member.serving.recompiles_since_warmup = 0
+        member.save_artifacts(extra)
+        extra["warmup_runs"] = runs
+        extra["cached_branch_covered"] = ok
+        if len(members) > 1:
+            extra["joint_warmup"] = names
+
+
+def warm_up_together(members: Sequence[ModuleLifecycle], calls: Sequence[WarmupCall]) -> None:
+    """One ``warm_up`` transition per member around one shared warm-up: member i's work enters
+    member i+1's transition, the innermost runs the calls. A failure fails every member's warm-up
+    (each stays, each audits ``failed`` with the same cause); each member audits its own fields."""
+    extras: list[dict[str, Any]] = []
+
+    def work_of(index: int) -> Callable[[TransitionStep], None]:
+        def work(step: TransitionStep) -> None:
+            extras.append(step.extra)
+            if index + 1 < len(members):
+                members[index + 1].transition(Trigger.WARM_UP, work_of(index + 1))
+            else:
+                run_warmup(members, calls, extras)
+
+        return work
+
+    members[0].transition(Trigger.WARM_UP, work_of(0))
+
+
+def _call_warmup(call: WarmupCall) -> None:
+    try:
+        call()
+    except RuntimeError as exc:
+        if _is_shape_mismatch(exc):
+            raise TransitionFailedError(
+                "the warm-up ran the transformer at more than one input shape in one cache "
+                f"context ({exc}): cache-dit compared a cached residual of one shape with another. "
+                "Warm each shape in its own context: declare them with "
+                "prepare(run, shapes=[...]), or warm up at one shape per warm_up(run)"
+            ) from exc
+        raise
+
+
+def _is_shape_mismatch(exc: BaseException) -> bool:
+    """A size mismatch raised inside cache-dit's cached blocks (issue 20, item 5)."""
+    if "must match the size of tensor" not in str(exc):
+        return False
+    tb = exc.__traceback__
+    while tb is not None:
+        if "cache_dit" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _warn_uncovered(member: ModuleLifecycle, runs: int) -> None:
+    message = (
+        f"{member.name}: warm-up did not reach cache-dit's cached-step branch after {runs} "
+        "run(s) of the warm-up callable; the first real request may compile new graphs. "
+        "Make the warm-up call the transformer at least once per run, with the shapes of "
+        "real requests."
+    )
+    warnings.warn(message, WarmupCoverageWarning, stacklevel=6)
+    fields = {**member.audit_fields(), "covered": False, "warmup_runs": runs, "message": message}
+    error = emit_checked(audit.WARMUP_COVERAGE_EVENT, "refused", fields)
+    if error is not None:
+        warn_unwritten(audit.WARMUP_COVERAGE_EVENT, member.name, error)
