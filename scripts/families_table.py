@@ -4,6 +4,8 @@
     python scripts/families_table.py --write         # ... and write it into README.md
     python scripts/families_table.py --json out.json # ... and keep the measured rows
     python scripts/families_table.py --from-json out.json --write   # render saved rows, run nothing
+    python scripts/families_table.py --from-json out.json --only sd3 --json out.json --write
+                                                     # re-run some families, keep the other rows
 
 Each family runs ``lifecycle.testing.families.run_family`` (the same function
 ``tests/test_families.py`` asserts on), on the CPU with ``aot_eager``; a full run takes a few
@@ -35,25 +37,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-json", type=Path, help="render rows saved by --json (or the tests) instead")
     parser.add_argument("--only", nargs="*", help="run only these family keys (not with --write)")
     args = parser.parse_args(argv)
-    if args.write and args.only:
-        parser.error("--write needs every family; drop --only")
+    if args.write and args.only and args.from_json is None:
+        parser.error("--write needs every family: drop --only, or give --from-json for the other rows")
 
+    saved: dict[str, FamilyResult] = {}
     if args.from_json is not None:
-        rows = json.loads(args.from_json.read_text())
-        results = [FamilyResult(**row) for row in rows]
-    else:
+        saved = {row["key"]: FamilyResult(**row) for row in json.loads(args.from_json.read_text())}
+    if args.from_json is None or args.only:
         import torch
 
         logging.getLogger("CACHE_DIT").setLevel(logging.WARNING)
         torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-        results = []
         for family in FAMILIES:
             if args.only and family.key not in args.only:
                 continue
             torch._dynamo.reset()  # graph counts per family, as in the tests
             started = time.perf_counter()
-            results.append(run_family(family))
+            saved[family.key] = run_family(family)
             print(f"{family.key}: {time.perf_counter() - started:.1f}s", file=sys.stderr, flush=True)
+    results = [saved[f.key] for f in FAMILIES if f.key in saved]
+    missing = [f.key for f in FAMILIES if f.key not in saved]
+    if args.write and missing:
+        parser.error(f"--write needs every family; no rows for {', '.join(missing)}")
     if args.json is not None:
         args.json.write_text(json.dumps([r.as_dict() for r in results], indent=1))
     table = render_table(results)

@@ -36,9 +36,9 @@ from lifecycle.testing.families import (
 )
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-# The slowest families on the 2-core CPU (compile dominates). CI runs them too: the suite runs
+# The slowest families on the 2-core CPU (``FamilyCase.slow``). CI runs them too: the suite runs
 # with plain `pytest -q`, which does not deselect `slow`.
-SLOW = frozenset({"hidream", "lumina2", "zimage", "sana", "cogview4", "allegro", "auraflow", "mochi"})
+SLOW = frozenset(f.key for f in FAMILIES if f.slow)
 RESULTS: dict[str, FamilyResult] = {}
 
 

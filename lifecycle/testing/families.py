@@ -583,6 +583,76 @@ def _zimage_call(steps: int, seed: int = 0) -> dict[str, Any]:
     )
 
 
+class _NoGuardrail(torch.nn.Module):
+    """Stands in for Cosmos' guardrail (a large model the pipeline insists on): lets all through,
+    as diffusers' fast tests' dummy does."""
+
+    _where: torch.Tensor
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("_where", torch.zeros(1), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self._where.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._where.dtype
+
+    def check_text_safety(self, prompt: str) -> bool:
+        return True
+
+    def check_video_safety(self, frames: Any) -> Any:
+        return frames
+
+
+def _cosmos2(seed: int) -> Any:
+    Cosmos2TextToImagePipeline, CosmosTransformer3DModel = _diffusers(
+        "Cosmos2TextToImagePipeline", "CosmosTransformer3DModel"
+    )
+    torch.manual_seed(seed)
+    transformer = CosmosTransformer3DModel(
+        in_channels=16,
+        out_channels=16,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_layers=2,
+        mlp_ratio=2,
+        text_embed_dim=32,
+        adaln_lora_dim=4,
+        max_size=(4, 32, 32),
+        patch_size=(1, 2, 2),
+        rope_scale=(2.0, 1.0, 1.0),
+        concat_padding_mask=False,  # True resizes the mask with torchvision, not a dependency here
+        extra_pos_embed_type="learnable",
+    )
+    return _done(
+        Cosmos2TextToImagePipeline(
+            text_encoder=None,
+            tokenizer=None,
+            transformer=_eval(transformer),
+            vae=None,
+            scheduler=_flow(use_karras_sigmas=True),
+            safety_checker=_NoGuardrail(),
+        )
+    )
+
+
+def _cosmos2_call(steps: int, seed: int = 0) -> dict[str, Any]:
+    g = _gen(seed)
+    return _base(
+        steps,
+        seed,
+        prompt_embeds=_randn(g, 1, 8, 32),
+        negative_prompt_embeds=_randn(g, 1, 8, 32),
+        height=64,
+        width=64,
+        guidance_scale=3.0,
+    )
+
+
 # ---------------------------------------------------------------------------------- videos
 def _wan_transformer(seed: int, cls_name: str = "WanTransformer3DModel") -> torch.nn.Module:
     import diffusers
@@ -1010,6 +1080,16 @@ FAMILIES: tuple[FamilyCase, ...] = (
         cache={"residual_diff_threshold": 0.8},
         guidance="batched",
     ),
+    FamilyCase(
+        "cosmos2",
+        "Cosmos 2",
+        "Cosmos2TextToImagePipeline",
+        "image",
+        _cosmos2,
+        _cosmos2_call,
+        guidance="separate",
+        notes="guardrail replaced by a pass-through module; concat_padding_mask off (needs torchvision)",
+    ),
     FamilyCase("wan21", "Wan 2.1", "WanPipeline", "video", _wan, _wan_call, guidance="separate"),
     FamilyCase(
         "wan22",
@@ -1063,6 +1143,13 @@ FAMILIES: tuple[FamilyCase, ...] = (
         "refused at mount_cache; served with LifecyclePolicy(cache_dit=False)",
     ),
 )
+
+
+# The slowest families on a 2-core CPU (compile dominates): pytest marks them ``slow``.
+_SLOW_ON_CPU = frozenset(
+    {"hidream", "lumina2", "zimage", "sana", "cogview4", "allegro", "auraflow", "mochi", "cosmos2"}
+)
+FAMILIES = tuple(dataclasses.replace(f, slow=f.key in _SLOW_ON_CPU) for f in FAMILIES)
 
 
 def case(key: str) -> FamilyCase:
