@@ -25,6 +25,11 @@ class ArtifactSession:
         self._misses_at_compile = 0
         self._saved = False
 
+    @property
+    def key(self) -> ArtifactKey | None:
+        """The key of this compile (None before it, or when it could not be built)."""
+        return self._key
+
     def before_compile(self, make_key: Callable[[], ArtifactKey]) -> ArtifactReport:
         """Key this compile and load what an earlier start saved for it (never raises)."""
         self.reports.pop("save", None)

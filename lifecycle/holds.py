@@ -100,6 +100,11 @@ class ModuleShares:
             share.members.append(weakref.ref(lifecycle))
             return share.lock
 
+    def shared(self, module: nn.Module) -> bool:
+        """Whether more than one lifecycle was registered over ``module`` (a cheap first check)."""
+        share = self._shares.get(module)
+        return share is not None and len(share.members) > 1
+
     def others(self, module: nn.Module, lifecycle: object) -> list[object]:
         with self._lock:
             share = self._shares.get(module)

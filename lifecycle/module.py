@@ -29,6 +29,7 @@ from adapters.artifacts import ArtifactKey, ArtifactReport, build_key
 from adapters.errors import AdapterError
 from adapters.protocols import CacheAdapter
 from lifecycle import audit
+from lifecycle import shapes as _shapes
 from lifecycle.commit import CommitHook, LocalCommit
 from lifecycle.errors import (
     AuditWriteError,
@@ -52,7 +53,7 @@ from states import LifecyclePolicy, State, Trigger, allowed_triggers, destinatio
 WarmupRun = Callable[[nn.Module], object]
 _REFUSALS = (IllegalTransitionError, InvalidConfigError, UnsupportedModuleError)
 _WARMED_UP = State.WARMED_UP.value
-_LOADED = State.LOADED.value
+_STATES: dict[str, State] = {state.value: state for state in State}
 
 __all__ = [
     "MAX_WARMUP_RUNS",
@@ -81,7 +82,7 @@ class TransitionStep:
         self.lc = lc
         self.trigger = trigger
         self.work = work
-        self.source = lc.state
+        self.source = _STATES[lc._holder.state]  # noqa: SLF001 - the step is part of the lifecycle
         self.started = time.perf_counter()
         self.extra: dict[str, Any] = {}
         self.undo: list[Callable[[], None]] = []
@@ -203,6 +204,7 @@ class ModuleLifecycle:
         cache_adapter: CacheAdapter | None = None,
         artifact_dir: str | os.PathLike[str] | None = None,
         commit: CommitHook | None = None,
+        on_unwarmed: str = _shapes.DEFAULT_ON_UNWARMED,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise InvalidConfigError(f"name must be a non-empty str, got {name!r}")
@@ -227,6 +229,11 @@ class ModuleLifecycle:
         self._seq = 0
         self._history: list[TransitionRecord] = []
         loaded = State.LOADED
+        if artifact_dir is not None and not isinstance(artifact_dir, (str, os.PathLike)):
+            raise InvalidConfigError(
+                f"{name}: artifact_dir must be a directory path (str or PathLike), got "
+                f"{type(artifact_dir).__name__}", module=name, state=loaded,
+            )
         try:
             self.backend: BackendAdapter = get_backend(backend)
         except AdapterError as exc:
@@ -241,6 +248,10 @@ class ModuleLifecycle:
                 module=name, state=loaded,
             )
         self.cache: CacheAdapter = cache_adapter
+        # Declared serving buckets and what a request at an unwarmed shape does (lifecycle.shapes);
+        # the shape options ("dynamic_buckets", "measure_paths") never reach torch.compile.
+        shape_options, compile_options = _shapes.split_options(compile_options, module=name)
+        self.shapes = _shapes.ShapeBook(_shapes.check_policy(on_unwarmed, module=name), shape_options)
         try:
             self.compile_options: dict[str, Any] = self.backend.validate_options(compile_options or {})
             if policy.compile:
@@ -251,11 +262,6 @@ class ModuleLifecycle:
                 check_config(module, self.cache_config)
         except AdapterError as exc:
             raise translate_adapter_error(exc, module=name, state=loaded) from exc
-        if artifact_dir is not None and not isinstance(artifact_dir, (str, os.PathLike)):
-            raise InvalidConfigError(
-                f"{name}: artifact_dir must be a directory path (str or PathLike), got "
-                f"{type(artifact_dir).__name__}", module=name, state=loaded,
-            )
         self.artifacts = (
             ArtifactSession(artifact_dir) if artifact_dir is not None and policy.compile else None
         )
@@ -280,14 +286,18 @@ class ModuleLifecycle:
     # ------------------------------------------------------------------ read-only views
     @property
     def state(self) -> State:
-        return State(self._holder.state)
+        return _STATES[self._holder.state]
 
     @property
     def ready(self) -> bool:
         """True only while WarmedUp and serving from the lifecycle's own cache context: a
         readiness probe's answer. Lock-free, so a probe never waits on a compile; liveness must
         not depend on it."""
-        return self._holder.state == _WARMED_UP and not self.steering.context_steered
+        return (
+            self._holder.state == _WARMED_UP
+            and not self.steering.context_steered
+            and self.shapes.all_warm()  # every declared bucket warm
+        )
 
     @property
     def module(self) -> nn.Module:
@@ -336,6 +346,7 @@ class ModuleLifecycle:
                 "warmup_covered_cached_branch": self.steering.covered,
                 "cache": cache_summary,
                 "artifacts": self.artifacts.statuses() if self.artifacts is not None else None,
+                "shapes": self.shapes.stats(),
             }
 
     def __repr__(self) -> str:
@@ -344,8 +355,13 @@ class ModuleLifecycle:
     # ------------------------------------------------------------------ audit
     def audit_fields(self) -> dict[str, Any]:
         """The fields every audit event of this lifecycle starts from (one place: a distributed
-        lifecycle's rank and world size come in through its commit hook)."""
+        lifecycle's rank and world size come in through its commit hook). A copy."""
         return dict(self._base)
+
+    @property
+    def base_fields(self) -> Mapping[str, Any]:
+        """``audit_fields()`` without the copy, for building events (never mutate it)."""
+        return self._base
 
     def record(
         self,
@@ -364,11 +380,10 @@ class ModuleLifecycle:
         self._history.append(
             TransitionRecord(self._seq, trigger, source, dest, outcome, duration_ms, error_text)
         )
-        fields = dict(self._base)
-        fields.update(
-            trigger=trigger.value, source=source.value, dest=dest.value, outcome=outcome,
-            duration_ms=round(duration_ms, 3), seq=self._seq,
-        )
+        fields = {
+            **self._base, "trigger": trigger.value, "source": source.value, "dest": dest.value,
+            "outcome": outcome, "duration_ms": round(duration_ms, 3), "seq": self._seq,
+        }
         if extra:
             fields.update(extra)
         if error is not None:
@@ -389,6 +404,13 @@ class ModuleLifecycle:
     def hold(self, trigger: Trigger) -> Iterator[None]:
         """Hold this lifecycle's lock for ``trigger``; another asyncio task of the owner's thread
         is refused (audited) instead of deadlocking the loop."""
+        self._acquire(trigger)
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def _acquire(self, trigger: Trigger, steps: int | None = None, request_id: str | None = None) -> None:
         try:
             self._lock.acquire()
         except LockConflict as exc:
@@ -397,13 +419,9 @@ class ModuleLifecycle:
                 allowed=allowed_triggers(self.policy, self.state),
             )
             if trigger is Trigger.REQUEST:
-                self.serving.refuse(None, None, error)
+                self.serving.refuse(steps, request_id, error)
                 raise error from None
             raise self._refuse(error, trigger) from None
-        try:
-            yield
-        finally:
-            self._lock.release()
 
     def fire(self, trigger: Trigger, attempt: Attempt) -> None:
         """Fire ``trigger`` on the machine with ``attempt`` (the caller holds the lock)."""
@@ -412,8 +430,11 @@ class ModuleLifecycle:
     def transition(self, trigger: Trigger, work: Callable[[TransitionStep], None]) -> None:
         """Run ``work`` as ``trigger``: legal per the table, the state moves only if it succeeds.
         (For this module's triggers and ``PipelineLifecycle``'s joint warm-up.)"""
-        with self.hold(trigger):
+        self._acquire(trigger)
+        try:
             fire(self.policy, self._holder, trigger, TransitionStep(self, trigger, work))
+        finally:
+            self._lock.release()
 
     def _invalid(self, trigger: Trigger, message: str) -> InvalidConfigError:
         return InvalidConfigError(
@@ -464,6 +485,15 @@ class ModuleLifecycle:
         module's and their requests run one at a time on its shared lock. Otherwise, while the
         other one is past Loaded, this one is refused: its outputs would silently be the other's
         (a cache-less lifecycle serving cache-dit's cached steps, say)."""
+        if not self.policy.cache_dit and self.cache.is_mounted(self._module):
+            raise UnsupportedModuleError(
+                f"{self.name}: the module has cache-dit mounted (by the host or another lifecycle) "
+                "but this lifecycle's policy disables Cache-DiT, so it would serve cached steps; "
+                "unmount it first (cache_dit.disable_cache) or use LifecyclePolicy(cache_dit=True)",
+                module=self.name, state=self.state, trigger=trigger,
+            )
+        if not SHARES.shared(self._module):
+            return
         for other in SHARES.others(self._module, self):
             driving = isinstance(other, ModuleLifecycle) and other.state is not State.LOADED
             if driving and isinstance(other, ModuleLifecycle) and not self._compatible(other):
@@ -475,13 +505,6 @@ class ModuleLifecycle:
                     "module, or construct it with the same arguments",
                     module=self.name, state=self.state, trigger=trigger,
                 )
-        if not self.policy.cache_dit and self.cache.is_mounted(self._module):
-            raise UnsupportedModuleError(
-                f"{self.name}: the module has cache-dit mounted (by the host or another lifecycle) "
-                "but this lifecycle's policy disables Cache-DiT, so it would serve cached steps; "
-                "unmount it first (cache_dit.disable_cache) or use LifecyclePolicy(cache_dit=True)",
-                module=self.name, state=self.state, trigger=trigger,
-            )
 
     def _refuse_host_compiled(self, module: nn.Module) -> None:
         """A module the host compiled in place is refused, never compiled or mounted over
@@ -549,15 +572,36 @@ class ModuleLifecycle:
         if reproducible is not None:  # compile_options={"reproducible": True}
             step.extra["reproducible"] = reproducible
 
-    def warm_up(self, run: WarmupRun) -> None:
+    def warm_up(self, run: Callable[..., object], shapes: Any = None) -> None:
         """-> WarmedUp: call ``run(module)``; with cache-dit mounted and compile on, the warm-up
-        runs under a steered cache context until it has covered the cached-step branch."""
+        runs under a steered cache context until it has covered the cached-step branch.
+
+        ``shapes``: serving buckets to warm (declared now, or again): ``run(module, shape)`` makes
+        one warm-up call at a shape, each bucket in its own steered context. From WarmedUp this
+        adds buckets (``warm_up(run, shapes=lc.missed_shapes())``). Without ``shapes``, a
+        lifecycle with declared buckets warms them all again (after ``invalidate``)."""
 
         def work(step: TransitionStep) -> None:
             self.check_callable(Trigger.WARM_UP, run)
-            run_warmup([self], [lambda: run(self._module)], [step.extra])
+            planned = _shapes.check_shapes(shapes, module=self.name) if shapes is not None else None
+            if planned is not None or self.shapes.declared:
+                at_shape = lambda shape: run(self._module, shape)  # noqa: E731
+                run_warmup([self], [], [step.extra], call_at=at_shape, shapes=planned)
+            else:
+                run_warmup([self], [lambda: run(self._module)], [step.extra])
 
         self.transition(Trigger.WARM_UP, work)
+
+    def coverage(self) -> list[dict[str, Any]]:
+        """Per declared bucket: warmed, graphs, seconds, covered, the path serving it (compiled or
+        eager, with the timings that chose it), and the first-request ratio once served."""
+        with self._lock:
+            return self.shapes.coverage()
+
+    def missed_shapes(self) -> list[dict[str, Any]]:
+        """Shapes that requests named and no bucket covers: ``warm_up(run, shapes=...)`` them."""
+        with self._lock:
+            return self.shapes.missed_shapes()
 
     def refresh(self, num_inference_steps: int | None = None) -> None:
         """Same state, fresh cache-dit context from this lifecycle's config (and step count)."""
@@ -585,7 +629,11 @@ class ModuleLifecycle:
 
     def invalidate(self) -> None:
         """WarmedUp -> the state before it: weights changed, so warm up again before serving."""
-        self.transition(Trigger.INVALIDATE, lambda step: self.steering.reset())
+        def work(step: TransitionStep) -> None:
+            self.steering.reset()
+            self.shapes.cool()  # every bucket must be warmed again; the plan stays
+
+        self.transition(Trigger.INVALIDATE, work)
 
     def reset(self) -> None:
         """-> Loaded: unmount cache-dit and drop compiled code; the original forward runs again."""
@@ -598,6 +646,7 @@ class ModuleLifecycle:
             self.steering.reset()
             self.steering.context_steered = False
             self.serving.recompiles_since_warmup = 0
+            self.shapes.forget()
 
         self.transition(Trigger.RESET, work)
 
@@ -612,15 +661,33 @@ class ModuleLifecycle:
             if last:
                 self.backend.decompile(self._module)
 
-    def prepare(self, run: WarmupRun, num_inference_steps: int | None = None) -> None:
+    def prepare(
+        self, run: Callable[..., object], num_inference_steps: int | None = None, shapes: Any = None
+    ) -> None:
         """Walk the legal path to WarmedUp, skipping what is done. Idempotent and thread-safe:
-        concurrent callers wait on the lock, and all but the first find the work done."""
+        concurrent callers wait on the lock, and all but the first find the work done.
+
+        ``shapes``: the declared serving buckets, e.g. ``[{"height": 1024, "width": 1024}]``;
+        ``run(module, shape)`` then makes one warm-up call at a shape. Already WarmedUp, the
+        buckets not warm yet are warmed (WarmedUp -> WarmedUp)."""
         with self.hold(Trigger.WARM_UP):
             self.check_prepare(run, num_inference_steps)
+            planned = None
+            if shapes is not None:
+                try:
+                    planned = _shapes.check_shapes(shapes, module=self.name)
+                except InvalidConfigError as exc:
+                    raise self._refuse(exc, Trigger.WARM_UP) from None
             self.set_serving_steps(num_inference_steps)
+            if self.state is State.WARMED_UP and planned is not None:
+                cold = [s for s in planned if self.shapes.lookup(s) is None]
+                if cold:
+                    self.check_callable(Trigger.WARM_UP, run)
+                    self.warm_up(run, shapes=cold)
+                return
             for trigger in self.remaining_path():
                 if trigger is Trigger.WARM_UP:
-                    self.warm_up(run)
+                    self.warm_up(run, shapes=planned)
                 elif trigger is Trigger.MOUNT_CACHE:
                     self.mount_cache()
                 else:
@@ -687,7 +754,11 @@ class ModuleLifecycle:
     # ------------------------------------------------------------------ serving
     @contextmanager
     def request(
-        self, num_inference_steps: int | None = None, request_id: str | None = None
+        self,
+        num_inference_steps: int | None = None,
+        request_id: str | None = None,
+        shape: Any = None,
+        on_unwarmed: str | None = None,
     ) -> Iterator[RequestRecord]:
         """Serve one request from a fresh cache context; the yielded record is filled in on exit.
 
@@ -706,18 +777,39 @@ class ModuleLifecycle:
           the state stays WarmedUp.
         - ``new_graphs`` reads dynamo's process-wide graph count: graphs compiled meanwhile for
           another module (e.g. the other Wan 2.2 transformer in the same pipeline call) count too.
+        - ``shape``: the request's shape as the host's call arguments (``{"height": 512,
+          "width": 512}``); without it, each transformer call is checked against the input sizes
+          warm-up saw. A shape no warm-up covered is a ``lifecycle.shape_miss``, handled by
+          ``on_unwarmed`` (this request) or the lifecycle's policy: ``"eager"`` runs without
+          compiling, ``"fail"`` raises ``UnwarmedShapeError`` before the transformer runs
+          (audited refused), ``"compile"`` compiles inline (audited as a recompile).
         """
-        with self.hold(Trigger.REQUEST):
-            active = self.serving.begin(num_inference_steps, request_id)
-            error: BaseException | None = None
+        self._acquire(Trigger.REQUEST, num_inference_steps, request_id)
+        try:
+            key = _shapes.key_or_none(shape)
+            active = self.serving.begin(num_inference_steps, request_id, key)
             try:
-                with structlog.contextvars.bound_contextvars(request_id=active.record.request_id):
+                shape_info = _shapes.begin_request(self, shape, on_unwarmed, active.record.request_id)
+            except LifecycleError as exc:
+                self.serving.cancel(active, exc)
+                raise
+            error: BaseException | None = None
+            token = structlog.contextvars.bind_contextvars(request_id=active.record.request_id)
+            try:
+                with _shapes.serving(self, shape_info, active.record.request_id):
                     yield active.record
             except BaseException as exc:
                 error = exc
                 raise
             finally:
+                structlog.contextvars.reset_contextvars(**token)
                 self.serving.end(active, error)
+                record = active.record
+                _shapes.end_request(
+                    self, shape_info, record.request_id, record.duration_ms, record.new_graphs, error
+                )
+        finally:
+            self._lock.release()
 
 
 def _same(a: object, b: object) -> bool:

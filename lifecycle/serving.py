@@ -1,8 +1,8 @@
 """Request serving: one request at a time per lifecycle, each from a fresh cache context.
 
-``RequestServer`` (one per lifecycle) begins a request by firing the table's ``request`` trigger
-on the lifecycle's machine (legal only in WarmedUp: the machine decides, nothing here re-types
-the rule), rebuilds cache-dit's context from the lifecycle's config, and ends it by counting
+``RequestServer`` (one per lifecycle) begins a request where the states table has the
+``request`` trigger (WarmedUp: the table decides, nothing here re-types the rule; a request
+does not move the state, so it needs no machine event and costs a dict lookup), rebuilds cache-dit's context from the lifecycle's config, and ends it by counting
 cached steps and new graphs. Every event is built from the lifecycle's ``audit_fields()`` (so a
 distributed lifecycle's ``rank`` is in every event). The shape key is the seam for declared
 shape buckets: a request names its shape, the server may check it before the transformer runs.
@@ -25,9 +25,8 @@ from lifecycle.errors import (
     UnsupportedModuleError,
     UnwarmedShapeError,
 )
-from lifecycle.machine import MachineError
 from lifecycle.record import emit_checked, warn_unwritten
-from states import Trigger, allowed_triggers, explain_illegal
+from states import Trigger, allowed_triggers, destination, explain_illegal
 
 if TYPE_CHECKING:
     from lifecycle.module import ModuleLifecycle
@@ -62,70 +61,6 @@ class ActiveRequest:
     graphs_before: int
 
 
-class _Begin:
-    """The ``request`` trigger's attempt (see ``lifecycle.machine``): no transition event; a
-    refused or failed start is a ``lifecycle.request`` event."""
-
-    __slots__ = ("active", "request_id", "server", "shape", "steps")
-
-    def __init__(self, server: RequestServer, steps: int | None, request_id: str | None, shape: Any) -> None:
-        self.server = server
-        self.steps = steps
-        self.request_id = request_id
-        self.shape = shape
-        self.active: ActiveRequest | None = None
-
-    def run(self) -> None:
-        server = self.server
-        lc = server.lifecycle
-        if server.active is not None:
-            raise IllegalTransitionError(
-                module=lc.name,
-                state=lc.state,
-                trigger=Trigger.REQUEST,
-                reason=f"request {server.active.record.request_id!r} is already running in this thread and "
-                "requests do not nest (one cache context serves one request)",
-                allowed=(Trigger.REFRESH,),
-            )
-        lc.check_steps(Trigger.REQUEST, self.steps)
-        record = RequestRecord(
-            self.request_id or uuid.uuid4().hex[:12],
-            self.steps or lc.serving_steps,
-            shape=self.shape,
-        )
-        if lc.policy.cache_dit:
-            try:
-                lc.cache.refresh(lc.module, lc.cache_config, record.num_inference_steps)
-            except Exception as exc:
-                raise TransitionFailedError(
-                    f"{lc.name}: the request could not start: refreshing cache-dit's context failed "
-                    f"({type(exc).__name__}: {exc}); the state stays WarmedUp and no request ran. "
-                    "Call refresh() to retry, or reset() and prepare(run) again.",
-                    module=lc.name,
-                    state=lc.state,
-                    trigger=Trigger.REQUEST,
-                ) from exc
-            lc.steering.context_steered = False
-        self.active = ActiveRequest(record, time.perf_counter(), lc.backend.graph_count())
-
-    def committed(self) -> None:
-        return None
-
-    def aborted(self, error: BaseException) -> None:
-        lc = self.server.lifecycle
-        if isinstance(error, MachineError):
-            state = lc.state
-            error = IllegalTransitionError(
-                module=lc.name,
-                state=state,
-                trigger=Trigger.REQUEST,
-                reason=explain_illegal(lc.policy, state, Trigger.REQUEST),
-                allowed=allowed_triggers(lc.policy, state),
-            )
-        self.server.refuse(self.steps, self.request_id, error)
-        raise error
-
-
 class RequestServer:
     """Serves one lifecycle's requests (the caller holds the lifecycle's lock throughout)."""
 
@@ -150,12 +85,51 @@ class RequestServer:
             )
 
     def begin(self, steps: int | None, request_id: str | None, shape: Any = None) -> ActiveRequest:
-        """Fire ``request``: legal only where the table says; a fresh context; the clock starts."""
-        attempt = _Begin(self, steps, request_id, shape)
-        self.lifecycle.fire(Trigger.REQUEST, attempt)
-        assert attempt.active is not None
-        self.active = attempt.active
-        return attempt.active
+        """Start a request: legal only where the table has ``request`` (its legality is read from
+        the table, like every trigger's); a fresh context; the clock starts. A refused or failed
+        start is a ``lifecycle.request`` event (requests have no transition event)."""
+        lc = self.lifecycle
+        try:
+            state = lc.state
+            if destination(lc.policy, state, Trigger.REQUEST) is None:
+                raise IllegalTransitionError(
+                    module=lc.name, state=state, trigger=Trigger.REQUEST,
+                    reason=explain_illegal(lc.policy, state, Trigger.REQUEST),
+                    allowed=allowed_triggers(lc.policy, state),
+                )
+            if self.active is not None:
+                raise IllegalTransitionError(
+                    module=lc.name,
+                    state=state,
+                    trigger=Trigger.REQUEST,
+                    reason=f"request {self.active.record.request_id!r} is already running in this "
+                    "thread and requests do not nest (one cache context serves one request)",
+                    allowed=(Trigger.REFRESH,),
+                )
+            lc.check_steps(Trigger.REQUEST, steps)
+            record = RequestRecord(request_id or uuid.uuid4().hex[:12], steps or lc.serving_steps, shape=shape)
+            if lc.policy.cache_dit:
+                self._fresh_context(record)
+        except BaseException as exc:
+            self.refuse(steps, request_id, exc)
+            raise
+        active = self.active = ActiveRequest(record, time.perf_counter(), lc.backend.graph_count())
+        return active
+
+    def _fresh_context(self, record: RequestRecord) -> None:
+        lc = self.lifecycle
+        try:
+            lc.cache.refresh(lc.module, lc.cache_config, record.num_inference_steps)
+        except Exception as exc:
+            raise TransitionFailedError(
+                f"{lc.name}: the request could not start: refreshing cache-dit's context failed "
+                f"({type(exc).__name__}: {exc}); the state stays WarmedUp and no request ran. "
+                "Call refresh() to retry, or reset() and prepare(run) again.",
+                module=lc.name,
+                state=lc.state,
+                trigger=Trigger.REQUEST,
+            ) from exc
+        lc.steering.context_steered = False
 
     def end(self, active: ActiveRequest, error: BaseException | None) -> None:
         """Fill in the record and audit it. A lost audit write raises ``AuditWriteError`` after a
@@ -170,7 +144,9 @@ class RequestServer:
             summary = lc.cache.summary(lc.module)
             record.cached_steps = summary.cached_steps
             record.cfg_cached_steps = summary.cfg_cached_steps
-        record.outcome = "ok" if error is None else "failed"
+        # A request refused mid-way at an unwarmed shape (on_unwarmed="fail") ran nothing.
+        refused = isinstance(error, UnwarmedShapeError)
+        record.outcome = "ok" if error is None else "refused" if refused else "failed"
         self.requests += 1
         fields = self._fields(record.request_id, record.num_inference_steps)
         fields.update(
@@ -236,7 +212,7 @@ class RequestServer:
     def _fields(self, request_id: str | None, steps: int | None) -> dict[str, Any]:
         lc = self.lifecycle
         return {
-            **lc.audit_fields(),
+            **lc.base_fields,
             "request_id": request_id,
             "num_inference_steps": steps,
             "state": lc.state.value,

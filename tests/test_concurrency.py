@@ -9,7 +9,7 @@ import torch
 from conftest import FAST_COMPILE
 
 from adapters import CacheDitAdapter
-from lifecycle import IllegalTransitionError, LifecyclePolicy, ModuleLifecycle, State
+from lifecycle import IllegalTransitionError, LifecyclePolicy, ModuleLifecycle, PipelineLifecycle, State
 from lifecycle.testing.tiny import denoise, tiny_flux
 
 THREADS = 32
@@ -199,25 +199,42 @@ def test_aprepare_keeps_the_event_loop_running(flux, inputs, cache_config):
     assert lc.state is State.WARMED_UP
 
 
-def test_requests_from_threads_run_one_at_a_time(flux, inputs, cache_config):
-    """Concurrent requests on one lifecycle are serialised: each sees its own fresh context, so
-    every thread gets the same output as a lone request."""
-    lc = _lifecycle(flux, cache_config, LifecyclePolicy(compile=False))
-    lc.prepare(lambda m: denoise(m, inputs, 1))
-    with lc.request(num_inference_steps=4):
-        alone = denoise(lc.module, inputs, 4)
-    threads = 4
-    outputs: list[torch.Tensor] = []
-    start = threading.Barrier(threads)
+# (Requests from several threads run one at a time: tests/test_requests.py, four threads.)
 
-    def serve() -> None:
-        start.wait()
-        with lc.request(num_inference_steps=4):
-            outputs.append(denoise(lc.module, inputs, 4))
 
-    workers = [threading.Thread(target=serve) for _ in range(threads)]
-    for worker in workers:
-        worker.start()
-    _join(*workers)
-    assert len(outputs) == threads
-    assert all(torch.equal(out, alone) for out in outputs)
+def test_pipeline_aprepare_keeps_the_event_loop_running(shape, inputs, cache_config):
+    members = {
+        name: ModuleLifecycle(tiny_flux(shape), name=name, policy=LifecyclePolicy(compile=False),
+                              backend="cpu", cache_config=cache_config)
+        for name in ("transformer", "transformer_2")
+    }
+    plc = PipelineLifecycle(members)
+    release = threading.Event()
+    calls = []
+
+    def run(modules):
+        calls.append(sorted(modules))
+        for module in modules.values():
+            denoise(module, inputs, 1)
+        assert release.wait(JOIN_S), "the event loop did not run during aprepare"
+
+    async def main() -> int:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.005)
+                ticks += 1
+                if ticks == 5:
+                    release.set()
+
+        task = asyncio.create_task(ticker())
+        await plc.aprepare(run, num_inference_steps=4)
+        task.cancel()
+        return ticks
+
+    assert asyncio.run(main()) >= 5
+    assert plc.state is State.WARMED_UP and plc.ready
+    assert calls[0] == ["transformer", "transformer_2"]  # one joint call drives both members
+    assert all(m.serving_steps == 4 for m in members.values())

@@ -2,9 +2,9 @@
 API.md documents (unchanged), the module is still callable and consistent with that state, the
 audit has the ``failed`` event, and the lifecycle recovers once the cause is gone.
 
-Faults are injected by real means: a backend adapter subclass that raises, a real torch.compile
-refusing a bad inductor option, a dynamo backend that crashes while warm-up compiles, a warm-up
-callable raising (out-of-memory included), and cache-dit's own functions raising for one call.
+Faults are injected by real means: a backend adapter subclass that raises, a dynamo backend that
+crashes while warm-up compiles, a warm-up callable raising (out-of-memory included), and
+cache-dit's own functions raising for one call.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from lifecycle import (
     State,
     TransitionFailedError,
 )
-from lifecycle.testing import AuditEvents
+from lifecycle.testing import AuditEvents, NoopBackend, NoopCache
 from lifecycle.testing.tiny import FluxInputs, denoise, denoiser
+from lifecycle.warmup import MAX_WARMUP_RUNS, WarmupCoverageWarning
 
 
 class CompilerCrashed(RuntimeError):
@@ -255,3 +256,25 @@ def test_disable_cache_raising_during_reset(flux, inputs, cache_config, audit_ev
     lc.reset()
     assert lc.state is State.LOADED
     _assert_pristine(flux, inputs, reference)
+
+
+# ----------------------------------------------------------------------------- coverage impossible
+class _NeverCovered(NoopCache):
+    """A cache whose steered context never reports the cached branch as run."""
+
+    def warmup_covered(self, module: nn.Module) -> bool:
+        return False
+
+
+def test_warmup_that_cannot_cover_the_cached_branch_warns_and_audits(audit_events):
+    runs: list[int] = []
+    lc = ModuleLifecycle(nn.Linear(4, 4), backend=NoopBackend(), cache_adapter=_NeverCovered())
+    with pytest.warns(WarmupCoverageWarning, match="did not reach cache-dit's cached-step branch"):
+        lc.prepare(lambda module: runs.append(1))
+    assert len(runs) == MAX_WARMUP_RUNS  # re-run until the limit, then give up with a word
+    assert lc.state is State.WARMED_UP
+    assert lc.stats()["warmup_covered_cached_branch"] is False
+    (coverage,) = audit_events.of("lifecycle.warmup_coverage")
+    assert coverage["covered"] is False and coverage["warmup_runs"] == MAX_WARMUP_RUNS
+    warm = audit_events.of("lifecycle.transition")[-1]
+    assert warm["trigger"] == "warm_up" and warm["cached_branch_covered"] is False

@@ -15,7 +15,6 @@ from lifecycle import (
     LifecyclePolicy,
     ModuleLifecycle,
     State,
-    TransitionFailedError,
 )
 from lifecycle.testing.tiny import FluxShape, denoise, denoiser, flux_inputs, tiny_flux
 
@@ -105,14 +104,13 @@ def test_regional_must_be_a_bool(flux):
         ModuleLifecycle(flux, backend="cpu", compile_options={**FAST_COMPILE, "regional": "yes"})
 
 
-def test_a_model_without_repeated_blocks_fails_and_stays_eager():
+def test_a_model_without_repeated_blocks_is_refused_at_construction_and_stays_eager():
+    # A bad argument, refused before any work (issue 20, item 4), not a failed compile.
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 4))
-    lc = ModuleLifecycle(
-        model, backend="cpu", policy=LifecyclePolicy(cache_dit=False), compile_options=REGIONAL
-    )
-    with pytest.raises(TransitionFailedError, match="no repeated blocks"):
-        lc.compile()
-    assert lc.state is State.LOADED
+    with pytest.raises(InvalidConfigError, match="no repeated blocks"):
+        ModuleLifecycle(
+            model, backend="cpu", policy=LifecyclePolicy(cache_dit=False), compile_options=REGIONAL
+        )
     assert compiled_blocks(model) == [] and model._compiled_call_impl is None
 
 
