@@ -82,7 +82,7 @@ class TransitionStep:
         self.lc = lc
         self.trigger = trigger
         self.work = work
-        self.source = _STATES[lc._holder.state]  # noqa: SLF001 - the step is part of the lifecycle
+        self.source = _STATES[lc._holder.state]  # the step is part of the lifecycle
         self.started = time.perf_counter()
         self.extra: dict[str, Any] = {}
         self.undo: list[Callable[[], None]] = []
