@@ -4,7 +4,9 @@
 
 - ``overhead``: one transition of ``ModuleLifecycle`` with the work stubbed out (``NoopBackend``,
   ``NoopCache``) and one JSON-rendered audit event per transition, written to a file as a host
-  would configure structlog; median of many. In the same run, interleaved round by round so that
+  would configure structlog; median of many. Every trigger runs through the lifecycle's
+  ``transitions.Machine`` (work in its ``before`` callback, audit from ``after``/``on_exception``);
+  an empty ``request()`` is measured beside it. In the same run, interleaved round by round so that
   machine noise hits all alike, the floors it is built from: a bare ``transitions.Machine``
   trigger, a ``LockedMachine`` trigger, one structlog JSON event, an RLock round trip.
   Target: <= 30 us per transition.
@@ -156,9 +158,19 @@ def bench_overhead(rounds: int, laps_per_round: int) -> dict[str, Any]:
             except Exception:
                 pass
 
+    served = ModuleLifecycle(nn.Linear(4, 4), name="bench-served", backend=NoopBackend(),
+                             cache_adapter=NoopCache())
+    served.prepare(run)
+
+    def requests() -> None:  # an empty request: lock, table check, fresh context, one event
+        for _ in range(laps_per_round * len(LAP)):
+            with served.request():
+                pass
+
     cases: dict[str, Callable[[], None]] = {
         "lifecycle_transition": lap(lc_calls),
         "lifecycle_refused": refused,
+        "lifecycle_request": requests,
         "transitions_Machine": lap(bare_calls),
         "transitions_LockedMachine": lap(locked_calls),
         "structlog_json_event": structlog_events,
