@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import statistics
 import time
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -55,14 +54,21 @@ from typing import Any
 
 from adapters import stance as st
 from lifecycle import audit
-from lifecycle.errors import InvalidConfigError, UnwarmedShapeError
+from lifecycle.errors import InvalidConfigError, TransitionFailedError, UnwarmedShapeError
+from lifecycle.record import emit_checked, warn_unwritten
+from lifecycle.warmup import _call_warmup, _warn_uncovered
 
 Shape = Mapping[str, Any]
 POLICIES = ("eager", "compile", "fail")
 DEFAULT_ON_UNWARMED = "eager"
 # Lifecycle-level compile options (consumed here, never passed to torch.compile).
 SHAPE_OPTION_KEYS = ("dynamic_buckets", "measure_paths")
-DEFAULT_DYNAMIC_BUCKETS = False
+# None: decided by the plan. Measured on the H200 (README "Serving shapes"): four buckets sharing
+# one dynamic compile prepared in 49.8 s against 84.0 s for a static compile per bucket, with
+# every bucket's steady request within 3 % of (or faster than) its static one; so a prepare that
+# declares two or more buckets before compiling shares graphs unless the host sets ``dynamic``
+# or ``dynamic_buckets`` itself.
+DEFAULT_DYNAMIC_BUCKETS: bool | None = None
 # The key of the implicit bucket a warm-up without declared shapes warms.
 IMPLICIT_KEY = "*"
 WARMUP_SHAPE_EVENT = "lifecycle.warmup_shape"
@@ -109,6 +115,16 @@ def shape_key(shape: Shape) -> str:
     return ",".join(f"{k}={'x'.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in canon.items())
 
 
+def key_or_none(shape: Any) -> str | None:
+    """The canonical key of a valid shape, None otherwise (``begin_request`` refuses a bad one)."""
+    if shape is None:
+        return None
+    try:
+        return shape_key(shape)
+    except InvalidConfigError:
+        return None
+
+
 def check_shapes(shapes: object, *, module: str | None = None) -> list[dict[str, Any]]:
     """Declared buckets: a non-empty list of shapes, de-duplicated, in the host's order."""
     if isinstance(shapes, Mapping) or not isinstance(shapes, Sequence) or isinstance(shapes, str):
@@ -142,7 +158,11 @@ def split_options(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the shape options, the rest for the backend). Refuses a non-bool shape option."""
     options = dict(options or {})
-    mine: dict[str, Any] = {"dynamic_buckets": DEFAULT_DYNAMIC_BUCKETS, "measure_paths": False}
+    mine: dict[str, Any] = {
+        "dynamic_buckets": DEFAULT_DYNAMIC_BUCKETS,
+        "measure_paths": False,
+        "host_dynamic": "dynamic" in options,
+    }
     for key in SHAPE_OPTION_KEYS:
         if key in options:
             value = options.pop(key)
@@ -152,7 +172,7 @@ def split_options(
                     module=module,
                 )
             mine[key] = value
-    if mine["dynamic_buckets"]:
+    if mine["dynamic_buckets"] is True:
         # One compile for every bucket needs every frame symbolic, the frames after cache-dit's
         # graph breaks too (their inputs are fresh tensors no mark reaches): measured on the
         # tiny Flux, marks alone recompiled 7 of 8 graphs at the second bucket.
@@ -241,7 +261,9 @@ class ShapeBook:
 
     def __init__(self, on_unwarmed: str, options: Mapping[str, Any]) -> None:
         self.on_unwarmed = on_unwarmed
-        self.dynamic_buckets = bool(options.get("dynamic_buckets", DEFAULT_DYNAMIC_BUCKETS))
+        # True, False, or None until a plan decides it (``choose_sharing``).
+        self.dynamic_buckets: bool | None = options.get("dynamic_buckets", DEFAULT_DYNAMIC_BUCKETS)
+        self.host_dynamic = bool(options.get("host_dynamic", False))
         self.measure_paths = bool(options.get("measure_paths", False))
         self.buckets: dict[str, BucketCoverage] = {}
         self.misses: list[ShapeMiss] = []
@@ -275,7 +297,8 @@ class ShapeBook:
         return bucket if bucket is not None and bucket.warmed else None
 
     def all_warm(self) -> bool:
-        return all(b.warmed for b in self.buckets.values())
+        """Every declared bucket warm (a plain warm-up's implicit bucket is the state's business)."""
+        return all(b.warmed for b in self.declared)
 
     def note_warm(
         self,
@@ -365,8 +388,10 @@ class _Seen:
             self.signatures[self.last] = self.signatures.get(self.last, False) or bool(self.covered())
 
     def all_covered(self) -> bool:
+        if not self.signatures:  # the module was never called: only the context can tell
+            return bool(self.covered())
         self.close_segment()
-        return bool(self.signatures) and all(self.signatures.values())
+        return all(self.signatures.values())
 
     def warm(self) -> set[Any]:
         self.close_segment()
@@ -389,14 +414,14 @@ def _recording(seen: Sequence[_Seen], *, steered: bool) -> Iterator[None]:
                     tracker.close_segment()
                     if member.policy.cache_dit:
                         if steered:
-                            member.cache.refresh_for_warmup(member._module, member.cache_config)
+                            member.cache.refresh_for_warmup(member.module, member.cache_config)
                         else:
-                            member.cache.refresh(member._module, member.cache_config, member._serving_steps)
+                            member.cache.refresh(member.module, member.cache_config, member.serving_steps)
                 tracker.last = signature
                 tracker.signatures.setdefault(signature, False)
                 st.mark_shared_dims(member.shapes.shared_dims, args, kwargs)
 
-            stack.enter_context(st.guard_calls(tracker.member._module, before))
+            stack.enter_context(st.guard_calls(tracker.member.module, before))
         if any(t.member.shapes.dynamic_buckets for t in seen):
             stack.enter_context(st.no_duck_shape())
         yield
@@ -414,35 +439,54 @@ def _probe(
             continue
         signatures = []
         for bucket in book.declared:
-            signature = st.probe_signature(member._module, partial(call_at, bucket.shape))
+            signature = st.probe_signature(member.module, partial(call_at, bucket.shape))
             if signature is not None:
                 signatures.append(signature)
         book.shared_dims = st.shared_dims(signatures)
         audit.logger().debug(
             "lifecycle.shape_probe",
-            **member._audit_base(),
+            **member.audit_fields(),
             buckets=len(book.declared),
             shared_dims={f"{n}[{d}]": list(b) for (n, d), b in book.shared_dims.items()},
         )
     # The probes ran host code (a pipeline may have moved a member's cache context).
     for member in members:
         if member.policy.cache_dit:
-            member.cache.refresh(member._module, member.cache_config, member._serving_steps)
+            member.cache.refresh(member.module, member.cache_config, member.serving_steps)
 
 
-class UndeclaredShapesWarning(UserWarning):
-    """A warm-up without declared shapes called the transformer at several input sizes and
-    could not cover them all: declare them as buckets."""
+def _emit(event: str, outcome: str, fields: dict[str, Any]) -> None:
+    """An audit event; a lost write is a warning, never an error of the warm-up or request."""
+    lost = emit_checked(event, outcome, fields)
+    if lost is not None:
+        warn_unwritten(event, str(fields.get("module")), lost)
 
 
-def _warn_undeclared(member: Member, sizes: int, warm: int) -> None:
-    message = (
-        f"{member.name}: the warm-up callable called the transformer at {sizes} input sizes, and "
-        f"only {warm} reached cache-dit's cached-step branch; requests at the others are shape "
-        f"misses (on_unwarmed={member.shapes.on_unwarmed!r}). Declare the sizes as buckets: "
-        "prepare(run, shapes=[{...}, ...]) with run(target, shape) making one call at a shape."
+def _undeclared_error(member: Member, sizes: int, warm: int) -> TransitionFailedError:
+    """A plain warm-up called several input sizes and could not cover them all (issue 20 item 5):
+    a typed error naming the fix, never a WarmedUp that serves those sizes by surprise."""
+    return TransitionFailedError(
+        f"{member.name}: the warm-up callable called the transformer at {sizes} input sizes in one "
+        f"warm-up, and only {warm} of them reached cache-dit's cached-step branch (each size needs "
+        "its own cache context). Declare the sizes as serving buckets: prepare(run, shapes=[...]) "
+        "with run(target, shape) making one call at a shape; or warm up at one size.",
+        module=member.name, state=member.state, trigger="warm_up",
     )
-    warnings.warn(message, UndeclaredShapesWarning, stacklevel=5)
+
+
+def choose_sharing(member: Member, planned: list[dict[str, Any]] | None) -> None:
+    """Before a prepare walks: with ``dynamic_buckets`` left to the default, a plan of two or more
+    buckets declared before the compile shares graphs (``dynamic=True``), unless the host set
+    ``dynamic``. Once compiled, the choice is made (a later plan cannot change the graphs)."""
+    book: ShapeBook = member.shapes
+    if book.dynamic_buckets is not None or not member.policy.compile:
+        return
+    compiled = member.state.value in ("Compiled", "WarmedUp")
+    if compiled or book.host_dynamic:
+        book.dynamic_buckets = False
+    elif planned is not None and len(planned) >= 2:
+        book.dynamic_buckets = True
+        member.compile_options["dynamic"] = True
 
 
 def _sync(members: Sequence[Member]) -> None:
@@ -458,7 +502,7 @@ def run_warmup(
     members: Sequence[Member],
     call_at: Callable[[dict[str, Any] | None], object],
     shapes: list[dict[str, Any]] | None,
-    attempt: Any,
+    extras: Sequence[dict[str, Any]],
     *,
     max_runs: int,
 ) -> None:
@@ -467,8 +511,8 @@ def run_warmup(
 
     Each bucket runs in its own steered cache context until the cached-step branch is covered
     (at most ``max_runs`` calls); one ``lifecycle.warmup_shape`` event per declared bucket.
-    ``attempt`` is the caller's transition scratch (its ``extra`` goes into the audit event) or
-    None. Raises whatever the warm-up callable raised (the caller's transition records it)."""
+    ``extras`` holds each member's transition fields (same order), written here. Raises whatever
+    the warm-up callable raised (the caller's transition records it)."""
     first: ShapeBook = members[0].shapes
     if shapes is not None:
         buckets_per_member = [m.shapes.declare(shapes) for m in members]
@@ -481,18 +525,17 @@ def run_warmup(
     if shapes is not None or first.declared:
         _probe(members, call_at, plan)
     started = time.perf_counter()
-    all_covered = True
     total_runs = 0
     for index, bucket in enumerate(plan):
         graphs_before = _graphs(members)
         bucket_started = time.perf_counter()
         runs = 0
         with ExitStack() as stack:
-            covered = [stack.enter_context(m._warmup_context()) for m in members]
+            covered = [stack.enter_context(m.steering.steered()) for m in members]
             seen = [_Seen(m, check) for m, check in zip(members, covered, strict=True)]
             stack.enter_context(_recording(seen, steered=True))
             while True:
-                call_at(bucket.shape)
+                _call_warmup(partial(call_at, bucket.shape))
                 runs += 1
                 done = [tracker.all_covered() for tracker in seen]
                 if all(done) or runs >= max_runs:
@@ -505,20 +548,21 @@ def run_warmup(
         for member, ok, buckets, tracker, signatures in zip(
             members, done, buckets_per_member, seen, warm, strict=True
         ):
+            if not ok and buckets[index].key == IMPLICIT_KEY and len(tracker.signatures) > 1:
+                raise _undeclared_error(member, len(tracker.signatures), len(signatures))
+        for member, ok, buckets, signatures in zip(members, done, buckets_per_member, warm, strict=True):
             own = buckets[index]
             member.shapes.note_warm(
                 own, graphs=graphs, seconds=seconds, covered=ok, runs=runs, signatures=signatures
             )
             if not ok:
-                member._warn_uncovered(runs)
-                if own.key == IMPLICIT_KEY and len(tracker.signatures) > 1:
-                    _warn_undeclared(member, len(tracker.signatures), len(signatures))
+                _warn_uncovered(member, runs)
             if own.key != IMPLICIT_KEY:
-                audit.emit(
+                _emit(
                     WARMUP_SHAPE_EVENT,
                     "ok" if ok else "refused",
                     {
-                        **member._audit_base(),
+                        **member.audit_fields(),
                         "shape": own.shape,
                         "shape_key": own.key,
                         "graphs": graphs,
@@ -528,26 +572,32 @@ def run_warmup(
                         "signatures": len(own.signatures),
                     },
                 )
-        all_covered = all_covered and all(done)
+    settle_started = time.perf_counter()
+    settle_runs = 0
     if any(m.policy.compile for m in members):
         if any(m.shapes.measure_paths for m in members):
-            _measure_paths(members, call_at, buckets_per_member)
+            settle_runs = _measure_paths(members, call_at, buckets_per_member)
         else:
             for bucket in plan:
                 _settle(members, call_at, bucket)
+                settle_runs += 1
+    settle_s = time.perf_counter() - settle_started
     elapsed = time.perf_counter() - started
-    for member, buckets in zip(members, buckets_per_member, strict=True):
-        member._warmup_covered = all(bool(b.covered) for b in buckets)
-        member._save_artifacts(attempt)
-        member._recompiles_since_warmup = 0
-    extra: dict[str, Any] | None = attempt.extra if attempt is not None else None
-    if extra is not None:
-        extra["warmup_runs"] = total_runs
-        extra["cached_branch_covered"] = all_covered
+    names = [m.name for m in members]
+    for member, buckets, extra in zip(members, buckets_per_member, extras, strict=True):
+        member.steering.covered = all(bool(b.covered) for b in buckets)
+        member.steering.warmup_s += elapsed
+        member.serving.recompiles_since_warmup = 0
+        member.save_artifacts(extra)
+        # Every call of the warm-up callable, the settling ones included.
+        extra["warmup_runs"] = total_runs + settle_runs
+        extra["settle_runs"] = settle_runs
+        extra["settle_s"] = round(settle_s, 6)
+        extra["cached_branch_covered"] = member.steering.covered
         if plan[0].key != IMPLICIT_KEY:
             extra["buckets"] = [b.key for b in plan]
-    for member in members:
-        member._warmup_s += elapsed
+        if len(members) > 1:
+            extra["joint_warmup"] = names
 
 
 def _timed_call(
@@ -556,7 +606,7 @@ def _timed_call(
     """One call in the serving context (fresh before and after), timed, graphs counted."""
     for member in members:
         if member.policy.cache_dit:
-            member.cache.refresh(member._module, member.cache_config, member._serving_steps)
+            member.cache.refresh(member.module, member.cache_config, member.serving_steps)
     seen = [_Seen(m, lambda: True) for m in members]
     _sync(members)
     graphs_before = _graphs(members)
@@ -571,7 +621,7 @@ def _timed_call(
     graphs = _graphs(members) - graphs_before
     for member in members:
         if member.policy.cache_dit:
-            member.cache.refresh(member._module, member.cache_config, member._serving_steps)
+            member.cache.refresh(member.module, member.cache_config, member.serving_steps)
     return seconds, graphs
 
 
@@ -583,11 +633,11 @@ def _settle(
     steered context) is paid here, at the cost of one warm-up call per bucket."""
     seconds, graphs = _timed_call(members, lambda: call_at(bucket.shape))
     for member in members:
-        audit.emit(
+        _emit(
             WARMUP_SETTLE_EVENT,
             "ok",
             {
-                **member._audit_base(),
+                **member.audit_fields(),
                 "shape_key": bucket.key,
                 "seconds": round(seconds, 6),
                 "graphs": graphs,
@@ -599,9 +649,9 @@ def _measure_paths(
     members: Sequence[Member],
     call_at: Callable[[dict[str, Any] | None], object],
     buckets_per_member: list[list[BucketCoverage]],
-) -> None:
+) -> int:
     """Each bucket's call timed compiled (it doubles as the settle call) and eager; the faster
-    path serves that bucket."""
+    path serves that bucket. Returns the calls made."""
     for index, bucket in enumerate(buckets_per_member[0]):
         call = partial(call_at, bucket.shape)
         compiled_s, graphs = _timed_call(members, call)
@@ -613,11 +663,11 @@ def _measure_paths(
         for member, buckets in zip(members, buckets_per_member, strict=True):
             own = buckets[index]
             own.path, own.path_reason, own.compiled_s, own.eager_s = path, reason, compiled_s, eager_s
-            audit.emit(
+            _emit(
                 WARMUP_PATH_EVENT,
                 "ok",
                 {
-                    **member._audit_base(),
+                    **member.audit_fields(),
                     "shape_key": own.key,
                     "path": path,
                     "reason": reason,
@@ -626,6 +676,7 @@ def _measure_paths(
                     "graphs": graphs,
                 },
             )
+    return 2 * len(buckets_per_member[0])
 
 
 # ---------------------------------------------------------------------------- serving
@@ -698,6 +749,8 @@ def serving(member: Member, info: RequestShape, request_id: str) -> Iterator[Non
             if info.bucket is not None and info.bucket.path == "eager":
                 return st.stance("force_eager")
             return None  # a named shape: decided at the start of the request
+        if not book.signatures:
+            return None  # warm-up never called the module: nothing to compare with
         signature = st.input_signature(args, kwargs)
         bucket = book.bucket_of(signature)
         if bucket is not None:
@@ -713,7 +766,7 @@ def serving(member: Member, info: RequestShape, request_id: str) -> Iterator[Non
     with ExitStack() as stack:
         if info.miss == "shape" and info.policy == "eager":
             stack.enter_context(st.stance("eager_on_recompile"))
-        stack.enter_context(st.guard_calls(member._module, before))
+        stack.enter_context(st.guard_calls(member.module, before))
         yield
 
 
@@ -731,11 +784,11 @@ def end_request(
         miss = ShapeMiss(request_id, info.key, info.shape, info.policy, info.miss, duration_ms, new_graphs)
         book.note_miss(miss)
         outcome = "refused" if isinstance(error, UnwarmedShapeError) else "ok" if error is None else "failed"
-        audit.emit(
+        _emit(
             SHAPE_MISS_EVENT,
             "refused" if outcome != "failed" else "failed",
             {
-                **member._audit_base(),
+                **member.audit_fields(),
                 **miss.as_dict(),
                 "outcome": outcome,
             },
