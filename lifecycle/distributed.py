@@ -198,7 +198,7 @@ class DistributedLifecycle(ModuleLifecycle):
             f"state={self.state.value}, policy={self.policy})"
         )
 
-    def prepare(self, run: WarmupRun, num_inference_steps: int | None = None) -> None:
+    def prepare(self, run: WarmupRun, num_inference_steps: int | None = None, shapes: Any = None) -> None:
         """``ModuleLifecycle.prepare`` on every rank, after the ranks agree on where they start."""
         with self.hold(Trigger.WARM_UP):
             error: BaseException | None = None
@@ -223,7 +223,7 @@ class DistributedLifecycle(ModuleLifecycle):
                     "reset() on every rank, then prepare(run).",
                     module=self.name, state=self.state, trigger="prepare",
                 )
-            super().prepare(run, num_inference_steps)
+            super().prepare(run, num_inference_steps, shapes)
 
 
 def _describe(error: BaseException) -> str:

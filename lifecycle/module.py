@@ -679,6 +679,7 @@ class ModuleLifecycle:
                 except InvalidConfigError as exc:
                     raise self._refuse(exc, Trigger.WARM_UP) from None
             self.set_serving_steps(num_inference_steps)
+            _shapes.choose_sharing(self, planned)  # several buckets before compile: shared graphs
             if self.state is State.WARMED_UP and planned is not None:
                 cold = [s for s in planned if self.shapes.lookup(s) is None]
                 if cold:

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
+from lifecycle import shapes as _shapes
 from lifecycle.errors import IllegalTransitionError, InvalidConfigError, LifecycleError, PipelineError
 from lifecycle.module import ModuleLifecycle
 from lifecycle.serving import ActiveRequest, RequestRecord
@@ -133,7 +134,28 @@ class PipelineLifecycle:
         for member in self.members.values():
             self._each_one(member, action)
 
-    def prepare(self, run: Callable[[Any], object], num_inference_steps: int | None = None) -> None:
+    def coverage(self) -> dict[str, list[dict[str, Any]]]:
+        """Each member's ``coverage()``, by member name."""
+        return {name: member.coverage() for name, member in self.members.items()}
+
+    def missed_shapes(self) -> list[dict[str, Any]]:
+        """The shapes any member missed and no bucket covers, de-duplicated."""
+        found: dict[str, dict[str, Any]] = {}
+        for member in self.members.values():
+            for shape in member.missed_shapes():
+                found.setdefault(_shapes.shape_key(shape), shape)
+        return list(found.values())
+
+    def warm_up(self, run: Callable[..., object], shapes: Any = None) -> None:
+        """Every member WarmedUp -> WarmedUp together: warm (more) buckets with
+        ``run(pipeline, shape)``, e.g. ``plc.warm_up(run, shapes=plc.missed_shapes())``."""
+        with self._locked(Trigger.WARM_UP):
+            planned = _shapes.check_shapes(shapes) if shapes is not None else None
+            self._warm_together(list(self.members.values()), run, planned)
+
+    def prepare(
+        self, run: Callable[..., object], num_inference_steps: int | None = None, shapes: Any = None
+    ) -> None:
         """Mount and compile every member in order, then warm all cold members with one call of
         ``run(pipeline)`` (``run(dict of modules)`` when built without a pipeline).
 
@@ -142,9 +164,15 @@ class PipelineLifecycle:
         with self._locked(Trigger.WARM_UP):
             # Every argument checked (and a refusal audited) before any member moves.
             self._each(lambda member: member.check_prepare(run, num_inference_steps))
+            planned = _shapes.check_shapes(shapes) if shapes is not None else None
             for member in self.members.values():
                 member.set_serving_steps(num_inference_steps)
+                _shapes.choose_sharing(member, planned)
             if all(m.state is State.WARMED_UP for m in self.members.values()):
+                first = next(iter(self.members.values()))
+                cold_shapes = [s for s in planned or [] if first.shapes.lookup(s) is None]
+                if cold_shapes:
+                    self._warm_together(list(self.members.values()), run, cold_shapes)
                 return
 
             def advance(member: ModuleLifecycle) -> None:
@@ -156,7 +184,7 @@ class PipelineLifecycle:
 
             self._each(advance)
             cold = [m for m in self.members.values() if m.state is not State.WARMED_UP]
-            self._warm_together(cold, lambda: run(self._warmup_target()))
+            self._warm_together(cold, run, planned)
 
     async def aprepare(self, run: Callable[[Any], object], num_inference_steps: int | None = None) -> None:
         """``prepare`` in a worker thread, so an event loop keeps serving meanwhile."""
@@ -164,7 +192,10 @@ class PipelineLifecycle:
 
         await asyncio.to_thread(self.prepare, run, num_inference_steps)
 
-    def _warm_together(self, members: list[ModuleLifecycle], call: Callable[[], object]) -> None:
+    def _warm_together(
+        self, members: list[ModuleLifecycle], run: Callable[..., object],
+        shapes: list[dict[str, Any]] | None = None,
+    ) -> None:
         """One warm-up transition per member around a shared warm-up call.
 
         The call cannot be attributed to one member, so a failure fails every member's warm-up
@@ -179,7 +210,11 @@ class PipelineLifecycle:
                 self._each_one(member, lambda m: m.warm_up(lambda _module: None))
         names = tuple(m.name for m in members)
         try:
-            warm_up_together(members, [call])
+            target = self._warmup_target()
+            if shapes is not None or members[0].shapes.declared:
+                warm_up_together(members, [], call_at=lambda shape: run(target, shape), shapes=shapes)
+            else:
+                warm_up_together(members, [lambda: run(target)])
         except LifecycleError as exc:
             states = ", ".join(f"{m.name}={m.state.value}" for m in members)
             raise PipelineError(
@@ -247,7 +282,11 @@ class PipelineLifecycle:
 
     @contextmanager
     def request(
-        self, num_inference_steps: int | None = None, request_id: str | None = None
+        self,
+        num_inference_steps: int | None = None,
+        request_id: str | None = None,
+        shape: Any = None,
+        on_unwarmed: str | None = None,
     ) -> Iterator[dict[str, RequestRecord]]:
         """Enter every member's request under one request id; yields ``{member name: record}``.
 
@@ -273,10 +312,15 @@ class PipelineLifecycle:
                     member.serving.refuse(num_inference_steps, request_id, refusal)
                     raise refusal
             started: list[tuple[ModuleLifecycle, ActiveRequest]] = []
+            infos: list[_shapes.RequestShape] = []
             try:
                 for member in self.members.values():
-                    started.append((member, member.serving.begin(num_inference_steps, request_id)))
+                    started.append((member, member.serving.begin(
+                        num_inference_steps, request_id, _shapes.key_or_none(shape))))
+                    infos.append(_shapes.begin_request(member, shape, on_unwarmed, request_id))
             except LifecycleError as exc:
+                if len(started) > len(infos):  # this member started, then refused its shape
+                    member.serving.cancel(started.pop()[1], exc)
                 for other, active in started:
                     other.serving.cancel(active, PipelineError(
                         f"pipeline request {request_id!r} refused: member {member.name!r} could not "
@@ -285,13 +329,22 @@ class PipelineLifecycle:
                 raise
             error: BaseException | None = None
             try:
-                yield {name: active.record for name, (_, active) in zip(self.members, started, strict=True)}
+                with ExitStack() as guards:
+                    for (member, _), info in zip(started, infos, strict=True):
+                        guards.enter_context(_shapes.serving(member, info, request_id))
+                    yield {
+                        name: active.record for name, (_, active) in zip(self.members, started, strict=True)
+                    }
             except BaseException as exc:
                 error = exc
                 raise
             finally:
-                for member, active in started:
+                for (member, active), info in zip(started, infos, strict=True):
                     member.serving.end(active, error)
+                    record = active.record
+                    _shapes.end_request(
+                        member, info, request_id, record.duration_ms, record.new_graphs, error
+                    )
 
     def stats(self) -> dict[str, dict[str, Any]]:
         return {name: member.stats() for name, member in self.members.items()}

@@ -10,10 +10,9 @@ members have covered the cached branch (at most ``MAX_WARMUP_RUNS`` rounds). One
 
 from __future__ import annotations
 
-import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from lifecycle import audit
@@ -74,40 +73,39 @@ class WarmupSteering:
 
 
 def run_warmup(
-    members: Sequence[ModuleLifecycle], calls: Sequence[WarmupCall], extras: Sequence[dict[str, Any]]
+    members: Sequence[ModuleLifecycle],
+    calls: Sequence[WarmupCall],
+    extras: Sequence[dict[str, Any]],
+    *,
+    call_at: Callable[[Any], object] | None = None,
+    shapes: list[dict[str, Any]] | None = None,
 ) -> None:
-    """Run ``calls`` (one round = each call once) under every member's steering until all have
-    covered the cached branch; then record coverage, save artifacts and write each member's own
-    fields into its own audit ``extras`` (one dict per member, same order)."""
-    started = time.perf_counter()
-    runs = 0
-    with ExitStack() as stack:
-        checks = [stack.enter_context(member.steering.steered()) for member in members]
-        while True:
-            for call in calls:
-                _call_warmup(call)
-            runs += 1
-            done = [check() for check in checks]
-            if all(done) or runs >= MAX_WARMUP_RUNS:
-                break
-        for member, ok in zip(members, done, strict=True):
-            member.backend.synchronize()
-            member.steering.covered = ok
-            if not ok:
-                _warn_uncovered(member, runs)
-    elapsed = time.perf_counter() - started
-    names = [m.name for m in members]
-    for member, ok, extra in zip(members, done, extras, strict=True):
-        member.steering.warmup_s += elapsed
-        member.serving.recompiles_since_warmup = 0
-        member.save_artifacts(extra)
-        extra["warmup_runs"] = runs
-        extra["cached_branch_covered"] = ok
-        if len(members) > 1:
-            extra["joint_warmup"] = names
+    """Warm ``members`` together under their steering until all have covered the cached branch;
+    then record coverage, save artifacts and write each member's own fields into its own audit
+    ``extras`` (one dict per member, same order).
+
+    The loop is ``lifecycle.shapes.run_warmup``: declared shape buckets (``call_at(shape)``, one
+    steered context each) or, without them, one round of ``calls`` as the implicit bucket, at
+    most ``MAX_WARMUP_RUNS`` rounds a bucket. It records the input sizes each member saw (a
+    request at other sizes is a shape miss), starts a fresh context when the size changes inside
+    a warm-up, and ends with a settling call in the serving context.
+    """
+    from lifecycle import shapes as _shapes
+
+    def one_round(_shape: Any) -> None:
+        for call in calls:
+            call()
+
+    _shapes.run_warmup(members, call_at or one_round, shapes, extras, max_runs=MAX_WARMUP_RUNS)
 
 
-def warm_up_together(members: Sequence[ModuleLifecycle], calls: Sequence[WarmupCall]) -> None:
+def warm_up_together(
+    members: Sequence[ModuleLifecycle],
+    calls: Sequence[WarmupCall],
+    *,
+    call_at: Callable[[Any], object] | None = None,
+    shapes: list[dict[str, Any]] | None = None,
+) -> None:
     """One ``warm_up`` transition per member around one shared warm-up: member i's work enters
     member i+1's transition, the innermost runs the calls. A failure fails every member's warm-up
     (each stays, each audits ``failed`` with the same cause); each member audits its own fields."""
@@ -119,7 +117,7 @@ def warm_up_together(members: Sequence[ModuleLifecycle], calls: Sequence[WarmupC
             if index + 1 < len(members):
                 members[index + 1].transition(Trigger.WARM_UP, work_of(index + 1))
             else:
-                run_warmup(members, calls, extras)
+                run_warmup(members, calls, extras, call_at=call_at, shapes=shapes)
 
         return work
 

@@ -57,12 +57,14 @@ def test_prepare_leaves_nothing_to_compile(flux, inputs, cache_config, warmup_st
 
 
 def test_a_compile_after_warmup_is_counted_and_audited(flux, inputs, cache_config, shape, audit_events):
-    """If a request does compile (new input shapes), the host sees it: stats and an audit event."""
+    """If a request does compile (new input shapes), the host sees it: stats and an audit event.
+    (on_unwarmed="compile": the default, "eager", would serve that shape without compiling.)"""
     from dataclasses import replace
 
     from lifecycle.testing.tiny import flux_inputs
 
-    lc = ModuleLifecycle(flux, backend="cpu", cache_config=cache_config, compile_options=FAST_COMPILE)
+    lc = ModuleLifecycle(flux, backend="cpu", cache_config=cache_config, compile_options=FAST_COMPILE,
+                         on_unwarmed="compile")
     lc.prepare(denoiser(inputs, 2))
     other = flux_inputs(replace(shape, image_tokens=shape.image_tokens * 2))
     with lc.request(num_inference_steps=SERVING_STEPS) as req:

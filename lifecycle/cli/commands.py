@@ -83,6 +83,10 @@ def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup-steps", type=_positive, default=2, help="steps of the warm-up call (2)")
     parser.add_argument("--requests", type=_positive, default=3, help="identical requests to serve (3)")
     parser.add_argument("--pipeline", choices=PIPELINES, help="a tiny diffusers pipeline instead")
+    parser.add_argument(
+        "--shapes", action="store_true",
+        help="declared serving buckets, a miss under each on_unwarmed policy, the per-bucket table",
+    )
     parser.add_argument("--audit", metavar="FILE", help="append the audit events to FILE (JSONL)")
     parser.add_argument("--fsync", action="store_true", help="fsync the audit file after every event")
     parser.add_argument("--json", action="store_true", help="print only a JSON result on stdout")
@@ -205,6 +209,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             print(format_urls(ops.start()), end="", file=sys.stderr, flush=True)
         if args.pipeline:
             result = _run_pipeline(args, progress)
+        elif args.shapes:
+            from lifecycle.cli.shapes_demo import run_shapes_demo
+
+            result = run_shapes_demo(
+                backend=args.backend, compile_backend=args.compile_backend, steps=args.steps,
+                warmup_steps=args.warmup_steps,
+            )
         else:
             from lifecycle.cli.demo import DemoOptions, run_demo
 
@@ -231,6 +242,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(json.dumps(result, default=str))
     elif args.pipeline:
         sys.stdout.write(_format_pipeline(result))
+    elif args.shapes:
+        from lifecycle.cli.shapes_demo import format_shapes_demo
+
+        sys.stdout.write(format_shapes_demo(result))
     else:
         from lifecycle.cli.demo import format_summary
 
