@@ -65,14 +65,16 @@ def _cache_dit() -> Any:
 # before each mount (weakly: no module is kept alive) so ``unmount`` restores them all.
 _MISSING = object()
 _PATCH_ATTRIBUTES = ("forward", "_is_patched", "_block_id")
-_PREMOUNT: weakref.WeakKeyDictionary[nn.Module, list[tuple[nn.Module, dict[str, Any]]]] = (
-    weakref.WeakKeyDictionary()
-)
+# The submodules are held weakly: a value that referenced its key (the module is its own first
+# submodule) would keep the entry, and the module, alive forever.
+_PREMOUNT: weakref.WeakKeyDictionary[
+    nn.Module, list[tuple[weakref.ref[nn.Module], dict[str, Any]]]
+] = weakref.WeakKeyDictionary()
 
 
-def _snapshot(module: nn.Module) -> list[tuple[nn.Module, dict[str, Any]]]:
+def _snapshot(module: nn.Module) -> list[tuple[weakref.ref[nn.Module], dict[str, Any]]]:
     return [
-        (sub, {name: vars(sub).get(name, _MISSING) for name in _PATCH_ATTRIBUTES})
+        (weakref.ref(sub), {name: vars(sub).get(name, _MISSING) for name in _PATCH_ATTRIBUTES})
         for sub in module.modules()
     ]
 
@@ -93,7 +95,10 @@ def _restore_patched(module: nn.Module) -> None:
                 if value is not _MISSING and (name != "forward" or _from_cache_dit(value)):
                     delattr(sub, name)
         return
-    for sub, before in snapshot:
+    for sub_ref, before in snapshot:
+        sub = sub_ref()
+        if sub is None:
+            continue
         for name, value in before.items():
             if value is _MISSING:
                 if name in vars(sub):
