@@ -96,15 +96,15 @@ def _restore_patched(module: nn.Module) -> None:
                     delattr(sub, name)
         return
     for sub_ref, before in snapshot:
-        sub = sub_ref()
-        if sub is None:
+        alive = sub_ref()
+        if alive is None:
             continue
         for name, value in before.items():
             if value is _MISSING:
-                if name in vars(sub):
-                    delattr(sub, name)
+                if name in vars(alive):
+                    delattr(alive, name)
             else:
-                setattr(sub, name, value)
+                setattr(alive, name, value)
 
 
 class CacheDitAdapter:
