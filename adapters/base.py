@@ -234,7 +234,8 @@ def check_inductor_options(options: Mapping[str, Any]) -> None:
                 + (f"; did you mean one of {close}?" if close else "; see torch._inductor.list_options()")
             )
         expected = config.get_type(name)  # type: ignore[attr-defined]
-        if typing.get_origin(expected) is None and isinstance(expected, type) and not isinstance(value, expected):
+        plain = typing.get_origin(expected) is None and isinstance(expected, type)
+        if plain and not isinstance(value, expected):
             raise InvalidOptions(
                 f"inductor option {key!r} must be {type(current[name]).__name__}, got "
                 f"{type(value).__name__} {value!r}"

@@ -326,7 +326,9 @@ def _matches(value: Any, declared: Any) -> bool:
         return value is None
     if origin in (list, tuple, set, frozenset):
         args = [a for a in typing.get_args(declared) if a is not Ellipsis]
-        return isinstance(value, origin) and all(_matches(v, args[0]) for v in value) if args else isinstance(value, origin)
+        if not isinstance(value, origin):
+            return False
+        return all(_matches(v, args[0]) for v in value) if args else True
     if origin is not None:
         return isinstance(value, origin)
     if not isinstance(declared, type):
