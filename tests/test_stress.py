@@ -226,7 +226,9 @@ def test_32_threads_racing_prepare_compile_once(policy: LifecyclePolicy, audit_e
     assert not errors
     assert lc.state is State.WARMED_UP
     assert backend.compiles == 1 and lc.stats()["compiles"] == 1
-    assert sum(warmups.values()) == 1  # NoopCache reports the warm-up covered after one run
+    # One caller ran the warm-up (NoopCache is covered after one run; with compile, one settle
+    # run in the serving context follows); the other 31 found it done.
+    assert len(warmups) == 1 and sum(warmups.values()) <= 2
     ok = [e["trigger"] for e in audit_events.of("lifecycle.transition") if e["outcome"] == "ok"]
     assert ok == [
         {"CacheMounted": "mount_cache", "Compiled": "compile", "WarmedUp": "warm_up"}[s.value]
