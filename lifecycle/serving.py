@@ -2,8 +2,9 @@
 
 ``RequestServer`` (one per lifecycle) begins a request where the states table has the
 ``request`` trigger (WarmedUp: the table decides, nothing here re-types the rule; a request
-does not move the state, so it needs no machine event and costs a dict lookup), rebuilds cache-dit's context from the lifecycle's config, and ends it by counting
-cached steps and new graphs. Every event is built from the lifecycle's ``audit_fields()`` (so a
+does not move the state, so it needs no machine event and costs a dict lookup), rebuilds
+cache-dit's context from the lifecycle's config, and ends it by counting cached steps and new
+graphs. Every event is built from the lifecycle's ``audit_fields()`` (so a
 distributed lifecycle's ``rank`` is in every event). The shape key is the seam for declared
 shape buckets: a request names its shape, the server may check it before the transformer runs.
 """
@@ -107,7 +108,9 @@ class RequestServer:
                     allowed=(Trigger.REFRESH,),
                 )
             lc.check_steps(Trigger.REQUEST, steps)
-            record = RequestRecord(request_id or uuid.uuid4().hex[:12], steps or lc.serving_steps, shape=shape)
+            record = RequestRecord(
+                request_id or uuid.uuid4().hex[:12], steps or lc.serving_steps, shape=shape
+            )
             if lc.policy.cache_dit:
                 self._fresh_context(record)
         except BaseException as exc:
