@@ -630,8 +630,12 @@ def _settle(
 ) -> None:
     """One more call of a bucket in the serving context: whatever the first request would
     still pay after warm-up (lazily loaded kernels, allocator growth, first launches outside the
-    steered context) is paid here, at the cost of one warm-up call per bucket."""
+    steered context) is paid here, at the cost of one warm-up call per bucket. Its cost is on
+    the warm_up transition event (``settle_runs``, ``settle_s``); a declared bucket also gets a
+    ``lifecycle.warmup_settle`` event of its own."""
     seconds, graphs = _timed_call(members, lambda: call_at(bucket.shape))
+    if bucket.key == IMPLICIT_KEY:
+        return
     for member in members:
         _emit(
             WARMUP_SETTLE_EVENT,
