@@ -66,6 +66,10 @@ __all__ = [
 ]
 
 
+# Triggers whose work takes the module out of service while it runs (probes answer not ready).
+_UNREADY_WHILE_RUNNING = frozenset({Trigger.RESET, Trigger.INVALIDATE, Trigger.WARM_UP})
+
+
 class TransitionStep:
     """One trigger attempt, run by the machine's callbacks (``lifecycle.machine.Attempt``).
 
@@ -98,6 +102,8 @@ class TransitionStep:
     def run(self) -> None:
         lc = self.lc
         lc.serving.guard(self.trigger)
+        if self.trigger in _UNREADY_WHILE_RUNNING:
+            lc._unready_for = self.trigger
         if self.source is State.LOADED and self.trigger is not Trigger.RESET:
             lc.check_sharing(self.trigger)
         self.work(self)
@@ -121,6 +127,7 @@ class TransitionStep:
     def committed(self) -> None:
         self.done = True
         lc = self.lc
+        lc._unready_for = None
         dest = lc.state
         lost = lc.record(self.trigger, self.source, dest, "ok", self.started, None, self.extra)
         if self.after_error is not None:
@@ -136,6 +143,8 @@ class TransitionStep:
             ) from lost
 
     def aborted(self, error: BaseException) -> None:
+        if self.lc._unready_for is self.trigger:
+            self.lc._unready_for = None
         if self.done:  # raised after the commit (a lost audit write, a reset's late verdict)
             raise error
         lc = self.lc
@@ -226,6 +235,9 @@ class ModuleLifecycle:
         self._module = module
         self.commit: CommitHook = commit if commit is not None else LocalCommit()
         self._holder = StateHolder()
+        # The trigger whose work is running now, when it makes the module unfit to serve (a
+        # reset, an invalidate, a re-warm-up): ``ready`` answers False from its first moment.
+        self._unready_for: Trigger | None = None
         self._seq = 0
         self._history: list[TransitionRecord] = []
         loaded = State.LOADED
@@ -295,6 +307,7 @@ class ModuleLifecycle:
         not depend on it."""
         return (
             self._holder.state == _WARMED_UP
+            and self._unready_for is None
             and not self.steering.context_steered
             and self.shapes.all_warm()  # every declared bucket warm
         )

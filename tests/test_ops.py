@@ -247,11 +247,6 @@ def test_probes_follow_the_lifecycle_and_metrics_equal_the_audit(
     assert label_names <= {"module", "trigger", "outcome", "backend", "state", "policy", "le"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core: lc.ready reads the state, which moves only after reset's work, so a probe during "
-    "the reset still sees WarmedUp (issue 16 asks for not ready during reset/invalidate)",
-)
 def test_not_ready_while_a_reset_runs(servers):
     backend = ProbingBackend()
     lc = ModuleLifecycle(tiny_flux(), policy=LifecyclePolicy(cache_dit=False), backend=backend)
@@ -259,6 +254,11 @@ def test_not_ready_while_a_reset_runs(servers):
     servers.append(server)
     backend.url = server.url
     lc.prepare(lambda module: None)
+    assert get(server.url + "/health/ready")[0] == 200
+    # A re-warm-up (WarmedUp -> WarmedUp) takes the module out of service while it runs.
+    during_warmup: list[int] = []
+    lc.warm_up(lambda module: during_warmup.append(get(server.url + "/health/ready")[0]))
+    assert during_warmup and set(during_warmup) == {503}
     assert get(server.url + "/health/ready")[0] == 200
     lc.reset()
     assert backend.seen == [503]
