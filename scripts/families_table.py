@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
-    from lifecycle.testing.families import FAMILIES, FamilyResult, render_table, run_family, with_table
+    from lifecycle.testing.families import FAMILIES, FamilyResult, case, render_table, run_family, with_table
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     saved: dict[str, FamilyResult] = {}
     if args.from_json is not None:
         saved = {row["key"]: FamilyResult(**row) for row in json.loads(args.from_json.read_text())}
+        for key, row in saved.items():  # notes are the registry's, as in a fresh run
+            row.notes = case(key).notes
     if args.from_json is None or args.only:
         import torch
 

@@ -1,11 +1,12 @@
 """Tiny real diffusers pipelines, one per DiT family cache-dit supports: random weights built in
 code (nothing downloaded), sized after diffusers' own fast tests (``get_dummy_components``).
 
-Text encoders are left out: each case's ``call(steps, seed)`` passes ``prompt_embeds``-style
-inputs, and every call asks for ``output_type="latent"`` (what the transformer produced; the
-VAE is built only where the pipeline reads its config). ``FAMILIES`` is the one registry that
-``tests/test_families.py`` and ``scripts/families_table.py`` (the README's "Supported pipelines"
-table) both run.
+Text encoders and VAEs are left out: each case's ``call(steps, seed)`` passes
+``prompt_embeds``-style inputs and asks for ``output_type="latent"`` (what the transformers
+produced; the pipelines fall back to their default VAE scale factor, and the sizes are picked
+for it). No pipeline here insisted on a text encoder; Cosmos insists on its guardrail, which a
+pass-through module replaces. ``FAMILIES`` is the one registry that ``tests/test_families.py``
+and ``scripts/families_table.py`` (the README's "Supported pipelines" table) both run.
 """
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ class FamilyCase:
     notes: str = ""
     # A family that cannot be served: the lifecycle error expected up front, and why.
     refused: str | None = None
+    # The second resolution (height, width) of the unwarmed-shape check; None: twice the first.
+    second_size: tuple[int, int] | None = None
+    # Where the unwarmed-shape policy misses this family's second resolution: why (the check
+    # then asserts the gap is still there, so a fix shows up as a failure to update).
+    shape_gap: str | None = None
 
 
 def _diffusers(*names: str) -> Any:
@@ -1020,6 +1026,7 @@ FAMILIES: tuple[FamilyCase, ...] = (
         _chroma_call,
         cache={"residual_diff_threshold": 0.8, "max_warmup_steps": 1},
         guidance="separate",
+        notes="cache-dit patch functor on the blocks: reset restores their forwards (was our defect)",
     ),
     FamilyCase(
         "qwenimage",
@@ -1042,10 +1049,25 @@ FAMILIES: tuple[FamilyCase, ...] = (
         notes="mounted through cache-dit's StableDiffusion3 (pipeline-name) adapter",
     ),
     FamilyCase(
-        "hidream", "HiDream", "HiDreamImagePipeline", "image", _hidream, _hidream_call, guidance="batched"
+        "hidream",
+        "HiDream",
+        "HiDreamImagePipeline",
+        "image",
+        _hidream,
+        _hidream_call,
+        guidance="batched",
+        second_size=(64, 32),  # the pipeline rescales to a fixed area: change the aspect instead
+        notes="cache-dit patch functor on the blocks: reset restores their forwards (was our defect)",
     ),
     FamilyCase(
-        "lumina2", "Lumina 2", "Lumina2Pipeline", "image", _lumina2, _lumina2_call, guidance="separate"
+        "lumina2",
+        "Lumina 2",
+        "Lumina2Pipeline",
+        "image",
+        _lumina2,
+        _lumina2_call,
+        guidance="separate",
+        notes="separate-CFG taken from the pipeline's name (a transformer-only mount hid it: ours)",
     ),
     FamilyCase("sana", "Sana", "SanaPipeline", "image", _sana, _sana_call, guidance="batched"),
     FamilyCase(
@@ -1079,6 +1101,8 @@ FAMILIES: tuple[FamilyCase, ...] = (
         _zimage_call,
         cache={"residual_diff_threshold": 0.8},
         guidance="batched",
+        shape_gap="the transformer takes lists of tensors, which the unwarmed-shape check does not "
+        "size: the second resolution is compiled, not served eagerly, and the first then recompiles",
     ),
     FamilyCase(
         "cosmos2",
@@ -1193,6 +1217,16 @@ class FamilyResult:
     cfg_cached_steps: list[dict[str, int]] = field(default_factory=list)
     new_graphs: list[dict[str, int]] = field(default_factory=list)
     identical_outputs: bool = False
+    # A request at a second resolution no warm-up saw: under on_unwarmed="eager" (its output
+    # shape, and graphs compiled per member), then under "fail" (the error's type); then one
+    # more request at the first resolution, compared with the first request.
+    first_shape: list[int] = field(default_factory=list)
+    second_shape: list[int] = field(default_factory=list)
+    second_new_graphs: dict[str, int] = field(default_factory=dict)
+    second_fail_error: str | None = None
+    shape_misses: int = 0
+    first_again_identical: bool = False
+    first_again_new_graphs: dict[str, int] = field(default_factory=dict)
     # The first request against a never-warmed pipeline of the same seed with the same mount
     # (cache-dit on, not compiled): what warm-up must not change.
     first_vs_unwarmed_max_abs_diff: float = float("nan")
@@ -1279,6 +1313,8 @@ def run_family(family: FamilyCase, *, compile_backend: str = "aot_eager", reques
         result.new_graphs.append({n: r.new_graphs for n, r in records.items()})
     result.identical_outputs = all(torch.equal(out, outputs[0]) for out in outputs[1:])
 
+    _second_resolution(family, plc, pipe, outputs[0], result)
+
     unwarmed = family.build(0)
     if policy.cache_dit:
         adapter = CacheDitAdapter(type(unwarmed).__name__)
@@ -1297,6 +1333,36 @@ def run_family(family: FamilyCase, *, compile_backend: str = "aot_eager", reques
         result.reset_max_abs_diff = float((after - reference).abs().max())
     result.seconds = round(time.perf_counter() - started, 2)
     return result
+
+
+def _second_resolution(
+    family: FamilyCase, plc: Any, pipe: Any, first: torch.Tensor, result: FamilyResult
+) -> None:
+    """The unwarmed-shape policy at a second resolution, then the first resolution again."""
+    from lifecycle.errors import UnwarmedShapeError
+    from lifecycle.testing import capture_audit
+
+    first_call = family.call(steps=SERVING_STEPS)
+    height, width = family.second_size or (first_call["height"] * 2, first_call["width"] * 2)
+    overrides: dict[str, Any] = {"height": height, "width": width}
+    if "max_area" in first_call:  # Flux Kontext rescales every request to this area
+        overrides["max_area"] = height * width
+    second = first_call | overrides
+    result.first_shape = list(first.shape)
+    with capture_audit() as events:
+        with plc.request(num_inference_steps=SERVING_STEPS, on_unwarmed="eager") as records:
+            result.second_shape = list(output_of(pipe(**second)).shape)
+        result.second_new_graphs = {n: r.new_graphs for n, r in records.items()}
+        try:
+            with plc.request(num_inference_steps=SERVING_STEPS, on_unwarmed="fail"):
+                pipe(**family.call(steps=SERVING_STEPS) | overrides)
+        except UnwarmedShapeError as exc:
+            result.second_fail_error = type(exc).__name__
+        result.shape_misses = len([e for e in events if e.get("event") == "lifecycle.shape_miss"])
+    with plc.request(num_inference_steps=SERVING_STEPS) as records:
+        again = output_of(pipe(**family.call(steps=SERVING_STEPS)))
+    result.first_again_identical = torch.equal(again, first)
+    result.first_again_new_graphs = {n: r.new_graphs for n, r in records.items()}
 
 
 # ---------------------------------------------------------------------------------- the table
@@ -1330,8 +1396,14 @@ def table_row(result: FamilyResult) -> str:
     notes = [result.notes] if result.notes else []
     if result.refused_error is not None:
         notes.append(
-            f"{result.refused_error} at {result.refused_at}: no cache-dit adapter; "
-            "served with LifecyclePolicy(cache_dit=False)"
+            f"no adapter in cache-dit (cache-dit's scope, not ours): {result.refused_error} at "
+            f"{result.refused_at}; served with LifecyclePolicy(cache_dit=False)"
+        )
+    compiled = sum(result.second_new_graphs.values())
+    if compiled:
+        notes.append(
+            f"unwarmed-shape gap (ours): the second resolution compiled {compiled} graphs under "
+            "on_unwarmed='eager' (list-of-tensor inputs are not sized)"
         )
     if not result.reset_matches_unmanaged:
         notes.append(f"after reset differs from an unmanaged pipeline (max {result.reset_max_abs_diff:.2e})")
