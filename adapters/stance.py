@@ -58,15 +58,21 @@ def is_recompile_refusal(exc: BaseException) -> bool:
 
 
 def input_signature(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Signature:
-    """Sizes and dtypes of the tensor arguments of one call, in a stable order."""
+    """Sizes and dtypes of the tensor arguments of one call, in a stable order. Tensors inside
+    lists and tuples count too (Z-Image passes its latents as a list of tensors)."""
     items: list[TensorSig] = []
-    for index, value in enumerate(args):
-        if isinstance(value, torch.Tensor):
-            items.append((f"#{index}", tuple(int(s) for s in value.shape), str(value.dtype)))
-    for name in sorted(kwargs):
-        value = kwargs[name]
+
+    def add(name: str, value: Any) -> None:
         if isinstance(value, torch.Tensor):
             items.append((name, tuple(int(s) for s in value.shape), str(value.dtype)))
+        elif isinstance(value, (list, tuple)):
+            for position, item in enumerate(value):
+                add(f"{name}[{position}]", item)
+
+    for index, value in enumerate(args):
+        add(f"#{index}", value)
+    for name in sorted(kwargs):
+        add(name, kwargs[name])
     return tuple(items)
 
 

@@ -157,6 +157,9 @@ def split_options(
     options: Mapping[str, Any] | None, *, module: str | None = None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the shape options, the rest for the backend). Refuses a non-bool shape option."""
+    if options is not None and not isinstance(options, Mapping):
+        # Not ours to judge further: the backend adapter refuses it with its own message.
+        return ({"dynamic_buckets": False, "measure_paths": False, "host_dynamic": False}, options)
     options = dict(options or {})
     mine: dict[str, Any] = {
         "dynamic_buckets": DEFAULT_DYNAMIC_BUCKETS,

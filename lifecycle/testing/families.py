@@ -1101,8 +1101,6 @@ FAMILIES: tuple[FamilyCase, ...] = (
         _zimage_call,
         cache={"residual_diff_threshold": 0.8},
         guidance="batched",
-        shape_gap="the transformer takes lists of tensors, which the unwarmed-shape check does not "
-        "size: the second resolution is compiled, not served eagerly, and the first then recompiles",
     ),
     FamilyCase(
         "cosmos2",
