@@ -426,7 +426,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=5, help="requests after the first, per bucket")
     parser.add_argument("--threshold", type=float, default=0.6)
     parser.add_argument("--cpu-compile-backend", default="aot_eager")
-    parser.add_argument("--modes", default="static,shared,automatic", type=lambda s: [m for m in s.split(",") if m])
+    parser.add_argument(
+        "--modes", default="static,shared,automatic", type=lambda s: [m for m in s.split(",") if m]
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--budget", type=float, default=400.0, help="seconds; no new repeat after it")
     parser.add_argument("--timeout", type=float, default=240.0, help="seconds per process")
