@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Awaitable, Callable
 
 import torch
 from conftest import FAST_COMPILE
@@ -169,6 +170,25 @@ def test_reset_racing_prepare_never_tears_the_state(flux, inputs, cache_config):
     assert all(r.outcome == "ok" for r in lc.history)
 
 
+async def _ticking_while(start: Callable[[], Awaitable[None]], release: threading.Event) -> int:
+    """Await ``start()`` while a ticker runs on the loop; the fifth tick sets ``release``.
+    Returns the ticks counted: a loop blocked by the awaited work never reaches five."""
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.005)
+            ticks += 1
+            if ticks == 5:
+                release.set()
+
+    task = asyncio.create_task(ticker())
+    await start()
+    task.cancel()
+    return ticks
+
+
 def test_aprepare_keeps_the_event_loop_running(flux, inputs, cache_config):
     lc = _lifecycle(flux, cache_config)
     release = threading.Event()
@@ -178,23 +198,7 @@ def test_aprepare_keeps_the_event_loop_running(flux, inputs, cache_config):
         # Finishes only once the event loop has run the ticker: a blocked loop would time out.
         assert release.wait(JOIN_S), "the event loop did not run during aprepare"
 
-    async def main() -> int:
-        ticks = 0
-
-        async def ticker() -> None:
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.005)
-                ticks += 1
-                if ticks == 5:
-                    release.set()
-
-        task = asyncio.create_task(ticker())
-        await lc.aprepare(run)
-        task.cancel()
-        return ticks
-
-    ticks = asyncio.run(main())
+    ticks = asyncio.run(_ticking_while(lambda: lc.aprepare(run), release))
     assert ticks >= 5
     assert lc.state is State.WARMED_UP
 
@@ -219,20 +223,7 @@ def test_pipeline_aprepare_keeps_the_event_loop_running(shape, inputs, cache_con
         assert release.wait(JOIN_S), "the event loop did not run during aprepare"
 
     async def main() -> int:
-        ticks = 0
-
-        async def ticker() -> None:
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.005)
-                ticks += 1
-                if ticks == 5:
-                    release.set()
-
-        task = asyncio.create_task(ticker())
-        await plc.aprepare(run, num_inference_steps=4)
-        task.cancel()
-        return ticks
+        return await _ticking_while(lambda: plc.aprepare(run, num_inference_steps=4), release)
 
     assert asyncio.run(main()) >= 5
     assert plc.state is State.WARMED_UP and plc.ready
