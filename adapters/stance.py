@@ -28,10 +28,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
+from types import TracebackType
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 # One tensor argument: (name, sizes, dtype). Positional arguments are named "#0", "#1", ...
 TensorSig = tuple[str, tuple[int, ...], str]
@@ -76,54 +78,80 @@ def input_signature(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Signatu
     return tuple(items)
 
 
-@contextmanager
-def guard_calls(module: nn.Module, before: Before) -> Iterator[None]:
-    """Run ``before(args, kwargs)`` in front of every call of ``module`` while the block is open."""
+class guard_calls:
+    """``with guard_calls(module, before):`` runs ``before(args, kwargs)`` in front of every call
+    of ``module`` while the block is open.
 
-    def run_before(args: tuple[Any, ...], kwargs: dict[str, Any]) -> AbstractContextManager[Any]:
-        context = before(args, kwargs)
+    A class, not a generator: warm-up and every request open one. ``contexts=False`` promises
+    that ``before`` never returns a context, so an eager module gets a pre-hook only (half the
+    cost: no forward hook to leave the context).
+    """
+
+    __slots__ = ("_compiled", "_contexts", "_guarded", "_handles", "_open", "before", "module")
+
+    def __init__(self, module: nn.Module, before: Before, *, contexts: bool = True) -> None:
+        self.module = module
+        self.before = before
+        self._contexts = contexts
+        self._compiled: Callable[..., Any] | None = None
+        self._guarded: Callable[..., Any] | None = None
+        self._handles: list[RemovableHandle] = []
+        self._open: list[contextlib.ExitStack] = []
+
+    def _run_before(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> AbstractContextManager[Any]:
+        context = self.before(args, kwargs)
         return context if context is not None else contextlib.nullcontext()
 
-    compiled = getattr(module, "_compiled_call_impl", None)
-    if compiled is not None:
+    def __enter__(self) -> None:
+        module = self.module
+        compiled = getattr(module, "_compiled_call_impl", None)
+        if compiled is not None:
+            run_before = self._run_before
 
-        def guarded(*args: Any, **kwargs: Any) -> Any:
-            with run_before(args, kwargs):
-                return compiled(*args, **kwargs)
+            def guarded(*args: Any, **kwargs: Any) -> Any:
+                with run_before(args, kwargs):
+                    return compiled(*args, **kwargs)
 
-        module._compiled_call_impl = guarded
-        try:
-            yield
-        finally:
+            self._compiled, self._guarded = compiled, guarded
+            module._compiled_call_impl = guarded
+            return
+        # Eager top level: a forward pre-hook. A pre-hook cannot wrap the call, so a returned
+        # context is entered here and left by a forward hook (or when the block closes).
+        if not self._contexts:
+            before = self.before
+
+            def check(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                before(args, kwargs)
+
+            self._handles.append(module.register_forward_pre_hook(check, with_kwargs=True))
+            return
+        open_contexts = self._open
+
+        def pre_hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            stack = contextlib.ExitStack()
+            stack.enter_context(self._run_before(args, kwargs))
+            open_contexts.append(stack)
+
+        def post_hook(_module: nn.Module, _args: tuple[Any, ...], _kwargs: dict[str, Any], _out: Any) -> None:
+            if open_contexts:
+                open_contexts.pop().close()
+
+        self._handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        self._handles.append(module.register_forward_hook(post_hook, with_kwargs=True, always_call=True))
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._guarded is not None:
             # Put the compiled call back unless something replaced ours meanwhile.
-            if getattr(module, "_compiled_call_impl", None) is guarded:
-                module._compiled_call_impl = compiled
-        return
-
-    # Eager top level: a forward pre-hook. A pre-hook cannot wrap the call, so a returned
-    # context is entered here and left by a forward hook (or when the block closes).
-    open_contexts: list[contextlib.ExitStack] = []
-
-    def pre_hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        stack = contextlib.ExitStack()
-        stack.enter_context(run_before(args, kwargs))
-        open_contexts.append(stack)
-
-    def post_hook(_module: nn.Module, _args: tuple[Any, ...], _kwargs: dict[str, Any], _out: Any) -> None:
-        if open_contexts:
-            open_contexts.pop().close()
-
-    handles = [
-        module.register_forward_pre_hook(pre_hook, with_kwargs=True),
-        module.register_forward_hook(post_hook, with_kwargs=True, always_call=True),
-    ]
-    try:
-        yield
-    finally:
-        for handle in handles:
+            if getattr(self.module, "_compiled_call_impl", None) is self._guarded:
+                self.module._compiled_call_impl = self._compiled
+            self._compiled = self._guarded = None
+        for handle in self._handles:
             handle.remove()
-        while open_contexts:
-            open_contexts.pop().close()
+        self._handles.clear()
+        while self._open:
+            self._open.pop().close()
 
 
 class _Probed(BaseException):
@@ -145,7 +173,7 @@ def probe_signature(module: nn.Module, call: Callable[[], object]) -> Signature 
         raise _Probed(input_signature(args, kwargs))
 
     try:
-        with stance("force_eager"), guard_calls(module, stop):
+        with stance("force_eager"), guard_calls(module, stop, contexts=False):
             call()
     except _Probed as probed:
         return probed.signature

@@ -180,10 +180,14 @@ def bench_overhead(rounds: int, laps_per_round: int) -> dict[str, Any]:
     samples: dict[str, list[float]] = {name: [] for name in cases}
     for case in cases.values():  # warm every path (caches, first-use logger binding)
         case()
-    gc.collect()
-    gc.disable()  # collections would land in whichever case happens to allocate past a threshold
+    # No collection inside a timed case (it would land in whichever case happens to allocate
+    # past a threshold), but one before every round: a refused trigger leaves cyclic garbage
+    # (its exception's traceback holds transitions' frame, which holds the exception), and
+    # left to pile up over the run it slows every case that follows.
+    gc.disable()
     try:
         for _ in range(rounds):
+            gc.collect()
             for name, case in cases.items():
                 started = time.perf_counter()
                 case()

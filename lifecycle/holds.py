@@ -17,20 +17,68 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
+from types import TracebackType
 
 from torch import nn
 
 from lifecycle.locking import OwnerLock
 
 
-class _Holds:
+class ModuleHold:
+    """One module's holders of one kind of in-place state. A lifecycle looks its holds up once
+    (``ModuleHolds.hold``) and keeps them: the module cannot change under a lifecycle."""
+
     __slots__ = ("holders", "lock")
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # serialises this module's holders and the work they do
         self.holders: set[str] = set()
+
+    def acquire(self, holder: str) -> HoldBlock:
+        """``with hold.acquire(id) as first``: True when ``holder`` is the first (the caller does
+        the work inside the block); the hold is taken only if the block succeeds."""
+        return HoldBlock(self, holder, taking=True)
+
+    def release(self, holder: str) -> HoldBlock:
+        """``with hold.release(id) as last``: True when ``holder`` is the last (the caller undoes
+        the work inside the block); the hold is dropped only if the block succeeds."""
+        return HoldBlock(self, holder, taking=False)
+
+    def snapshot(self) -> frozenset[str]:
+        with self.lock:
+            return frozenset(self.holders)
+
+
+class HoldBlock:
+    """The ``with`` block of ``ModuleHold.acquire`` / ``release`` (a class, not a generator:
+    it runs on every mount, compile and reset)."""
+
+    __slots__ = ("entry", "holder", "taking")
+
+    def __init__(self, entry: ModuleHold, holder: str, *, taking: bool) -> None:
+        self.entry = entry
+        self.holder = holder
+        self.taking = taking
+
+    def __enter__(self) -> bool:
+        entry = self.entry
+        entry.lock.acquire()
+        if self.taking:
+            return not entry.holders
+        return entry.holders == {self.holder}
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        entry = self.entry
+        try:
+            if exc_type is None:
+                if self.taking:
+                    entry.holders.add(self.holder)
+                else:
+                    entry.holders.discard(self.holder)
+        finally:
+            entry.lock.release()
 
 
 class ModuleHolds:
@@ -38,72 +86,55 @@ class ModuleHolds:
 
     def __init__(self, what: str) -> None:
         self.what = what
-        self._entries: weakref.WeakKeyDictionary[nn.Module, _Holds] = weakref.WeakKeyDictionary()
+        self._entries: weakref.WeakKeyDictionary[nn.Module, ModuleHold] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()  # the dictionary only
 
-    def _entry(self, module: nn.Module) -> _Holds:
+    def hold(self, module: nn.Module) -> ModuleHold:
+        """The holds on ``module`` (created on first use)."""
         with self._lock:
             entry = self._entries.get(module)
             if entry is None:
-                entry = self._entries[module] = _Holds()
+                entry = self._entries[module] = ModuleHold()
             return entry
 
     def holders(self, module: nn.Module) -> frozenset[str]:
         with self._lock:
             entry = self._entries.get(module)
-        if entry is None:
-            return frozenset()
-        with entry.lock:
-            return frozenset(entry.holders)
-
-    @contextmanager
-    def acquire(self, module: nn.Module, holder: str) -> Iterator[bool]:
-        """Yield True when ``holder`` is the first: the caller does the work inside the block.
-        The hold is taken only if the block succeeds; the module's lock serialises its holders."""
-        entry = self._entry(module)
-        with entry.lock:
-            yield not entry.holders
-            entry.holders.add(holder)
-
-    @contextmanager
-    def release(self, module: nn.Module, holder: str) -> Iterator[bool]:
-        """Yield True when ``holder`` is the last: the caller undoes the work inside the block.
-        The hold is dropped only if the block succeeds."""
-        entry = self._entry(module)
-        with entry.lock:
-            yield entry.holders == {holder}
-            entry.holders.discard(holder)
+        return frozenset() if entry is None else entry.snapshot()
 
 
-class _Share:
+class ModuleShare:
+    """The lifecycles over one module and the lock they share."""
+
     __slots__ = ("lock", "members")
 
     def __init__(self) -> None:
         self.lock = OwnerLock()
         self.members: list[weakref.ref[object]] = []
 
+    @property
+    def shared(self) -> bool:
+        """Whether more than one lifecycle was registered over the module (a cheap first check)."""
+        return len(self.members) > 1
+
 
 class ModuleShares:
     """The lifecycles over each module, and the one lock they share."""
 
     def __init__(self) -> None:
-        self._shares: weakref.WeakKeyDictionary[nn.Module, _Share] = weakref.WeakKeyDictionary()
+        self._shares: weakref.WeakKeyDictionary[nn.Module, ModuleShare] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
 
-    def join(self, module: nn.Module, lifecycle: object) -> OwnerLock:
-        """Register ``lifecycle`` over ``module``; return the lock every lifecycle over it shares."""
+    def join(self, module: nn.Module, lifecycle: object) -> ModuleShare:
+        """Register ``lifecycle`` over ``module``; return the share (its ``lock`` is the one every
+        lifecycle over the module holds)."""
         with self._lock:
             share = self._shares.get(module)
             if share is None:
-                share = self._shares[module] = _Share()
+                share = self._shares[module] = ModuleShare()
             share.members = [ref for ref in share.members if ref() is not None]
             share.members.append(weakref.ref(lifecycle))
-            return share.lock
-
-    def shared(self, module: nn.Module) -> bool:
-        """Whether more than one lifecycle was registered over ``module`` (a cheap first check)."""
-        share = self._shares.get(module)
-        return share is not None and len(share.members) > 1
+            return share
 
     def others(self, module: nn.Module, lifecycle: object) -> list[object]:
         with self._lock:

@@ -21,7 +21,9 @@ own lock (``lifecycle.locking``): a ``LockedMachine`` would take one lock for al
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from functools import cache
+from types import MappingProxyType
 from typing import Any, Protocol
 
 from transitions import Event, EventData, Machine, MachineError
@@ -31,7 +33,7 @@ from states import LifecyclePolicy, State, Trigger, transitions_for
 # transitions logs every trigger at INFO; under a host's INFO root logger that costs ~5x.
 logging.getLogger("transitions.core").setLevel(logging.WARNING)
 
-__all__ = ["Attempt", "MachineError", "StateHolder", "fire", "machine_for"]
+__all__ = ["Attempt", "Events", "MachineError", "StateHolder", "events_for", "fire", "machine_for"]
 
 
 class Attempt(Protocol):
@@ -94,15 +96,21 @@ def machine_for(policy: LifecyclePolicy) -> Machine:
     )
 
 
+Events = Mapping[Trigger, Event]
+
+
 @cache
-def _events(policy: LifecyclePolicy) -> dict[Trigger, Event]:
+def events_for(policy: LifecyclePolicy) -> Events:
+    """The machine's event per trigger of ``policy`` (a lifecycle looks it up once, at
+    construction: hashing the policy on every trigger costs more than the lookup)."""
     events = machine_for(policy).events
-    return {trigger: events[trigger.value] for trigger in Trigger if trigger.value in events}
+    by_trigger = {trigger: events[trigger.value] for trigger in Trigger if trigger.value in events}
+    return MappingProxyType(by_trigger)
 
 
-def fire(policy: LifecyclePolicy, holder: StateHolder, trigger: Trigger, attempt: Attempt) -> Any:
+def fire(events: Events, holder: StateHolder, trigger: Trigger, attempt: Attempt) -> Any:
     """Run ``attempt`` as ``trigger`` on ``holder``: legality, work, move, audit."""
-    event = _events(policy).get(trigger)
+    event = events.get(trigger)
     if event is None:
         # The policy has no edge at all for this trigger (compile under compile=False): the
         # machine has no such event; refuse it the way the machine refuses any illegal one.

@@ -4,8 +4,7 @@ sink failure is never silent."""
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from lifecycle import audit
 from lifecycle.errors import AuditWriteWarning
@@ -14,9 +13,9 @@ from states import State, Trigger
 Outcome = Literal["ok", "refused", "failed"]
 
 
-@dataclass(frozen=True)
-class TransitionRecord:
-    """One trigger attempt, as kept in ``ModuleLifecycle.history``."""
+class TransitionRecord(NamedTuple):
+    """One trigger attempt, as kept in ``ModuleLifecycle.history``. Immutable; a named tuple
+    because one is built per transition (a frozen dataclass costs 3x to construct)."""
 
     seq: int
     trigger: Trigger

@@ -50,6 +50,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
+from types import TracebackType
 from typing import Any
 
 from adapters import stance as st
@@ -288,7 +289,10 @@ class ShapeBook:
         return out
 
     def implicit(self) -> BucketCoverage:
-        return self.buckets.setdefault(IMPLICIT_KEY, BucketCoverage(IMPLICIT_KEY, None))
+        bucket = self.buckets.get(IMPLICIT_KEY)
+        if bucket is None:
+            bucket = self.buckets[IMPLICIT_KEY] = BucketCoverage(IMPLICIT_KEY, None)
+        return bucket
 
     def lookup(self, shape: Shape) -> BucketCoverage | None:
         bucket = self.buckets.get(shape_key(shape))
@@ -377,22 +381,32 @@ Member = Any
 
 class _Seen:
     """One member's input signatures during a warm-up bucket, and whether each one's cache
-    context reached the cached-step branch."""
+    context reached the cached-step branch. Called in front of each of the member's calls
+    (``guard_calls``): records the call's signature, applies the shared dynamic dims, and starts
+    a fresh cache context when the signature changes (a warm-up that calls two sizes would
+    otherwise mix their cached residuals inside cache-dit: issue 20 item 5)."""
 
-    def __init__(self, member: Member, covered: Callable[[], bool]) -> None:
+    __slots__ = ("check", "last", "member", "signatures", "steered")
+
+    def __init__(self, member: Member, *, check: bool, steered: bool) -> None:
         self.member = member
-        self.covered = covered
+        self.check = check  # ask the cache whether the steered context covered the branch
+        self.steered = steered  # a fresh context is a steered one (warm-up) or a serving one
         self.signatures: dict[Any, bool] = {}
         self.last: Any = None
+
+    def covered(self) -> bool:
+        member = self.member
+        return bool(member.cache.warmup_covered(member.module)) if self.check else True
 
     def close_segment(self) -> None:
         """The context that served ``last`` ends here: keep whether it was covered."""
         if self.last is not None:
-            self.signatures[self.last] = self.signatures.get(self.last, False) or bool(self.covered())
+            self.signatures[self.last] = self.signatures.get(self.last, False) or self.covered()
 
     def all_covered(self) -> bool:
         if not self.signatures:  # the module was never called: only the context can tell
-            return bool(self.covered())
+            return self.covered()
         self.close_segment()
         return all(self.signatures.values())
 
@@ -400,34 +414,90 @@ class _Seen:
         self.close_segment()
         return {sig for sig, ok in self.signatures.items() if ok}
 
+    def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        member = self.member
+        signature = st.input_signature(args, kwargs)
+        if self.last is not None and signature != self.last:
+            self.close_segment()
+            if member.policy.cache_dit:
+                if self.steered:
+                    member.cache.refresh_for_warmup(member.module, member.cache_config)
+                else:
+                    member.cache.refresh(member.module, member.cache_config, member.serving_steps)
+        self.last = signature
+        self.signatures.setdefault(signature, False)
+        st.mark_shared_dims(member.shapes.shared_dims, args, kwargs)
 
-@contextmanager
-def _recording(seen: Sequence[_Seen], *, steered: bool) -> Iterator[None]:
-    """Guard every member's calls: record each call's input signature, apply the shared
-    dynamic dims, and start a fresh cache context when a call's signature changes (a warm-up
-    that calls two sizes would otherwise mix their cached residuals inside cache-dit: issue 20
-    item 5)."""
-    with ExitStack() as stack:
-        for tracker in seen:
 
-            def before(args: tuple[Any, ...], kwargs: dict[str, Any], tracker: _Seen = tracker) -> None:
-                member = tracker.member
-                signature = st.input_signature(args, kwargs)
-                if tracker.last is not None and signature != tracker.last:
-                    tracker.close_segment()
-                    if member.policy.cache_dit:
-                        if steered:
-                            member.cache.refresh_for_warmup(member.module, member.cache_config)
-                        else:
-                            member.cache.refresh(member.module, member.cache_config, member.serving_steps)
-                tracker.last = signature
-                tracker.signatures.setdefault(signature, False)
-                st.mark_shared_dims(member.shapes.shared_dims, args, kwargs)
+class _Recording:
+    """``with _Recording(seen)``: every member's calls go through its ``_Seen`` while the block
+    is open (duck shaping off when buckets share graphs). A class: every warm-up opens it."""
 
-            stack.enter_context(st.guard_calls(tracker.member.module, before))
-        if any(t.member.shapes.dynamic_buckets for t in seen):
-            stack.enter_context(st.no_duck_shape())
-        yield
+    __slots__ = ("_duck", "_guards", "seen")
+
+    def __init__(self, seen: Sequence[_Seen]) -> None:
+        self.seen = seen
+        self._guards: list[st.guard_calls] = []
+        self._duck: AbstractContextManager[None] | None = None
+
+    def __enter__(self) -> None:
+        try:
+            dynamic = False
+            for tracker in self.seen:
+                guard = st.guard_calls(tracker.member.module, tracker, contexts=False)
+                guard.__enter__()
+                self._guards.append(guard)
+                dynamic = dynamic or bool(tracker.member.shapes.dynamic_buckets)
+            if dynamic:
+                self._duck = st.no_duck_shape()
+                self._duck.__enter__()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._duck is not None:
+            self._duck.__exit__(None, None, None)
+            self._duck = None
+        while self._guards:
+            self._guards.pop().__exit__(None, None, None)
+
+
+class _Steered:
+    """``with _Steered(members) as seen``: every member's cache context steered for one bucket,
+    and each member's ``_Seen``; leaving restores every serving context, the last steered
+    first, even when one restore raises."""
+
+    __slots__ = ("_steered", "members")
+
+    def __init__(self, members: Sequence[Member]) -> None:
+        self.members = members
+        self._steered: list[Member] = []
+
+    def __enter__(self) -> list[_Seen]:
+        seen = []
+        try:
+            for member in self.members:
+                seen.append(_Seen(member, check=member.steering.steer(), steered=True))
+                self._steered.append(member)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return seen
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        first: BaseException | None = None
+        while self._steered:
+            try:
+                self._steered.pop().steering.restore()
+            except BaseException as error:  # restore the others, then raise the first
+                first = first or error
+        if first is not None:
+            raise first
 
 
 def _probe(
@@ -516,37 +586,38 @@ def run_warmup(
     (at most ``max_runs`` calls); one ``lifecycle.warmup_shape`` event per declared bucket.
     ``extras`` holds each member's transition fields (same order), written here. Raises whatever
     the warm-up callable raised (the caller's transition records it)."""
-    first: ShapeBook = members[0].shapes
+    declared = bool(members[0].shapes.declared)
     if shapes is not None:
         buckets_per_member = [m.shapes.declare(shapes) for m in members]
-    elif first.declared:
+    elif declared:
         # A warm-up again (after invalidate) without shapes: the plan's buckets.
-        buckets_per_member = [list(m.shapes.declared) for m in members]
+        buckets_per_member = [m.shapes.declared for m in members]
     else:
         buckets_per_member = [[m.shapes.implicit()] for m in members]
     plan = buckets_per_member[0]
-    if shapes is not None or first.declared:
+    if shapes is not None or declared:
         _probe(members, call_at, plan)
     started = time.perf_counter()
     total_runs = 0
+    compiled_graphs = 0
     for index, bucket in enumerate(plan):
         graphs_before = _graphs(members)
         bucket_started = time.perf_counter()
         runs = 0
-        with ExitStack() as stack:
-            covered = [stack.enter_context(m.steering.steered()) for m in members]
-            seen = [_Seen(m, check) for m, check in zip(members, covered, strict=True)]
-            stack.enter_context(_recording(seen, steered=True))
-            while True:
-                _call_warmup(partial(call_at, bucket.shape))
-                runs += 1
-                done = [tracker.all_covered() for tracker in seen]
-                if all(done) or runs >= max_runs:
-                    break
+        call = partial(call_at, bucket.shape)
+        with _Steered(members) as seen:
+            with _Recording(seen):
+                while True:
+                    _call_warmup(call)
+                    runs += 1
+                    done = [tracker.all_covered() for tracker in seen]
+                    if all(done) or runs >= max_runs:
+                        break
             warm = [tracker.warm() for tracker in seen]
             _sync(members)
         seconds = time.perf_counter() - bucket_started
         graphs = _graphs(members) - graphs_before
+        compiled_graphs += graphs
         total_runs += runs
         for member, ok, buckets, tracker, signatures in zip(
             members, done, buckets_per_member, seen, warm, strict=True
@@ -575,18 +646,21 @@ def run_warmup(
                         "signatures": len(own.signatures),
                     },
                 )
-    settle_started = time.perf_counter()
     settle_runs = 0
-    if any(m.policy.compile for m in members):
+    settle_s = 0.0
+    # Settle (and measure paths) only after a warm-up that compiled graphs: a warm-up that
+    # compiled nothing (again after invalidate, with every graph already built) left nothing
+    # new for the first request to pay, and one call per bucket is a whole forward.
+    if compiled_graphs and any(m.policy.compile for m in members):
+        settle_started = time.perf_counter()
         if any(m.shapes.measure_paths for m in members):
             settle_runs = _measure_paths(members, call_at, buckets_per_member)
         else:
             for bucket in plan:
                 _settle(members, call_at, bucket)
                 settle_runs += 1
-    settle_s = time.perf_counter() - settle_started
+        settle_s = round(time.perf_counter() - settle_started, 6)
     elapsed = time.perf_counter() - started
-    names = [m.name for m in members]
     for member, buckets, extra in zip(members, buckets_per_member, extras, strict=True):
         member.steering.covered = all(bool(b.covered) for b in buckets)
         member.steering.warmup_s += elapsed
@@ -595,12 +669,12 @@ def run_warmup(
         # Every call of the warm-up callable, the settling ones included.
         extra["warmup_runs"] = total_runs + settle_runs
         extra["settle_runs"] = settle_runs
-        extra["settle_s"] = round(settle_s, 6)
+        extra["settle_s"] = settle_s
         extra["cached_branch_covered"] = member.steering.covered
         if plan[0].key != IMPLICIT_KEY:
             extra["buckets"] = [b.key for b in plan]
         if len(members) > 1:
-            extra["joint_warmup"] = names
+            extra["joint_warmup"] = [m.name for m in members]
 
 
 def _timed_call(
@@ -610,14 +684,11 @@ def _timed_call(
     for member in members:
         if member.policy.cache_dit:
             member.cache.refresh(member.module, member.cache_config, member.serving_steps)
-    seen = [_Seen(m, lambda: True) for m in members]
+    seen = [_Seen(m, check=False, steered=steered) for m in members]
     _sync(members)
     graphs_before = _graphs(members)
     started = time.perf_counter()
-    with ExitStack() as stack:
-        stack.enter_context(_recording(seen, steered=steered))
-        if eager:
-            stack.enter_context(st.stance("force_eager"))
+    with _Recording(seen), maybe(st.stance("force_eager") if eager else None):
         call()
         _sync(members)
     seconds = time.perf_counter() - started

@@ -11,8 +11,7 @@ members have covered the cached branch (at most ``MAX_WARMUP_RUNS`` rounds). One
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from lifecycle import audit
@@ -52,21 +51,24 @@ class WarmupSteering:
         policy = self.lifecycle.policy
         return policy.cache_dit and policy.compile
 
-    @contextmanager
-    def steered(self) -> Iterator[Callable[[], bool]]:
-        """Steer the context; yield ``covered()``; restore the serving context on the way out."""
+    def steer(self) -> bool:
+        """Steer the context for one warm-up bucket; True when it steers (then the cache says
+        whether the context reached the cached branch). ``restore()`` must follow
+        (``lifecycle.shapes`` steers every member of a warm-up together)."""
+        if not self.steers:
+            return False
         lc = self.lifecycle
-        if self.steers:
-            self.context_steered = True
-            lc.cache.refresh_for_warmup(lc.module, lc.cache_config)
-        try:
-            yield (lambda: lc.cache.warmup_covered(lc.module)) if self.steers else (lambda: True)
-        finally:
-            if lc.policy.cache_dit:
-                # A warm-up is an earlier request: never let its context serve the first real one.
-                # If this raises, context_steered stays True and ready stays False (defect 7).
-                lc.restore_serving_context("after_warmup")
-                self.context_steered = False
+        self.context_steered = True
+        lc.cache.refresh_for_warmup(lc.module, lc.cache_config)
+        return True
+
+    def restore(self) -> None:
+        """A warm-up is an earlier request: never let its context serve the first real one.
+        If this raises, ``context_steered`` stays True and ``ready`` stays False (defect 7)."""
+        lc = self.lifecycle
+        if lc.policy.cache_dit:
+            lc.restore_serving_context("after_warmup")
+            self.context_steered = False
 
     def reset(self) -> None:
         self.covered = None
