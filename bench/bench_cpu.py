@@ -181,13 +181,14 @@ def bench_overhead(rounds: int, laps_per_round: int) -> dict[str, Any]:
     for case in cases.values():  # warm every path (caches, first-use logger binding)
         case()
     # No collection inside a timed case (it would land in whichever case happens to allocate
-    # past a threshold), but one before every round: a refused trigger leaves cyclic garbage
-    # (its exception's traceback holds transitions' frame, which holds the exception), and
-    # left to pile up over the run it slows every case that follows.
+    # past a threshold), but a young-generation one before every round: a refused trigger
+    # leaves cyclic garbage (its exception's traceback holds transitions' frame, which holds
+    # the exception), and left to pile up over the run it slows every case that follows.
+    gc.collect()
     gc.disable()
     try:
         for _ in range(rounds):
-            gc.collect()
+            gc.collect(0)
             for name, case in cases.items():
                 started = time.perf_counter()
                 case()

@@ -68,6 +68,9 @@ __all__ = [
 
 # Triggers whose work takes the module out of service while it runs (probes answer not ready).
 _UNREADY_WHILE_RUNNING = frozenset({Trigger.RESET, Trigger.INVALIDATE, Trigger.WARM_UP})
+# Read on every trigger: a module constant is a third of the cost of an enum class attribute.
+_LOADED = State.LOADED
+_RESET = Trigger.RESET
 
 
 class TransitionStep:
@@ -102,26 +105,26 @@ class TransitionStep:
     # ------------------------------------------------------------------ machine callbacks
     def run(self) -> None:
         lc = self.lc
+        trigger = self.trigger
         if lc.serving.active is not None:
-            lc.serving.guard(self.trigger)
-        if self.trigger in _UNREADY_WHILE_RUNNING:
-            lc._unready_for = self.trigger
-        if self.source is State.LOADED and self.trigger is not Trigger.RESET:
-            lc.check_sharing(self.trigger)
+            lc.serving.guard(trigger)
+        if trigger in _UNREADY_WHILE_RUNNING:
+            lc._unready_for = trigger
+        if self.source is _LOADED and trigger is not _RESET:
+            lc.check_sharing(trigger)
         self.work(self)
-        self.worked = True
-        self.voted = True
-        if self.trigger is Trigger.RESET:
+        self.worked = self.voted = True
+        if trigger is _RESET:
             # An unmount cannot be undone: commit, then tell the caller what the others did.
             try:
-                failed = lc.commit.agree(lc.name, self.trigger._value_, self.source, None)
+                failed = lc.commit.agree(lc.name, trigger._value_, self.source, None)
             except BaseException as exc:
                 self.after_error = exc
                 return
             if failed:
-                self.after_error = lc.commit.committed_anyway(lc.name, State.LOADED, failed)
+                self.after_error = lc.commit.committed_anyway(lc.name, _LOADED, failed)
             return
-        failed = lc.commit.agree(lc.name, self.trigger._value_, self.source, None)
+        failed = lc.commit.agree(lc.name, trigger._value_, self.source, None)
         if failed:
             text = "; ".join(f"rank {rank} ({what})" for rank, what in sorted(failed.items()))
             raise PeerFailedError(f"failed on {text}", failed)
@@ -741,7 +744,10 @@ class ModuleLifecycle:
         started = time.perf_counter()
         self.cache.refresh(self._module, self.cache_config, self._serving_steps)
         # Debug level, for operators who want to see it; the refresh trigger has its own
-        # transition event, and every lifecycle.request implies a refresh on entry.
+        # transition event, and every lifecycle.request implies a refresh on entry. Built only
+        # when it would be written: it follows every warm-up.
+        if not audit.debug_enabled():
+            return
         audit.logger().debug(
             audit.CACHE_REFRESH_EVENT,
             **self._base,

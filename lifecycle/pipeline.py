@@ -211,7 +211,7 @@ class PipelineLifecycle:
         names = tuple(m.name for m in members)
         try:
             target = self._warmup_target()
-            if shapes is not None or members[0].shapes.declared:
+            if shapes is not None or members[0].shapes.has_declared():
                 warm_up_together(members, [], call_at=lambda shape: run(target, shape), shapes=shapes)
             else:
                 warm_up_together(members, [lambda: run(target)])

@@ -303,9 +303,13 @@ class ShapeBook:
         bucket = self.buckets.get(key) if key is not None else None
         return bucket if bucket is not None and bucket.warmed else None
 
+    def has_declared(self) -> bool:
+        """Whether any bucket was declared (the implicit one is not)."""
+        return len(self.buckets) > (IMPLICIT_KEY in self.buckets)
+
     def all_warm(self) -> bool:
         """Every declared bucket warm (a plain warm-up's implicit bucket is the state's business)."""
-        return all(b.warmed for b in self.declared)
+        return all(b.warmed for key, b in self.buckets.items() if key != IMPLICIT_KEY)
 
     def note_warm(
         self,
@@ -429,31 +433,44 @@ class _Seen:
         st.mark_shared_dims(member.shapes.shared_dims, args, kwargs)
 
 
-class _Recording:
-    """``with _Recording(seen)``: every member's calls go through its ``_Seen`` while the block
-    is open (duck shaping off when buckets share graphs). A class: every warm-up opens it."""
+class _BucketRun:
+    """``with _BucketRun(members, steer=...) as seen``: one bucket's calls of the warm-up
+    callable. With ``steer``, every member's cache context is steered towards the cached-step
+    branch, and leaving restores every serving context (the last steered first, all of them
+    even when one restore raises). Every member's calls go through its ``_Seen`` while the block
+    is open (duck shaping off when buckets share graphs). A class: every warm-up opens one."""
 
-    __slots__ = ("_duck", "_guards", "seen")
+    __slots__ = ("_duck", "_guards", "_steered", "members", "steer")
 
-    def __init__(self, seen: Sequence[_Seen]) -> None:
-        self.seen = seen
+    def __init__(self, members: Sequence[Member], *, steer: bool) -> None:
+        self.members = members
+        self.steer = steer
+        self._steered: list[Member] = []
         self._guards: list[st.guard_calls] = []
         self._duck: AbstractContextManager[None] | None = None
 
-    def __enter__(self) -> None:
+    def __enter__(self) -> list[_Seen]:
+        seen = []
         try:
             dynamic = False
-            for tracker in self.seen:
-                guard = st.guard_calls(tracker.member.module, tracker, contexts=False)
+            for member in self.members:
+                check = False
+                if self.steer:
+                    check = member.steering.steer()
+                    self._steered.append(member)
+                tracker = _Seen(member, check=check, steered=self.steer)
+                guard = st.guard_calls(member.module, tracker, contexts=False)
                 guard.__enter__()
                 self._guards.append(guard)
-                dynamic = dynamic or bool(tracker.member.shapes.dynamic_buckets)
+                seen.append(tracker)
+                dynamic = dynamic or bool(member.shapes.dynamic_buckets)
             if dynamic:
                 self._duck = st.no_duck_shape()
                 self._duck.__enter__()
         except BaseException:
             self.__exit__(None, None, None)
             raise
+        return seen
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -463,33 +480,6 @@ class _Recording:
             self._duck = None
         while self._guards:
             self._guards.pop().__exit__(None, None, None)
-
-
-class _Steered:
-    """``with _Steered(members) as seen``: every member's cache context steered for one bucket,
-    and each member's ``_Seen``; leaving restores every serving context, the last steered
-    first, even when one restore raises."""
-
-    __slots__ = ("_steered", "members")
-
-    def __init__(self, members: Sequence[Member]) -> None:
-        self.members = members
-        self._steered: list[Member] = []
-
-    def __enter__(self) -> list[_Seen]:
-        seen = []
-        try:
-            for member in self.members:
-                seen.append(_Seen(member, check=member.steering.steer(), steered=True))
-                self._steered.append(member)
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        return seen
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
         first: BaseException | None = None
         while self._steered:
             try:
@@ -586,7 +576,7 @@ def run_warmup(
     (at most ``max_runs`` calls); one ``lifecycle.warmup_shape`` event per declared bucket.
     ``extras`` holds each member's transition fields (same order), written here. Raises whatever
     the warm-up callable raised (the caller's transition records it)."""
-    declared = bool(members[0].shapes.declared)
+    declared = members[0].shapes.has_declared()
     if shapes is not None:
         buckets_per_member = [m.shapes.declare(shapes) for m in members]
     elif declared:
@@ -604,26 +594,25 @@ def run_warmup(
         graphs_before = _graphs(members)
         bucket_started = time.perf_counter()
         runs = 0
-        call = partial(call_at, bucket.shape)
-        with _Steered(members) as seen:
-            with _Recording(seen):
-                while True:
-                    _call_warmup(call)
-                    runs += 1
-                    done = [tracker.all_covered() for tracker in seen]
-                    if all(done) or runs >= max_runs:
-                        break
+        with _BucketRun(members, steer=True) as seen:
+            while True:
+                _call_warmup(call_at, bucket.shape)
+                runs += 1
+                done = [tracker.all_covered() for tracker in seen]
+                if all(done) or runs >= max_runs:
+                    break
             warm = [tracker.warm() for tracker in seen]
             _sync(members)
         seconds = time.perf_counter() - bucket_started
         graphs = _graphs(members) - graphs_before
         compiled_graphs += graphs
         total_runs += runs
-        for member, ok, buckets, tracker, signatures in zip(
-            members, done, buckets_per_member, seen, warm, strict=True
-        ):
-            if not ok and buckets[index].key == IMPLICIT_KEY and len(tracker.signatures) > 1:
-                raise _undeclared_error(member, len(tracker.signatures), len(signatures))
+        if not all(done):
+            for member, ok, buckets, tracker, signatures in zip(
+                members, done, buckets_per_member, seen, warm, strict=True
+            ):
+                if not ok and buckets[index].key == IMPLICIT_KEY and len(tracker.signatures) > 1:
+                    raise _undeclared_error(member, len(tracker.signatures), len(signatures))
         for member, ok, buckets, signatures in zip(members, done, buckets_per_member, warm, strict=True):
             own = buckets[index]
             member.shapes.note_warm(
@@ -662,10 +651,11 @@ def run_warmup(
         settle_s = round(time.perf_counter() - settle_started, 6)
     elapsed = time.perf_counter() - started
     for member, buckets, extra in zip(members, buckets_per_member, extras, strict=True):
-        member.steering.covered = all(bool(b.covered) for b in buckets)
+        member.steering.covered = all(b.covered for b in buckets)
         member.steering.warmup_s += elapsed
         member.serving.recompiles_since_warmup = 0
-        member.save_artifacts(extra)
+        if member.artifacts is not None:
+            member.save_artifacts(extra)
         # Every call of the warm-up callable, the settling ones included.
         extra["warmup_runs"] = total_runs + settle_runs
         extra["settle_runs"] = settle_runs
@@ -678,17 +668,16 @@ def run_warmup(
 
 
 def _timed_call(
-    members: Sequence[Member], call: Callable[[], object], *, steered: bool = False, eager: bool = False
+    members: Sequence[Member], call: Callable[[], object], *, eager: bool = False
 ) -> tuple[float, int]:
     """One call in the serving context (fresh before and after), timed, graphs counted."""
     for member in members:
         if member.policy.cache_dit:
             member.cache.refresh(member.module, member.cache_config, member.serving_steps)
-    seen = [_Seen(m, check=False, steered=steered) for m in members]
     _sync(members)
     graphs_before = _graphs(members)
     started = time.perf_counter()
-    with _Recording(seen), maybe(st.stance("force_eager") if eager else None):
+    with _BucketRun(members, steer=False), maybe(st.stance("force_eager") if eager else None):
         call()
         _sync(members)
     seconds = time.perf_counter() - started

@@ -126,9 +126,9 @@ def warm_up_together(
     members[0].transition(Trigger.WARM_UP, work_of(0))
 
 
-def _call_warmup(call: WarmupCall) -> None:
+def _call_warmup(call_at: Callable[[Any], object], shape: Any) -> None:
     try:
-        call()
+        call_at(shape)
     except RuntimeError as exc:
         if _is_shape_mismatch(exc):
             raise TransitionFailedError(

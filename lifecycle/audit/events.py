@@ -8,6 +8,7 @@ only need the names, start fast.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Final, Literal
 
 LOGGER_NAME: Final = "dit_lifecycle"
@@ -66,6 +67,13 @@ def logger() -> Any:
     return _LOGGER
 
 
+def debug_enabled() -> bool:
+    """Whether a debug event would be written, so a caller can skip building one. Loggers
+    without ``is_enabled_for`` (structlog's unfiltered ``BoundLogger``) are taken to write it."""
+    check = getattr(logger(), "is_enabled_for", None)
+    return bool(check(logging.DEBUG)) if callable(check) else True
+
+
 def level_for(outcome: str) -> str:
     """The log level an event of ``outcome`` is emitted at (unknown outcomes: warning)."""
     return _LEVEL_BY_OUTCOME.get(outcome, "warning")
@@ -89,6 +97,7 @@ __all__ = [
     "TRANSITION_KEYS",
     "WARMUP_COVERAGE_EVENT",
     "Outcome",
+    "debug_enabled",
     "emit",
     "level_for",
     "logger",
