@@ -9,10 +9,10 @@ module's calls, input signatures, and bucket-shared dynamic dimensions.
   ``"force_eager"`` ignores compiled code altogether. The stance is process-wide in torch, so a
   block under it affects every compiled function called meanwhile, in any thread.
 - ``guard_calls(module, before)``: ``before(args, kwargs)`` runs in front of every call of
-  ``module`` while the block is open, *outside* compiled code: for a module compiled in place
-  (``nn.Module.compile()``) it wraps ``module._compiled_call_impl``, which ``Module.__call__``
-  reads on every call; otherwise it is a forward pre-hook (the top-level module is eager then:
-  regional compile or no compile). Dynamo never traces it, so installing and removing it
+  ``module`` while the block is open, *outside* compiled code: it wraps
+  ``module._compiled_call_impl``, which ``Module.__call__`` reads on every call (set by
+  ``nn.Module.compile()``; for an eager top level, regional compile or none, the wrapper calls
+  ``module._call_impl``, hooks and all). Dynamo never traces it, so installing and removing it
   compiles nothing. ``before`` may raise (nothing of the module ran) or return a context
   manager that the call runs inside.
 - ``input_signature(args, kwargs)``: the shapes and dtypes of a call's tensor arguments.
@@ -25,7 +25,6 @@ module's calls, input signatures, and bucket-shared dynamic dimensions.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from types import TracebackType
@@ -33,7 +32,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 # One tensor argument: (name, sizes, dtype). Positional arguments are named "#0", "#1", ...
 TensorSig = tuple[str, tuple[int, ...], str]
@@ -80,78 +78,48 @@ def input_signature(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Signatu
 
 class guard_calls:
     """``with guard_calls(module, before):`` runs ``before(args, kwargs)`` in front of every call
-    of ``module`` while the block is open.
+    of ``module`` while the block is open, outside compiled code; a context manager it returns
+    is entered around that call.
 
-    A class, not a generator: warm-up and every request open one. ``contexts=False`` promises
-    that ``before`` never returns a context, so an eager module gets a pre-hook only (half the
-    cost: no forward hook to leave the context).
+    ``Module.__call__`` calls ``module._compiled_call_impl`` when it is set (``nn.Module.compile()``
+    sets it), else ``module._call_impl``. The guard sets it, for the block, to a wrapper around
+    whichever of the two would have run, and puts the old value back (unless something replaced
+    the wrapper meanwhile). The slot is set the way torch's ``Module.__init__`` sets it, past
+    ``nn.Module.__setattr__`` (a tenth of the cost: warm-up and every request open a guard).
+    Not hooks: a forward pre-hook cannot wrap the call, and two hooks cost ten times as much.
     """
 
-    __slots__ = ("_compiled", "_contexts", "_guarded", "_handles", "_open", "before", "module")
+    __slots__ = ("_guarded", "_previous", "before", "module")
 
-    def __init__(self, module: nn.Module, before: Before, *, contexts: bool = True) -> None:
+    def __init__(self, module: nn.Module, before: Before) -> None:
         self.module = module
         self.before = before
-        self._contexts = contexts
-        self._compiled: Callable[..., Any] | None = None
+        self._previous: Callable[..., Any] | None = None
         self._guarded: Callable[..., Any] | None = None
-        self._handles: list[RemovableHandle] = []
-        self._open: list[contextlib.ExitStack] = []
-
-    def _run_before(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> AbstractContextManager[Any]:
-        context = self.before(args, kwargs)
-        return context if context is not None else contextlib.nullcontext()
 
     def __enter__(self) -> None:
         module = self.module
-        compiled = getattr(module, "_compiled_call_impl", None)
-        if compiled is not None:
-            run_before = self._run_before
+        previous = getattr(module, "_compiled_call_impl", None)
+        inner = previous if previous is not None else module._call_impl
+        before = self.before
 
-            def guarded(*args: Any, **kwargs: Any) -> Any:
-                with run_before(args, kwargs):
-                    return compiled(*args, **kwargs)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            context = before(args, kwargs)
+            if context is None:
+                return inner(*args, **kwargs)
+            with context:
+                return inner(*args, **kwargs)
 
-            self._compiled, self._guarded = compiled, guarded
-            module._compiled_call_impl = guarded
-            return
-        # Eager top level: a forward pre-hook. A pre-hook cannot wrap the call, so a returned
-        # context is entered here and left by a forward hook (or when the block closes).
-        if not self._contexts:
-            before = self.before
-
-            def check(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-                before(args, kwargs)
-
-            self._handles.append(module.register_forward_pre_hook(check, with_kwargs=True))
-            return
-        open_contexts = self._open
-
-        def pre_hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            stack = contextlib.ExitStack()
-            stack.enter_context(self._run_before(args, kwargs))
-            open_contexts.append(stack)
-
-        def post_hook(_module: nn.Module, _args: tuple[Any, ...], _kwargs: dict[str, Any], _out: Any) -> None:
-            if open_contexts:
-                open_contexts.pop().close()
-
-        self._handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
-        self._handles.append(module.register_forward_hook(post_hook, with_kwargs=True, always_call=True))
+        self._previous, self._guarded = previous, guarded
+        object.__setattr__(module, "_compiled_call_impl", guarded)
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         if self._guarded is not None:
-            # Put the compiled call back unless something replaced ours meanwhile.
             if getattr(self.module, "_compiled_call_impl", None) is self._guarded:
-                self.module._compiled_call_impl = self._compiled
-            self._compiled = self._guarded = None
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        while self._open:
-            self._open.pop().close()
+                object.__setattr__(self.module, "_compiled_call_impl", self._previous)
+            self._previous = self._guarded = None
 
 
 class _Probed(BaseException):
@@ -173,7 +141,7 @@ def probe_signature(module: nn.Module, call: Callable[[], object]) -> Signature 
         raise _Probed(input_signature(args, kwargs))
 
     try:
-        with stance("force_eager"), guard_calls(module, stop, contexts=False):
+        with stance("force_eager"), guard_calls(module, stop):
             call()
     except _Probed as probed:
         return probed.signature

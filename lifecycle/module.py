@@ -825,7 +825,7 @@ class ModuleLifecycle:
             error: BaseException | None = None
             token = structlog.contextvars.bind_contextvars(request_id=active.record.request_id)
             try:
-                with _shapes.serving(self, shape_info, active.record.request_id):
+                with _shapes.ServingGuard(self, shape_info, active.record.request_id):
                     yield active.record
             except BaseException as exc:
                 error = exc

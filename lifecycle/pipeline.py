@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -11,7 +10,7 @@ from typing import Any
 from lifecycle import shapes as _shapes
 from lifecycle.errors import IllegalTransitionError, InvalidConfigError, LifecycleError, PipelineError
 from lifecycle.module import ModuleLifecycle
-from lifecycle.serving import ActiveRequest, RequestRecord
+from lifecycle.serving import ActiveRequest, RequestRecord, new_request_id
 from lifecycle.warmup import warm_up_together
 from states import PROGRESS, State, Trigger
 
@@ -297,7 +296,7 @@ class PipelineLifecycle:
         ``refused``, it ``failed``, and no body runs. The rules of ``ModuleLifecycle.request``
         hold for each member.
         """
-        request_id = request_id or uuid.uuid4().hex[:12]
+        request_id = request_id or new_request_id()
         with self._locked(Trigger.REQUEST):
             for member in self.members.values():
                 if not member.can(Trigger.REQUEST):
@@ -331,7 +330,7 @@ class PipelineLifecycle:
             try:
                 with ExitStack() as guards:
                     for (member, _), info in zip(started, infos, strict=True):
-                        guards.enter_context(_shapes.serving(member, info, request_id))
+                        guards.enter_context(_shapes.ServingGuard(member, info, request_id))
                     yield {
                         name: active.record for name, (_, active) in zip(self.members, started, strict=True)
                     }

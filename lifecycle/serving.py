@@ -11,8 +11,9 @@ shape buckets: a request names its shape, the server may check it before the tra
 
 from __future__ import annotations
 
+import itertools
+import os
 import time
-import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -33,6 +34,28 @@ if TYPE_CHECKING:
     from lifecycle.module import ModuleLifecycle
 
 RequestOutcome = Literal["running", "ok", "refused", "failed"]
+
+
+class _RequestIds:
+    """Request ids: a random 32-bit prefix per process and a counter (``uuid4`` asks the OS for
+    random bytes on every request, a system call each: 2 us of a ~30 us request). A forked child
+    draws its own prefix, so parent and child never hand out the same id."""
+
+    def __init__(self) -> None:
+        self._reseed()
+        register = getattr(os, "register_at_fork", None)  # POSIX only
+        if register is not None:
+            register(after_in_child=self._reseed)
+
+    def _reseed(self) -> None:
+        self._prefix = os.urandom(4).hex()
+        self._counter = itertools.count()
+
+    def new(self) -> str:
+        return f"{self._prefix}{next(self._counter):06x}"
+
+
+new_request_id = _RequestIds().new
 _REFUSALS = (IllegalTransitionError, InvalidConfigError, UnsupportedModuleError, UnwarmedShapeError)
 
 
@@ -109,7 +132,7 @@ class RequestServer:
                 )
             lc.check_steps(Trigger.REQUEST, steps)
             record = RequestRecord(
-                request_id or uuid.uuid4().hex[:12], steps or lc.serving_steps, shape=shape
+                request_id or new_request_id(), steps or lc.serving_steps, shape=shape
             )
             if lc.policy.cache_dit:
                 self._fresh_context(record)

@@ -46,8 +46,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from types import TracebackType
@@ -459,7 +459,7 @@ class _BucketRun:
                     check = member.steering.steer()
                     self._steered.append(member)
                 tracker = _Seen(member, check=check, steered=self.steer)
-                guard = st.guard_calls(member.module, tracker, contexts=False)
+                guard = st.guard_calls(member.module, tracker)
                 guard.__enter__()
                 self._guards.append(guard)
                 seen.append(tracker)
@@ -658,8 +658,9 @@ def run_warmup(
             member.save_artifacts(extra)
         # Every call of the warm-up callable, the settling ones included.
         extra["warmup_runs"] = total_runs + settle_runs
-        extra["settle_runs"] = settle_runs
-        extra["settle_s"] = settle_s
+        if settle_runs:  # only a warm-up that compiled graphs settles
+            extra["settle_runs"] = settle_runs
+            extra["settle_s"] = settle_s
         extra["cached_branch_covered"] = member.steering.covered
         if plan[0].key != IMPLICIT_KEY:
             extra["buckets"] = [b.key for b in plan]
@@ -801,16 +802,23 @@ def unwarmed_error(member: Member, info: RequestShape, request_id: str) -> Unwar
     return error
 
 
-@contextmanager
-def serving(member: Member, info: RequestShape, request_id: str) -> Iterator[None]:
-    """Around the request's block: the stance for a named miss, and the call guard that detects
-    a miss by input signature (and applies the shared dynamic dims, and a measured eager path)."""
-    book: ShapeBook = member.shapes
-    if not member.policy.compile:
-        yield
-        return
+class ServingGuard:
+    """``with ServingGuard(member, info, request_id)``: around a request's block, the stance for
+    a named miss, and the call guard that detects a miss by input signature (and applies the
+    shared dynamic dims, and a measured eager path). A class: every request opens one."""
 
-    def before(args: tuple[Any, ...], kwargs: dict[str, Any]) -> AbstractContextManager[Any] | None:
+    __slots__ = ("_guard", "_stance", "info", "member", "request_id")
+
+    def __init__(self, member: Member, info: RequestShape, request_id: str) -> None:
+        self.member = member
+        self.info = info
+        self.request_id = request_id
+        self._guard: st.guard_calls | None = None
+        self._stance: AbstractContextManager[None] | None = None
+
+    def _before(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> AbstractContextManager[Any] | None:
+        book: ShapeBook = self.member.shapes
+        info = self.info
         st.mark_shared_dims(book.shared_dims, args, kwargs)
         if info.key is not None:
             if info.bucket is not None and info.bucket.path == "eager":
@@ -827,14 +835,33 @@ def serving(member: Member, info: RequestShape, request_id: str) -> Iterator[Non
         if info.miss is None:
             info.miss = "signature"
         if info.policy == "fail":
-            raise unwarmed_error(member, info, request_id)
+            raise unwarmed_error(self.member, info, self.request_id)
         return st.stance("eager_on_recompile") if info.policy == "eager" else None
 
-    with ExitStack() as stack:
+    def __enter__(self) -> None:
+        if not self.member.policy.compile:
+            return
+        info = self.info
         if info.miss == "shape" and info.policy == "eager":
-            stack.enter_context(st.stance("eager_on_recompile"))
-        stack.enter_context(st.guard_calls(member.module, before))
-        yield
+            self._stance = st.stance("eager_on_recompile")
+            self._stance.__enter__()
+        guard = st.guard_calls(self.member.module, self._before)
+        try:
+            guard.__enter__()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        self._guard = guard
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._guard is not None:
+            self._guard.__exit__(exc_type, exc, tb)
+            self._guard = None
+        if self._stance is not None:
+            stance, self._stance = self._stance, None
+            stance.__exit__(exc_type, exc, tb)
 
 
 def end_request(

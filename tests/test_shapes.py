@@ -132,6 +132,32 @@ def test_declared_buckets_are_warm_and_an_eager_miss_matches_eager(flux, cache_c
     verify_clean(audit_file)
 
 
+def test_a_warmup_that_compiles_nothing_does_not_settle(flux, cache_config, audit_file):
+    lc = lifecycle(flux, cache_config, compile_options=QUICK)
+    lc.prepare(run, shapes=[A])
+    first = events(audit_file, "lifecycle.transition")[-1]
+    assert first["trigger"] == "warm_up" and first["settle_runs"] == 1
+    assert len(events(audit_file, "lifecycle.warmup_settle")) == 1
+    runs: list[dict[str, int]] = []
+
+    def counted(module: torch.nn.Module, shape: dict[str, int]) -> None:
+        runs.append(shape)
+        run(module, shape)
+
+    lc.invalidate()  # weights changed; every graph is already built
+    graphs = dynamo_graph_count()
+    lc.warm_up(counted)
+    again = events(audit_file, "lifecycle.transition")[-1]
+    assert again["trigger"] == "warm_up" and again["outcome"] == "ok"
+    assert dynamo_graph_count() == graphs  # nothing compiled, so nothing to settle
+    assert "settle_runs" not in again and again["warmup_runs"] == len(runs)
+    assert len(events(audit_file, "lifecycle.warmup_settle")) == 1  # none added
+    assert lc.ready
+    req, _ = serve(lc, A)
+    assert req.new_graphs == 0 and req.outcome == "ok"
+    verify_clean(audit_file)
+
+
 def test_fail_and_compile_policies_then_missed_shapes_are_warmed(flux, cache_config, audit_file):
     lc = lifecycle(flux, cache_config, on_unwarmed="fail")
     lc.prepare(run, shapes=[A])
