@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -51,11 +52,13 @@ from lifecycle.warmup import MAX_WARMUP_RUNS, WarmupCoverageWarning, WarmupSteer
 from states import LifecyclePolicy, State, Trigger, allowed_triggers, destination, explain_illegal
 
 WarmupRun = Callable[[nn.Module], object]
+HISTORY_LIMIT = 10_000
 _REFUSALS = (IllegalTransitionError, InvalidConfigError, UnsupportedModuleError)
 _WARMED_UP = State.WARMED_UP.value
 _STATES: dict[str, State] = {state.value: state for state in State}
 
 __all__ = [
+    "HISTORY_LIMIT",
     "MAX_WARMUP_RUNS",
     "ModuleLifecycle",
     "RequestRecord",
@@ -246,8 +249,10 @@ class ModuleLifecycle:
         self._unready_for: Trigger | None = None
         self._seq = 0
         # Each record as a plain tuple, made a TransitionRecord when ``history`` is read: one is
-        # appended per trigger, and reads are rare.
-        self._history: list[tuple[Any, ...]] = []
+        # appended per trigger, and reads are rare. The latest HISTORY_LIMIT only: a host that
+        # refreshes per request would otherwise grow it for as long as it serves (the audit
+        # keeps every one).
+        self._history: deque[tuple[Any, ...]] = deque(maxlen=HISTORY_LIMIT)
         loaded = State.LOADED
         if artifact_dir is not None and not isinstance(artifact_dir, (str, os.PathLike)):
             raise InvalidConfigError(
@@ -331,6 +336,7 @@ class ModuleLifecycle:
 
     @property
     def history(self) -> tuple[TransitionRecord, ...]:
+        """The latest ``HISTORY_LIMIT`` trigger attempts, oldest first."""
         with self._lock:
             return tuple(TransitionRecord._make(record) for record in self._history)
 

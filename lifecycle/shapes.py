@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -72,6 +73,11 @@ SHAPE_OPTION_KEYS = ("dynamic_buckets", "measure_paths")
 DEFAULT_DYNAMIC_BUCKETS: bool | None = None
 # The key of the implicit bucket a warm-up without declared shapes warms.
 IMPLICIT_KEY = "*"
+# What a lifecycle keeps of its served requests and misses: counts of all, the latest of each
+# (the median a first-request ratio is taken over; the shapes missed_shapes() offers). A server
+# keeps a lifecycle for months; memory must not grow with the requests it serves.
+RECENT_REQUESTS = 256
+RECENT_MISSES = 1024
 WARMUP_SHAPE_EVENT = "lifecycle.warmup_shape"
 SHAPE_MISS_EVENT = "lifecycle.shape_miss"
 WARMUP_SETTLE_EVENT = "lifecycle.warmup_settle"
@@ -207,14 +213,31 @@ class BucketCoverage:
     path_reason: str | None = None
     compiled_s: float | None = None
     eager_s: float | None = None
-    requests_s: list[float] = field(default_factory=list)
+    # Served requests: how many, the first one's seconds and the latest ones' (bounded: a server
+    # keeps a lifecycle for months, and every request would otherwise add a float).
+    requests: int = 0
+    first_request_s: float | None = None
+    recent_s: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_REQUESTS))
+
+    def note_request(self, seconds: float) -> None:
+        self.requests += 1
+        if self.first_request_s is None:
+            self.first_request_s = seconds
+        else:
+            self.recent_s.append(seconds)
+
+    def forget_requests(self) -> None:
+        self.requests = 0
+        self.first_request_s = None
+        self.recent_s.clear()
 
     @property
     def first_request_ratio(self) -> float | None:
-        """First request / median of the later ones, once at least two were served."""
-        if len(self.requests_s) < 2:
+        """First request / median of the later ones (the latest ``RECENT_REQUESTS``), once at
+        least two were served."""
+        if self.first_request_s is None or not self.recent_s:
             return None
-        return self.requests_s[0] / statistics.median(self.requests_s[1:])
+        return self.first_request_s / statistics.median(self.recent_s)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -230,8 +253,8 @@ class BucketCoverage:
             "path_reason": self.path_reason,
             "compiled_s": self.compiled_s,
             "eager_s": self.eager_s,
-            "requests": len(self.requests_s),
-            "first_request_s": self.requests_s[0] if self.requests_s else None,
+            "requests": self.requests,
+            "first_request_s": self.first_request_s,
             "first_request_ratio": self.first_request_ratio,
         }
 
@@ -270,7 +293,9 @@ class ShapeBook:
         self.host_dynamic = bool(options.get("host_dynamic", False))
         self.measure_paths = bool(options.get("measure_paths", False))
         self.buckets: dict[str, BucketCoverage] = {}
-        self.misses: list[ShapeMiss] = []
+        # The latest misses (bounded, like a bucket's request times); the counts are of all.
+        self.misses: deque[ShapeMiss] = deque(maxlen=RECENT_MISSES)
+        self.misses_by_policy: dict[str, int] = {}
         self.shared_dims: dict[Any, Any] = {}
         # signature -> bucket key, for requests that name no shape
         self.signatures: dict[Any, str] = {}
@@ -334,7 +359,7 @@ class ShapeBook:
         """Weights changed (invalidate): every bucket must be warmed again; the plan stays."""
         for bucket in self.buckets.values():
             bucket.warmed = False
-            bucket.requests_s.clear()
+            bucket.forget_requests()
         self.signatures.clear()
 
     def forget(self) -> None:
@@ -346,9 +371,11 @@ class ShapeBook:
     # misses
     def note_miss(self, miss: ShapeMiss) -> None:
         self.misses.append(miss)
+        self.misses_by_policy[miss.policy] = self.misses_by_policy.get(miss.policy, 0) + 1
 
     def missed_shapes(self) -> list[dict[str, Any]]:
-        """Shapes of misses the host named that no bucket covers now, de-duplicated, oldest first."""
+        """Shapes of misses the host named that no bucket covers now, de-duplicated, oldest first
+        (of the latest ``RECENT_MISSES`` misses)."""
         out: dict[str, dict[str, Any]] = {}
         for miss in self.misses:
             if miss.shape is None or miss.key is None:
@@ -362,14 +389,11 @@ class ShapeBook:
         return [b.as_dict() for b in self.buckets.values()]
 
     def stats(self) -> dict[str, Any]:
-        by_policy: dict[str, int] = {}
-        for miss in self.misses:
-            by_policy[miss.policy] = by_policy.get(miss.policy, 0) + 1
         return {
             "declared": len(self.declared),
             "warm": sum(1 for b in self.declared if b.warmed),
-            "shape_misses": len(self.misses),
-            "shape_misses_by_policy": by_policy,
+            "shape_misses": sum(self.misses_by_policy.values()),
+            "shape_misses_by_policy": dict(self.misses_by_policy),
             "on_unwarmed": self.on_unwarmed,
             "dynamic_buckets": self.dynamic_buckets,
             "shared_dims": {
@@ -888,7 +912,7 @@ def end_request(
             },
         )
     elif info.bucket is not None and error is None:
-        info.bucket.requests_s.append(duration_ms / 1000.0)
+        info.bucket.note_request(duration_ms / 1000.0)
 
 
 def is_refusal(error: BaseException | None) -> bool:

@@ -9,16 +9,19 @@ measures the lifecycle's own locking, not torch.compile.
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 from collections import Counter
 from pathlib import Path
 
 import pytest
+import structlog
 import torch
 from structlog.testing import capture_logs
 from test_stateful import API_TABLE
@@ -34,6 +37,8 @@ from lifecycle import (
 )
 from lifecycle.audit import JsonlSink
 from lifecycle.audit.verify import verify_file
+from lifecycle.module import HISTORY_LIMIT
+from lifecycle.shapes import RECENT_MISSES
 from lifecycle.testing import AuditEvents, NoopBackend, NoopCache
 
 THREADS = 32
@@ -300,3 +305,58 @@ def test_shared_module_stays_compiled_while_another_lifecycle_needs_it() -> None
     assert module._compiled_call_impl is not None  # what second's state promises
     second.reset()  # the last holder lets go: the module is eager again
     assert module._compiled_call_impl is None
+
+
+# ---------------------------------------------------------------------------- long serving
+def _drop(_logger: object, _name: str, _event: object) -> object:
+    raise structlog.DropEvent
+
+
+def test_memory_does_not_grow_with_requests_misses_or_transitions():
+    """A server keeps a lifecycle for months: what it keeps per request, per shape miss and per
+    transition is bounded (counts of all, the latest of each); the audit has every event."""
+    saved = structlog.get_config()
+    structlog.configure(processors=[_drop], cache_logger_on_first_use=False)
+    try:
+        lc = ModuleLifecycle(nn.Linear(4, 4), backend=NoopBackend(), cache_adapter=NoopCache())
+        warm, cold = {"n": 2}, {"n": 3}
+        lc.prepare(lambda module, shape: module(torch.zeros(shape["n"], 4)), shapes=[warm])
+
+        def serve(shape: dict[str, int]) -> None:
+            with lc.request(shape=shape):
+                lc.module(torch.zeros(shape["n"], 4))
+
+        def rounds(count: int) -> None:
+            for _ in range(count):
+                serve(warm)
+                serve(cold)  # a miss, served eagerly (the default policy)
+
+        tracemalloc.start()
+        try:
+            rounds(RECENT_MISSES + 200)  # past every bound: what is kept is all traced now
+            gc.collect()
+            before, _ = tracemalloc.get_traced_memory()
+            rounds(1_500)
+            gc.collect()
+            after, _ = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        # Unbounded, 1,500 rounds would keep 1,500 request times and 1,500 misses (~400 KB).
+        assert after - before < 64 * 1024
+        served = RECENT_MISSES + 200 + 1_500
+        (bucket,) = lc.coverage()
+        assert bucket["requests"] == served and bucket["first_request_ratio"] is not None
+        stats = lc.stats()["shapes"]
+        assert stats["shape_misses"] == served and stats["shape_misses_by_policy"] == {"eager": served}
+        assert lc.missed_shapes() == [cold]
+
+        before_refreshes = len(lc.history)
+        for _ in range(HISTORY_LIMIT + 10):
+            lc.refresh()
+        history = lc.history
+        assert len(history) == HISTORY_LIMIT  # the latest ones, oldest first
+        seqs = [record.seq for record in history]
+        assert seqs == list(range(seqs[0], seqs[0] + HISTORY_LIMIT))
+        assert seqs[-1] == before_refreshes + HISTORY_LIMIT + 10
+    finally:
+        structlog.configure(**saved)
