@@ -207,6 +207,8 @@ def bench_overhead(rounds: int, laps_per_round: int) -> dict[str, Any]:
     us = {name: {"median_us": statistics.median(v), "p10_us": _pct(v, 10), "p90_us": _pct(v, 90)}
           for name, v in samples.items()}
     median = us["lifecycle_transition"]["median_us"]
+    per_trigger_median = {name: statistics.median(v) for name, v in per_trigger.items()}
+    per_trigger_mean = statistics.mean(per_trigger_median.values())
     return {
         "description": "per trigger; lifecycle = NoopBackend + NoopCache + lock + table check + "
         "history record + one JSON audit event written and flushed to a file",
@@ -214,9 +216,15 @@ def bench_overhead(rounds: int, laps_per_round: int) -> dict[str, Any]:
         "triggers_per_round": per_round,
         "audit_lines_written": lines,
         "results": us,
-        "per_trigger_median_us": {name: statistics.median(v) for name, v in per_trigger.items()},
+        "per_trigger_median_us": per_trigger_median,
         "target_us": TARGET_TRANSITION_US,
         "meets_target": median <= TARGET_TRANSITION_US,
+        # The same lap, each trigger's median over its own calls, averaged: what a transition
+        # costs when the VM's neighbours leave it alone. A lap of 120 timed together is a mean,
+        # and on this shared VM single calls are right-skewed (p50 30 us, mean 40 us in one
+        # sample), so the lap median follows the neighbours' load as much as the code.
+        "per_trigger_median_mean_us": per_trigger_mean,
+        "meets_target_by_per_trigger_medians": per_trigger_mean <= TARGET_TRANSITION_US,
         "lifecycle_minus_floors_us": median
         - us["transitions_Machine"]["median_us"] - us["structlog_json_event"]["median_us"],
     }
