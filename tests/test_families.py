@@ -47,10 +47,7 @@ RESULTS: dict[str, FamilyResult] = {}
 )
 def test_family_served_end_to_end(key: str, audit_events: Any) -> None:
     family = case(key)
-    # dynamo's "eager" backend: the same graphs, guards and recompile counts as aot_eager (which
-    # scripts/families_table.py generates the README with), at half the suite's time; every
-    # cell of a README row comes out the same (the table check below compares them).
-    result = run_family(family, compile_backend="eager")
+    result = run_family(family)
     RESULTS[key] = result
     expected_members = ["transformer", "transformer_2"] if key == "wan22" else ["transformer"]
     assert result.members == expected_members
