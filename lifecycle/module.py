@@ -613,12 +613,7 @@ class ModuleLifecycle:
         def work(step: TransitionStep) -> None:
             self.check_callable(Trigger.WARM_UP, run)
             planned = _shapes.check_shapes(shapes, module=self.name) if shapes is not None else None
-            module = self._module
-
-            def call_at(shape: dict[str, Any] | None) -> object:
-                # A declared bucket has a shape; the implicit bucket (no shapes declared) has None.
-                return run(module) if shape is None else run(module, shape)
-
+            call_at = _shapes.call_at_shape(run, self._module)
             _shapes.run_warmup([self], call_at, planned, [step.extra], max_runs=MAX_WARMUP_RUNS)
 
         self.transition(Trigger.WARM_UP, work)

@@ -210,10 +210,7 @@ class PipelineLifecycle:
         names = tuple(m.name for m in members)
         try:
             target = self._warmup_target()
-            if shapes is not None or members[0].shapes.has_declared():
-                warm_up_together(members, [], call_at=lambda shape: run(target, shape), shapes=shapes)
-            else:
-                warm_up_together(members, [lambda: run(target)])
+            warm_up_together(members, _shapes.call_at_shape(run, target), shapes=shapes)
         except LifecycleError as exc:
             states = ", ".join(f"{m.name}={m.state.value}" for m in members)
             raise PipelineError(

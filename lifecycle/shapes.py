@@ -585,6 +585,16 @@ def _graphs(members: Sequence[Member]) -> int:
     return int(members[0].backend.graph_count())
 
 
+def call_at_shape(run: Callable[..., object], target: object) -> Callable[[dict[str, Any] | None], object]:
+    """The host's warm-up callable as ``run_warmup`` calls it: ``run(target, shape)`` at a
+    declared bucket, ``run(target)`` at the implicit one (no shapes declared: shape None)."""
+
+    def call_at(shape: dict[str, Any] | None) -> object:
+        return run(target) if shape is None else run(target, shape)
+
+    return call_at
+
+
 def run_warmup(
     members: Sequence[Member],
     call_at: Callable[[dict[str, Any] | None], object],

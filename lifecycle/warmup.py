@@ -3,8 +3,8 @@ the first request the lifecycle's own serving context.
 
 ``WarmupSteering`` (one per lifecycle) steers the module's cache context for a warm-up (cache
 from the 2nd step, never twice in a row) and restores the serving context afterwards;
-``run_warmup`` runs a warm-up, given as a list of calls, under every member's steering until all
-members have covered the cached branch (at most ``MAX_WARMUP_RUNS`` rounds). One member is a
+``lifecycle.shapes.run_warmup`` runs a warm-up under every member's steering until all members
+have covered the cached branch (at most ``MAX_WARMUP_RUNS`` rounds a bucket). One member is a
 ``ModuleLifecycle.warm_up``; several are a pipeline's joint warm-up (``warm_up_together``).
 """
 
@@ -25,9 +25,6 @@ if TYPE_CHECKING:
 # The warm-up calls run at most this many rounds while cache-dit's context is steered towards
 # its cached branch; a warm-up that makes one denoising step needs three.
 MAX_WARMUP_RUNS = 4
-
-WarmupCall = Callable[[], object]
-
 
 class WarmupCoverageWarning(UserWarning):
     """Warm-up could not reach cache-dit's cached-step branch: the first real request may compile."""
@@ -74,38 +71,10 @@ class WarmupSteering:
         self.covered = None
 
 
-def run_warmup(
-    members: Sequence[ModuleLifecycle],
-    calls: Sequence[WarmupCall],
-    extras: Sequence[dict[str, Any]],
-    *,
-    call_at: Callable[[Any], object] | None = None,
-    shapes: list[dict[str, Any]] | None = None,
-) -> None:
-    """Warm ``members`` together under their steering until all have covered the cached branch;
-    then record coverage, save artifacts and write each member's own fields into its own audit
-    ``extras`` (one dict per member, same order).
-
-    The loop is ``lifecycle.shapes.run_warmup``: declared shape buckets (``call_at(shape)``, one
-    steered context each) or, without them, one round of ``calls`` as the implicit bucket, at
-    most ``MAX_WARMUP_RUNS`` rounds a bucket. It records the input sizes each member saw (a
-    request at other sizes is a shape miss), starts a fresh context when the size changes inside
-    a warm-up, and ends with a settling call in the serving context.
-    """
-    from lifecycle import shapes as _shapes
-
-    def one_round(_shape: Any) -> None:
-        for call in calls:
-            call()
-
-    _shapes.run_warmup(members, call_at or one_round, shapes, extras, max_runs=MAX_WARMUP_RUNS)
-
-
 def warm_up_together(
     members: Sequence[ModuleLifecycle],
-    calls: Sequence[WarmupCall],
+    call_at: Callable[[Any], object],
     *,
-    call_at: Callable[[Any], object] | None = None,
     shapes: list[dict[str, Any]] | None = None,
 ) -> None:
     """One ``warm_up`` transition per member around one shared warm-up: member i's work enters
@@ -119,7 +88,9 @@ def warm_up_together(
             if index + 1 < len(members):
                 members[index + 1].transition(Trigger.WARM_UP, work_of(index + 1))
             else:
-                run_warmup(members, calls, extras, call_at=call_at, shapes=shapes)
+                from lifecycle import shapes as _shapes  # shapes imports this module
+
+                _shapes.run_warmup(members, call_at, shapes, extras, max_runs=MAX_WARMUP_RUNS)
 
         return work
 
