@@ -20,18 +20,15 @@ own lock (``lifecycle.locking``): a ``LockedMachine`` would take one lock for al
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from functools import cache
 from types import MappingProxyType
 from typing import Any, Protocol
 
 from transitions import Event, EventData, Machine, MachineError
+from transitions import State as MachineState
 
 from states import LifecyclePolicy, State, Trigger, transitions_for
-
-# transitions logs every trigger at INFO; under a host's INFO root logger that costs ~5x.
-logging.getLogger("transitions.core").setLevel(logging.WARNING)
 
 __all__ = ["Attempt", "Events", "MachineError", "StateHolder", "events_for", "fire", "machine_for"]
 
@@ -73,10 +70,35 @@ def _aborted(event: EventData) -> None:
     attempt.aborted(event.error)
 
 
+# transitions logs each callback run and each state entered or left at INFO: four records per
+# trigger, which under a host's INFO root logger cost ~5x the trigger. The lifecycle's audit is
+# the record of its transitions, so its own machines skip those records (overriding the methods
+# that write them); transitions' logger, and every other machine in the process, stay as the
+# host configured them.
+class _QuietState(MachineState):
+    """A state whose enter and exit run their callbacks without an INFO record each."""
+
+    def enter(self, event_data: EventData) -> None:
+        event_data.machine.callbacks(self.on_enter, event_data)
+
+    def exit(self, event_data: EventData) -> None:
+        event_data.machine.callbacks(self.on_exit, event_data)
+
+
+class _QuietMachine(Machine):
+    """transitions' Machine, without an INFO record per callback it runs."""
+
+    state_cls = _QuietState
+
+    def callbacks(self, funcs: Iterable[Any], event_data: EventData) -> None:
+        for func in funcs:
+            self.callback(func, event_data)
+
+
 @cache
 def machine_for(policy: LifecyclePolicy) -> Machine:
     """The machine for ``policy``, built once from the states table."""
-    return Machine(
+    return _QuietMachine(
         model=None,
         # States by their string values: transitions reads an Enum state's name through enum's
         # descriptor a dozen times per trigger (~4 us of ~30).

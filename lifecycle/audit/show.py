@@ -10,6 +10,7 @@ import os
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import IO, Any, TextIO
 
 from lifecycle.audit import events as audit
@@ -37,6 +38,15 @@ def _text(value: Any, limit: int = 80) -> str:
     text = value if isinstance(value, str) else short(value, limit)
     text = text.replace("\n", "\\n")
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _duration(value: Any) -> str:
+    """``ms`` for a cell, bounded: an integer too large for a float (valid JSON, and the
+    verifier accepts it) is shown in scientific notation instead of failing the timeline."""
+    try:
+        return ms(value)
+    except OverflowError:
+        return f"{Decimal(value) / 1000:.2e} s"
 
 
 def _policy(event: Mapping[str, Any]) -> LifecyclePolicy | None:
@@ -79,7 +89,7 @@ def _transition_row(event: Mapping[str, Any], block: _Block) -> tuple[str, ...]:
         except ValueError:
             pass
     return (_time(event), _text(event.get("seq", "")), _text(event.get("trigger")), detail,
-            _text(event.get("outcome", "")), ms(event.get("duration_ms")))
+            _text(event.get("outcome", "")), _duration(event.get("duration_ms")))
 
 
 def _request_row(event: Mapping[str, Any], block: _Block) -> tuple[str, ...]:
@@ -93,7 +103,7 @@ def _request_row(event: Mapping[str, Any], block: _Block) -> tuple[str, ...]:
     if event.get("outcome") != "refused" and destination(policy, block.state, Trigger.REQUEST) is None:
         detail += f"  [ILLEGAL: no request from {block.state.value} in the table]"
     return (_time(event), "", f"request {_text(event.get('request_id'))}", detail,
-            _text(event.get("outcome", "")), ms(event.get("duration_ms")))
+            _text(event.get("outcome", "")), _duration(event.get("duration_ms")))
 
 
 def _row(event: Mapping[str, Any], block: _Block) -> tuple[str, ...]:
