@@ -41,7 +41,7 @@ class ArtifactSession:
         except Exception as exc:  # artifacts are an optimisation: never fail the compile
             report = ArtifactReport("load", "failed", None, f"cannot build the key: {exc!r}")
         else:
-            report = self.store.load(self._key)
+            report = _never_raising("load", self.store.load, self._key)
         self.reports["load"] = report
         return report
 
@@ -54,12 +54,23 @@ class ArtifactSession:
         if loaded is not None and loaded.status == "loaded" and not compiled_new:
             return None
         self._saved = True
-        report = self.store.save(self._key)
+        report = _never_raising("save", self.store.save, self._key)
         self.reports["save"] = report
         return report
 
     def statuses(self) -> dict[str, str] | None:
         return {action: report.status for action, report in self.reports.items()} or None
+
+
+def _never_raising(
+    action: str, step: Callable[[ArtifactKey], ArtifactReport], key: ArtifactKey
+) -> ArtifactReport:
+    """The store reports what it meets; anything it did not foresee is reported too (failed),
+    so that a file on disk can never fail a compile or a warm-up."""
+    try:
+        return step(key)
+    except Exception as exc:
+        return ArtifactReport(action, "failed", None, f"{type(exc).__name__}: {exc}")
 
 
 __all__ = ["ArtifactSession"]

@@ -44,6 +44,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from adapters.errors import InvalidOptions
+
 FORMAT = 1
 MAGIC = b"dit-lifecycle compile artifacts\n"
 SUFFIX = ".dlart"
@@ -201,6 +203,12 @@ class _Unreadable(Exception):
     """A file that is not a well-formed artifact file (reported as corrupt)."""
 
 
+def _cut(value: object, limit: int = 60) -> str:
+    """``value`` for a report's detail, at most ``limit`` characters (headers hold anything)."""
+    text = str(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _read_file(path: Path) -> tuple[dict[str, Any], bytes]:
     """Header and verified payload of an artifact file; ``_Unreadable`` if it is not one."""
     try:
@@ -214,15 +222,20 @@ def _read_file(path: Path) -> tuple[dict[str, Any], bytes]:
         raise _Unreadable("truncated header")
     try:
         header = json.loads(data[len(MAGIC):end])
-        expected_size = int(header["payload_bytes"])
+        expected_size = header["payload_bytes"]
         expected_sha = str(header["payload_sha256"])
+        if isinstance(expected_size, bool) or not isinstance(expected_size, int) or expected_size < 0:
+            raise TypeError(f"payload_bytes is not a byte count: {_cut(expected_size)}")
         if not isinstance(header["key"], dict):
             raise TypeError("key is not an object")
-    except (ValueError, KeyError, TypeError) as exc:
-        raise _Unreadable(f"unreadable header ({exc})") from exc
+    # A header is anyone's bytes: JSON nested past the reader's depth is a RecursionError.
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise _Unreadable(f"unreadable header ({type(exc).__name__}: {_cut(exc)})") from exc
     payload = data[end + 1:]
     if len(payload) != expected_size:
-        raise _Unreadable(f"payload is {len(payload)} bytes, header says {expected_size} (truncated?)")
+        raise _Unreadable(
+            f"payload is {len(payload)} bytes, header says {_cut(expected_size)} (truncated?)"
+        )
     if hashlib.sha256(payload).hexdigest() != expected_sha:
         raise _Unreadable("payload checksum mismatch")
     return header, payload
@@ -246,6 +259,13 @@ class ArtifactStore:
     """A directory of artifact files, one per key. Loads and saves never raise: they report."""
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
+        # Path("") is the working directory: an unset environment variable would scatter
+        # artifacts wherever the process happens to start.
+        if os.fspath(directory) == "":
+            raise InvalidOptions(
+                "the compile-artifact directory is an empty path (an unset environment variable?); "
+                "pass a directory path (artifact_dir=...), or None to keep no compile artifacts"
+            )
         self.directory = Path(directory)
 
     def path_for(self, key: ArtifactKey) -> Path:
@@ -282,7 +302,13 @@ class ArtifactStore:
     def read(self, key: ArtifactKey) -> tuple[ArtifactReport, bytes | None]:
         """Find and verify the file for ``key`` (no torch involved)."""
         path = self.path_for(key)
-        if not path.exists():
+        try:
+            present, linked = path.exists(), path.is_symlink()
+        except OSError as exc:
+            return ArtifactReport("load", "corrupt", str(path), f"cannot look at it: {exc}"), None
+        if not present:
+            if linked:  # a link whose target is gone (or a loop): there, but unreadable
+                return ArtifactReport("load", "corrupt", str(path), "a link to nothing readable"), None
             return self._absent(key), None
         try:
             header, payload = _read_file(path)
@@ -298,12 +324,7 @@ class ArtifactStore:
 
     def _absent(self, key: ArtifactKey) -> ArtifactReport:
         """No file for this key: stale if one exists for the same class with another key."""
-        others = sorted(
-            self.directory.glob(f"{key.label}-*{SUFFIX}"),
-            key=lambda p: p.stat().st_mtime,
-            reverse=True,
-        ) if self.directory.is_dir() else []
-        for other in others:
+        for other in self._others(key.label):
             try:
                 header, _ = _read_file(other)
             except _Unreadable:
@@ -315,6 +336,22 @@ class ArtifactStore:
                 differing_fields=fields,
             )
         return ArtifactReport("load", "missing", None, "no artifacts for this configuration yet")
+
+    def _others(self, label: str) -> list[Path]:
+        """This module class's files, newest first. One that cannot be looked at (a link to
+        nothing, a file removed meanwhile) is left out, like an unreadable one."""
+        dated: list[tuple[float, Path]] = []
+        try:
+            if not self.directory.is_dir():
+                return []
+            for path in self.directory.glob(f"{label}-*{SUFFIX}"):
+                try:
+                    dated.append((path.stat().st_mtime, path))
+                except OSError:
+                    continue
+        except OSError:
+            return []
+        return [path for _, path in sorted(dated, reverse=True)]
 
     # ------------------------------------------------------------------ torch's caches
     def load(self, key: ArtifactKey) -> ArtifactReport:
