@@ -4,7 +4,7 @@ cache-dit. Device runtimes and cache-dit are imported lazily, when an adapter is
 from adapters.base import BackendAdapter, TorchCompileAdapter, dynamo_graph_count
 from adapters.cache import CacheDitAdapter, CacheSummary
 from adapters.errors import AdapterError, BackendUnavailable, InvalidOptions, UnsupportedForCache
-from adapters.protocols import CacheAdapter
+from adapters.protocols import CacheAdapter, CompilePlanLike
 from adapters.registry import (
     AUTO_ORDER,
     ENTRY_POINT_GROUP,
@@ -22,6 +22,7 @@ __all__ = [
     "CacheAdapter",
     "CacheDitAdapter",
     "CacheSummary",
+    "CompilePlanLike",
     "InvalidOptions",
     "TorchCompileAdapter",
     "UnsupportedForCache",

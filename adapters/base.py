@@ -11,27 +11,16 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from adapters import _torch_internals as internals
 from adapters.errors import BackendUnavailable, InvalidOptions
-from adapters.regional import (
-    REGIONAL_KEY,
-    check_regional_module,
-    compile_regional,
-    decompile_regional,
-    validate_regional,
-)
-from adapters.reproducible import (
-    REPRODUCIBLE_KEY,
-    audit_fields,
-    torch_compile_kwargs,
-    validate_reproducible,
-)
+from adapters.protocols import CompilePlanLike
+from adapters.regional import check_regional_module, compile_regional, decompile_regional
+from adapters.reproducible import audit_fields, torch_compile_kwargs, validate_reproducible
 
 
 def dynamo_graph_count() -> int:
     """Graphs dynamo has compiled in this process (torch's own counter, shared by all backends)."""
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"])
+    return internals.graph_count()
 
 
 class BackendAdapter(ABC):
@@ -43,9 +32,13 @@ class BackendAdapter(ABC):
 
     Contract, in the order the lifecycle uses it: ``is_available`` (cheap, never raises) and
     ``ensure_available`` (raises ``BackendUnavailable`` saying what to install) at construction;
-    ``validate_options`` once, before any work; ``compile`` in place; ``graph_count`` before and
-    after warm-up and each request, so its deltas count recompiles; ``synchronize`` before a
-    clock is read; ``decompile`` on reset.
+    ``validate_options`` and ``validate_plan`` once, before any work; ``compile`` in place;
+    ``graph_count`` before and after warm-up and each request, so its deltas count recompiles;
+    ``synchronize`` before a clock is read; ``decompile`` on reset.
+
+    ``options`` are torch.compile's own keyword arguments (never rewritten: an adapter applies
+    its defaults to a copy); how to compile (whole model or blocks, ahead of time, reproducible)
+    comes as a ``CompilePlanLike``.
     """
 
     name: ClassVar[str]
@@ -62,14 +55,24 @@ class BackendAdapter(ABC):
 
     @abstractmethod
     def validate_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
-        """Check compile options before any work; return the normalised options.
+        """Check torch.compile's arguments before any work; return them as the adapter will
+        use them (a copy, its defaults applied; the caller's mapping is never changed).
 
         Raises ``InvalidOptions`` naming the bad key and the accepted ones.
         """
 
+    def validate_plan(self, plan: CompilePlanLike, options: Mapping[str, Any]) -> None:
+        """Refuse a plan this backend cannot run (``InvalidOptions`` naming the fix). The
+        default runs whole-model and per-block compiles, not ahead-of-time ones."""
+        if plan.ahead_of_time:
+            raise InvalidOptions(
+                f"backend {self.name!r} does not compile ahead of time; use "
+                "CompilePlan(scope='blocks') (just-in-time), or a backend that does"
+            )
+
     @abstractmethod
-    def compile(self, module: nn.Module, options: Mapping[str, Any]) -> None:
-        """Compile ``module`` in place with validated ``options``."""
+    def compile(self, module: nn.Module, options: Mapping[str, Any], plan: CompilePlanLike) -> None:
+        """Compile ``module`` in place with validated ``options``, as ``plan`` says."""
 
     @abstractmethod
     def decompile(self, module: nn.Module) -> None:
@@ -79,9 +82,10 @@ class BackendAdapter(ABC):
     def synchronize(self) -> None:
         """Wait for queued device work, so that timings mean something."""
 
-    def validate_for_module(self, module: nn.Module, options: Mapping[str, Any]) -> None:
-        """Check validated ``options`` against the module itself, at construction (e.g. regional
-        compilation needs repeated blocks). Raises ``InvalidOptions``; the default accepts all."""
+    def validate_for_module(self, module: nn.Module, options: Mapping[str, Any], plan: CompilePlanLike) -> None:
+        """Check validated ``options`` and ``plan`` against the module itself, at construction
+        (e.g. compiling blocks needs repeated blocks). Raises ``InvalidOptions``; the default
+        accepts all."""
         return None
 
     def graph_count(self) -> int:
@@ -92,7 +96,7 @@ class BackendAdapter(ABC):
         """What the audit records about this backend."""
         return {"backend": self.name, "device_type": self.device_type}
 
-    def reproducibility(self, options: Mapping[str, Any]) -> dict[str, Any] | None:
+    def reproducibility(self, plan: CompilePlanLike, options: Mapping[str, Any]) -> dict[str, Any] | None:
         """What the compile transition's audit records about ``reproducible=True`` (None: off or
         not supported by this backend)."""
         return None
@@ -121,13 +125,9 @@ class TorchCompileAdapter(BackendAdapter):
 
     default_backend: ClassVar[str] = "inductor"
     modes: ClassVar[tuple[str, ...]] = INDUCTOR_MODES
-    # Adapter-specific keys (not torch.compile's) that subclasses accept and consume themselves.
-    # "regional": compile the repeated blocks one by one (adapters/regional.py says which and why).
-    # "reproducible": bit-identical outputs across processes (adapters/reproducible.py).
-    extra_keys: ClassVar[frozenset[str]] = frozenset({REGIONAL_KEY, REPRODUCIBLE_KEY})
 
     def accepted_keys(self) -> frozenset[str]:
-        return TORCH_COMPILE_KEYS | self.extra_keys
+        return TORCH_COMPILE_KEYS
 
     def validate_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         if not isinstance(options, Mapping):
@@ -139,13 +139,11 @@ class TorchCompileAdapter(BackendAdapter):
         unknown = sorted(set(options) - allowed)
         if unknown:
             raise InvalidOptions(
-                f"unknown compile_options {unknown} for backend {self.name!r}; "
-                f"accepted: {sorted(allowed)}"
+                f"unknown compile_options {unknown} for backend {self.name!r}: compile_options "
+                f"holds torch.compile's own arguments only; accepted: {sorted(allowed)}"
             )
         merged = {"backend": self.default_backend, **options}
         check_option_types(merged)
-        validate_regional(merged)
-        validate_reproducible(merged)
         backend = merged["backend"]
         if isinstance(backend, str):
             known = torch._dynamo.list_backends(exclude_tags=())
@@ -168,27 +166,28 @@ class TorchCompileAdapter(BackendAdapter):
             raise InvalidOptions("torch.compile takes mode or options, not both; drop one of them")
         return merged
 
-    def validate_for_module(self, module: nn.Module, options: Mapping[str, Any]) -> None:
-        if options.get(REGIONAL_KEY):
+    def validate_plan(self, plan: CompilePlanLike, options: Mapping[str, Any]) -> None:
+        super().validate_plan(plan, options)
+        validate_reproducible(plan.reproducible, options)
+
+    def validate_for_module(self, module: nn.Module, options: Mapping[str, Any], plan: CompilePlanLike) -> None:
+        if plan.scope == "blocks":
             check_regional_module(module)
 
-    def compile(self, module: nn.Module, options: Mapping[str, Any]) -> None:
-        torch_options = torch_compile_kwargs(
-            {key: value for key, value in options.items() if key != REGIONAL_KEY}
-        )
-        torch_options = {key: value for key, value in torch_options.items() if key not in self.extra_keys}
-        if options.get(REGIONAL_KEY):
+    def torch_options(self, options: Mapping[str, Any], plan: CompilePlanLike) -> dict[str, Any]:
+        """torch.compile's keyword arguments for this compile (a new dict)."""
+        return torch_compile_kwargs(options, reproducible=plan.reproducible)
+
+    def compile(self, module: nn.Module, options: Mapping[str, Any], plan: CompilePlanLike) -> None:
+        torch_options = self.torch_options(options, plan)
+        if plan.scope == "blocks":
             compile_regional(module, torch_options)  # never half-compiled either
             return
-        try:
-            module.compile(**torch_options)
-        except BaseException:
-            module._compiled_call_impl = None  # leave the module eager, never half-compiled
-            raise
+        internals.compile_in_place(module, module, torch_options)
 
     def decompile(self, module: nn.Module) -> None:
-        # nn.Module.compile() stores its compiled call here; None returns the module to eager.
-        module._compiled_call_impl = None
+        # None in the call slot returns the module to eager.
+        internals.set_compiled_call(module, None)
         decompile_regional(module)
 
     def ensure_available(self) -> None:
@@ -198,8 +197,8 @@ class TorchCompileAdapter(BackendAdapter):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "torch": torch.__version__}
 
-    def reproducibility(self, options: Mapping[str, Any]) -> dict[str, Any] | None:
-        return audit_fields(options, self.device_type)
+    def reproducibility(self, plan: CompilePlanLike, options: Mapping[str, Any]) -> dict[str, Any] | None:
+        return audit_fields(plan.reproducible, options, self.device_type)
 
 
 def check_option_types(options: Mapping[str, Any]) -> None:

@@ -18,3 +18,8 @@ class UnsupportedForCache(AdapterError):
 
 class InvalidOptions(AdapterError, ValueError):
     """Compile options or a cache config that the adapter refuses before doing any work."""
+
+
+class TorchInternalsMoved(BackendUnavailable):
+    """This torch moved an internal the library relies on (the call slot, dynamo's counters, the
+    duck-shape switch); the message names what moved."""

@@ -26,8 +26,11 @@ from typing import Any
 
 from torch import nn
 
+from adapters import _torch_internals as internals
 from adapters.base import TorchCompileAdapter, check_option_types
 from adapters.errors import BackendUnavailable, InvalidOptions
+from adapters.protocols import CompilePlanLike
+from adapters.regional import compile_regional
 
 REQUIRED_PACKAGES = ("torch_npu", "torchair")
 TORCHAIR_MODES = ("max-autotune", "reduce-overhead")
@@ -143,6 +146,18 @@ class NpuAdapter(TorchCompileAdapter):
             super().validate_options(plan.torch_options)
         return dict(options) | {"backend": plan.torch_options["backend"]}
 
+    def validate_plan(self, plan: CompilePlanLike, options: Mapping[str, Any]) -> None:
+        if plan.ahead_of_time:
+            raise InvalidOptions(
+                "backend 'npu' does not compile ahead of time (AOTInductor packages run on the "
+                "cpu and cuda backends only); use CompilePlan(scope='blocks') on the NPU"
+            )
+        if plan.reproducible:
+            raise InvalidOptions(
+                "CompilePlan(reproducible=True) sets inductor's deterministic mode, and the NPU "
+                "compiles with torchair; drop reproducible on backend 'npu'"
+            )
+
     def torchair_backend(self, plan: NpuCompilePlan) -> Any:
         """``torchair.get_npu_backend(compiler_config=...)`` with the plan's config fields."""
         _import("torch_npu")  # torchair requires torch_npu to be imported first
@@ -156,16 +171,15 @@ class NpuAdapter(TorchCompileAdapter):
             setattr(target, leaf, value)
         return torchair.get_npu_backend(compiler_config=config)
 
-    def compile(self, module: nn.Module, options: Mapping[str, Any]) -> None:
-        plan = plan_options(options)
-        torch_options = dict(plan.torch_options)
-        if plan.uses_torchair:
-            torch_options["backend"] = self.torchair_backend(plan)
-        try:
-            module.compile(**torch_options)
-        except BaseException:
-            module._compiled_call_impl = None  # leave the module eager, never half-compiled
-            raise
+    def compile(self, module: nn.Module, options: Mapping[str, Any], plan: CompilePlanLike) -> None:
+        npu_plan = plan_options(options)
+        torch_options = dict(npu_plan.torch_options)
+        if npu_plan.uses_torchair:
+            torch_options["backend"] = self.torchair_backend(npu_plan)
+        if plan.scope == "blocks":
+            compile_regional(module, torch_options)
+            return
+        internals.compile_in_place(module, module, torch_options)
 
     def synchronize(self) -> None:
         _import("torch_npu").npu.synchronize()

@@ -14,6 +14,20 @@ from torch import nn
 from adapters.cache import CacheSummary
 
 
+class CompilePlanLike(Protocol):
+    """How to compile, as a backend adapter reads it (``lifecycle.CompilePlan`` is one)."""
+
+    @property
+    def scope(self) -> str:
+        """"model" (the whole module) or "blocks" (each repeated block)."""
+
+    @property
+    def ahead_of_time(self) -> bool: ...
+
+    @property
+    def reproducible(self) -> bool: ...
+
+
 @runtime_checkable
 class CacheAdapter(Protocol):
     """Mounts a step cache on a transformer and manages its context. Holds no per-module state.
@@ -51,4 +65,4 @@ class CacheAdapter(Protocol):
     def describe_config(self, config: Any) -> dict[str, Any]: ...
 
 
-__all__ = ["CacheAdapter"]
+__all__ = ["CacheAdapter", "CompilePlanLike"]

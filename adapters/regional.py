@@ -38,9 +38,8 @@ from typing import Any
 
 from torch import nn
 
+from adapters import _torch_internals as internals
 from adapters.errors import InvalidOptions
-
-REGIONAL_KEY = "regional"
 
 # The blocks each module had compiled by ``compile_regional``: ``decompile_regional`` drops exactly
 # those, never a block the host compiled itself. Weak keys: this never keeps a model alive.
@@ -73,19 +72,13 @@ def repeated_blocks(module: nn.Module) -> list[nn.Module]:
     return [block for block in blocks if id(block) not in inner]
 
 
-def validate_regional(options: Mapping[str, Any]) -> None:
-    value = options.get(REGIONAL_KEY, False)
-    if not isinstance(value, bool):
-        raise InvalidOptions(f"compile option 'regional' must be True or False, got {value!r}")
-
-
 def check_regional_module(module: nn.Module) -> None:
     """Refuse regional compilation of a module with no repeated blocks (at construction)."""
     if not repeated_blocks(module):
         raise InvalidOptions(
             f"regional compilation found no repeated blocks in {type(module).__name__}: it has no "
-            "diffusers `_repeated_blocks` and no nn.ModuleList of identical blocks; drop "
-            "'regional' to compile the whole model"
+            "diffusers `_repeated_blocks` and no nn.ModuleList of identical blocks; use "
+            "CompilePlan(scope='model') to compile the whole model"
         )
 
 
@@ -98,17 +91,17 @@ def compile_regional(module: nn.Module, torch_options: Mapping[str, Any]) -> lis
     if not blocks:
         raise InvalidOptions(
             f"regional compilation found no repeated blocks in {type(module).__name__}: it has no "
-            "diffusers `_repeated_blocks` and no nn.ModuleList of identical blocks; drop "
-            "'regional' to compile the whole model"
+            "diffusers `_repeated_blocks` and no nn.ModuleList of identical blocks; use "
+            "CompilePlan(scope='model') to compile the whole model"
         )
     touched: list[nn.Module] = []
     try:
         for block in blocks:
             touched.append(block)
-            block.compile(**torch_options)
+            internals.compile_in_place(block, module, dict(torch_options))
     except BaseException:
         for block in touched:
-            block._compiled_call_impl = None
+            internals.set_compiled_call(block, None)
         raise
     _compiled[module] = blocks
     return blocks
@@ -117,12 +110,12 @@ def compile_regional(module: nn.Module, torch_options: Mapping[str, Any]) -> lis
 def decompile_regional(module: nn.Module) -> None:
     """Return the blocks ``compile_regional`` compiled in ``module`` to eager (no-op otherwise)."""
     for block in _compiled.pop(module, []):
-        block._compiled_call_impl = None
+        internals.set_compiled_call(block, None)
 
 
 def compiled_blocks(module: nn.Module) -> list[nn.Module]:
     """Submodules that currently run compiled code (for tests and the audit)."""
     return [
         sub for sub in module.modules()
-        if sub is not module and getattr(sub, "_compiled_call_impl", None) is not None
+        if sub is not module and internals.compiled_call(sub) is not None
     ]

@@ -1,4 +1,4 @@
-"""``compile_options={"reproducible": True}``: compiled outputs that are bit-identical across
+"""``CompilePlan(reproducible=True)``: compiled outputs that are bit-identical across
 processes (replicas) and across a restart from compile artifacts.
 
 The source of the difference (measured on an H200, torch 2.11, ``bench/gpu_replicas.py``; the
@@ -26,7 +26,7 @@ Scope: *per compile, not process-wide*. The setting travels as inductor ``option
 module's ``torch.compile`` (inductor applies it as a config patch around each of its compiles and
 bakes it into the generated kernels' metadata), so other modules of the process and the host's
 own ``torch.compile`` calls are untouched, and nothing is left to restore on ``reset()``. It is
-part of inductor's own cache key and of our artifact key (``compile_options``), so a reproducible
+part of inductor's own cache key and of our artifact key (the plan), so a reproducible
 artifact is never loaded into a non-reproducible compile, nor the reverse.
 
 What it cannot fix on its own, reported in the audit (``reproducible`` on the compile
@@ -48,7 +48,6 @@ import torch
 
 from adapters.errors import InvalidOptions
 
-REPRODUCIBLE_KEY = "reproducible"
 # inductor config keys the option sets for its compiles (as torch.compile ``options``).
 INDUCTOR_SETTINGS: dict[str, Any] = {"deterministic": True}
 
@@ -62,38 +61,33 @@ def supported() -> bool:
     return hasattr(inductor_config, "deterministic")
 
 
-def validate_reproducible(options: Mapping[str, Any]) -> None:
-    """Check the option's type and that it does not contradict the other options."""
-    value = options.get(REPRODUCIBLE_KEY, False)
-    if not isinstance(value, bool):
-        raise InvalidOptions(
-            f"compile option 'reproducible' must be True or False, got {value!r}"
-        )
-    if not value or options.get("backend", "inductor") != "inductor":
+def validate_reproducible(reproducible: bool, options: Mapping[str, Any]) -> None:
+    """Check that the plan's ``reproducible`` does not contradict torch.compile's arguments."""
+    if not reproducible or options.get("backend", "inductor") != "inductor":
         return
     if not supported():
         raise InvalidOptions(
-            f"compile option reproducible=True needs inductor's deterministic mode (torch >= 2.8); "
-            f"torch {torch.__version__} has none: upgrade torch, or drop 'reproducible'"
+            f"CompilePlan(reproducible=True) needs inductor's deterministic mode (torch >= 2.8); "
+            f"torch {torch.__version__} has none: upgrade torch, or drop reproducible"
         )
     inductor_options = options.get("options") or {}
     for key, wanted in INDUCTOR_SETTINGS.items():
         if key in inductor_options and inductor_options[key] != wanted:
             raise InvalidOptions(
-                f"compile options contradict each other: reproducible=True sets inductor "
+                f"compile options contradict the plan: reproducible=True sets inductor "
                 f"{key}={wanted!r}, but options[{key!r}] is {inductor_options[key]!r}; drop one"
             )
 
 
-def torch_compile_kwargs(options: Mapping[str, Any]) -> dict[str, Any]:
-    """torch.compile's keyword arguments for validated ``options`` (adapter-only keys removed by
-    the caller), with the reproducible settings merged in when the option is on.
+def torch_compile_kwargs(options: Mapping[str, Any], *, reproducible: bool) -> dict[str, Any]:
+    """torch.compile's keyword arguments for validated ``options`` (a new dict), with the
+    reproducible settings merged in when the plan asks for them.
 
     torch.compile takes ``mode`` or ``options``, not both, so a ``mode`` is expanded into the
     inductor options it stands for (``torch._inductor.list_mode_options``) first.
     """
-    kwargs = {key: value for key, value in options.items() if key != REPRODUCIBLE_KEY}
-    if not options.get(REPRODUCIBLE_KEY) or kwargs.get("backend", "inductor") != "inductor":
+    kwargs = dict(options)
+    if not reproducible or kwargs.get("backend", "inductor") != "inductor":
         return kwargs
     from torch._inductor import list_mode_options
 
@@ -117,9 +111,9 @@ def process_settings(device_type: str) -> dict[str, Any]:
     return settings
 
 
-def audit_fields(options: Mapping[str, Any], device_type: str) -> dict[str, Any] | None:
-    """What the compile transition records when the option is on (None when it is off)."""
-    if not options.get(REPRODUCIBLE_KEY):
+def audit_fields(reproducible: bool, options: Mapping[str, Any], device_type: str) -> dict[str, Any] | None:
+    """What the compile transition records when the plan asks for it (None when it does not)."""
+    if not reproducible:
         return None
     inductor = options.get("backend", "inductor") == "inductor"
     settings = process_settings(device_type)

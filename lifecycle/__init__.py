@@ -30,6 +30,8 @@ _LAZY: dict[str, str] = {
     "UnsupportedModuleError": "lifecycle.errors",
     "UnwarmedShapeError": "lifecycle.errors",
     "PipelineError": "lifecycle.errors",
+    "CompilePlan": "lifecycle.config",
+    "ServingPolicy": "lifecycle.config",
     "ModuleLifecycle": "lifecycle.module",
     "RequestRecord": "lifecycle.serving",
     "TransitionRecord": "lifecycle.record",
@@ -38,6 +40,7 @@ _LAZY: dict[str, str] = {
 }
 
 if TYPE_CHECKING:
+    from lifecycle.config import CompilePlan, ServingPolicy
     from lifecycle.distributed import DistributedLifecycle
     from lifecycle.errors import (
         BackendUnavailableError,
@@ -75,6 +78,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "BackendUnavailableError",
+    "CompilePlan",
     "DistributedLifecycle",
     "DistributedTransitionError",
     "IllegalTransitionError",
@@ -87,6 +91,7 @@ __all__ = [
     "PipelineLifecycle",
     "RankDivergenceError",
     "RequestRecord",
+    "ServingPolicy",
     "State",
     "TransitionFailedError",
     "TransitionRecord",

@@ -200,10 +200,15 @@ class DistributedLifecycle(ModuleLifecycle):
 
     def prepare(self, run: WarmupRun, num_inference_steps: int | None = None, shapes: Any = None) -> None:
         """``ModuleLifecycle.prepare`` on every rank, after the ranks agree on where they start."""
-        with self.hold(Trigger.WARM_UP):
+        with self._hold(Trigger.WARM_UP):
             error: BaseException | None = None
             try:
-                self.check_prepare(run, num_inference_steps)
+                if self.state is not State.WARMED_UP:
+                    self._check_callable(Trigger.WARM_UP, run)
+                self._check_steps(Trigger.REFRESH, num_inference_steps)
+            except InvalidConfigError as exc:
+                trigger = exc.trigger if isinstance(exc.trigger, Trigger) else Trigger.WARM_UP
+                error = self._refuse(exc, trigger)
             except LifecycleError as exc:
                 error = exc
             verdict = self.vote.gather(self.name, "prepare", self.state, error)

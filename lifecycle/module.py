@@ -5,33 +5,41 @@ legality from the states table. The work runs in the machine's ``before`` callba
 raises leaves the state unchanged; the commit hook (``lifecycle.commit``) agrees before the state
 moves; the audit event is written from the machine's ``after`` / ``on_exception`` callbacks.
 
-The jobs around it live in small objects: warm-up steering and coverage (``lifecycle.warmup``),
-request serving (``lifecycle.serving``), compile artifacts and their save rule
-(``adapters.artifact_session``), module sharing and holds (``lifecycle.holds``), the lock whose
-owner is a (thread, asyncio task) pair (``lifecycle.locking``).
+The lifecycle owns its fields and is their one writer. The jobs around it are objects that
+return results or own their own data: the warm-up (``lifecycle.warmup``) returns a
+``WarmupResult`` that the lifecycle applies to itself; buckets and misses are a ``BucketBook``
+(``lifecycle.buckets``); the cache context is a ``CacheContext`` (``lifecycle.context``); a
+request is a ``RequestScope`` (``lifecycle.serving``), the same one a pipeline uses; the prepare
+walk is ``lifecycle.walk``'s, the same one a pipeline uses.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from types import MappingProxyType
 from typing import Any
 
-import structlog
 from torch import nn
 
 from adapters import BackendAdapter, CacheDitAdapter, get_backend
+from adapters import _torch_internals as internals
 from adapters.artifact_session import ArtifactSession
 from adapters.artifacts import ArtifactKey, ArtifactReport, build_key
+from adapters.calls import SharedDims
 from adapters.errors import AdapterError
 from adapters.protocols import CacheAdapter
-from lifecycle import audit
-from lifecycle import shapes as _shapes
+from lifecycle import audit, walk
+from lifecycle.buckets import BucketBook
 from lifecycle.commit import CommitHook, LocalCommit
+from lifecycle.config import CompilePlan, ServingPolicy, check_not_moved
+from lifecycle.context import CacheContext
+from lifecycle.counters import ServingCounters
 from lifecycle.errors import (
     AuditWriteError,
     IllegalTransitionError,
@@ -45,13 +53,13 @@ from lifecycle.errors import (
 )
 from lifecycle.holds import CACHE_MOUNTS, COMPILED, SHARES
 from lifecycle.locking import LockConflict, OwnerLock
-from lifecycle.machine import Attempt, MachineError, StateHolder, events_for, fire
+from lifecycle.machine import MachineError, StateHolder, events_for, fire
 from lifecycle.record import Outcome, TransitionRecord, emit_checked, warn_unwritten
-from lifecycle.serving import RequestRecord, RequestServer
-from lifecycle.warmup import MAX_WARMUP_RUNS, WarmupCoverageWarning, WarmupSteering
+from lifecycle.serving import RequestRecord, RequestScope, refuse_trigger_inside_request
+from lifecycle.warmup import MAX_WARMUP_RUNS, MemberWarmup, WarmupCoverageWarning
 from states import LifecyclePolicy, State, Trigger, allowed_triggers, destination, explain_illegal
 
-WarmupRun = Callable[[nn.Module], object]
+WarmupRun = Callable[..., object]
 HISTORY_LIMIT = 10_000
 _REFUSALS = (IllegalTransitionError, InvalidConfigError, UnsupportedModuleError)
 _WARMED_UP = State.WARMED_UP.value
@@ -92,7 +100,7 @@ class TransitionStep:
         self.lc = lc
         self.trigger = trigger
         self.work = work
-        self.source = _STATES[lc._holder.state]  # the step is part of the lifecycle
+        self.source = _STATES[lc._holder.state]
         self.started = time.perf_counter()
         self.extra: dict[str, Any] = {}
         self.undo: list[Callable[[], None]] | None = None  # made on first use: several works add none
@@ -109,25 +117,25 @@ class TransitionStep:
     def run(self) -> None:
         lc = self.lc
         trigger = self.trigger
-        if lc.serving.active is not None:
-            lc.serving.guard(trigger)
+        if lc._counters.active is not None:
+            refuse_trigger_inside_request(lc, trigger)
         if trigger in _UNREADY_WHILE_RUNNING:
-            lc._unready_for = trigger
+            lc._set_unready(trigger)
         if self.source is _LOADED and trigger is not _RESET:
-            lc.check_sharing(trigger)
+            lc._check_sharing(trigger)
         self.work(self)
         self.worked = self.voted = True
         if trigger is _RESET:
             # An unmount cannot be undone: commit, then tell the caller what the others did.
             try:
-                failed = lc.commit.agree(lc.name, trigger._value_, self.source, None)
+                failed = lc._commit.agree(lc.name, trigger._value_, self.source, None)
             except BaseException as exc:
                 self.after_error = exc
                 return
             if failed:
-                self.after_error = lc.commit.committed_anyway(lc.name, _LOADED, failed)
+                self.after_error = lc._commit.committed_anyway(lc.name, _LOADED, failed)
             return
-        failed = lc.commit.agree(lc.name, trigger._value_, self.source, None)
+        failed = lc._commit.agree(lc.name, trigger._value_, self.source, None)
         if failed:
             text = "; ".join(f"rank {rank} ({what})" for rank, what in sorted(failed.items()))
             raise PeerFailedError(f"failed on {text}", failed)
@@ -135,9 +143,9 @@ class TransitionStep:
     def committed(self) -> None:
         self.done = True
         lc = self.lc
-        lc._unready_for = None
+        lc._set_unready(None)
         dest = lc.state
-        lost = lc.record(self.trigger, self.source, dest, "ok", self.started, None, self.extra)
+        lost = lc._record(self.trigger, self.source, dest, "ok", self.started, None, self.extra)
         if self.after_error is not None:
             if lost is not None:
                 warn_unwritten(audit.TRANSITION_EVENT, lc.name, lost, self.after_error)
@@ -152,7 +160,7 @@ class TransitionStep:
 
     def aborted(self, error: BaseException) -> None:
         if self.lc._unready_for is self.trigger:
-            self.lc._unready_for = None
+            self.lc._set_unready(None)
         if self.done:  # raised after the commit (a lost audit write, a reset's late verdict)
             raise error
         lc = self.lc
@@ -167,10 +175,10 @@ class TransitionStep:
                 allowed=allowed_triggers(lc.policy, source),
             )
         if isinstance(error, _REFUSALS):
-            lost = lc.record(trigger, source, source, "refused", self.started, error, self.extra)
+            lost = lc._record(trigger, source, source, "refused", self.started, error, self.extra)
             if not self.voted:
                 self.voted = True
-                lc.commit.agree(lc.name, trigger.value, source, error)
+                lc._commit.agree(lc.name, trigger.value, source, error)
             if lost is not None:
                 warn_unwritten(audit.TRANSITION_EVENT, lc.name, lost, error)
             raise error
@@ -181,19 +189,19 @@ class TransitionStep:
         if not self.voted:
             self.voted = True
             try:
-                failed = lc.commit.agree(lc.name, trigger.value, source, cause)
+                failed = lc._commit.agree(lc.name, trigger.value, source, cause)
             except BaseException as exc:
                 vote_error = exc
         elif isinstance(error, PeerFailedError):
             failed = error.failed_ranks
-        lost = lc.record(trigger, source, source, "failed", self.started, cause, self.extra)
+        lost = lc._record(trigger, source, source, "failed", self.started, cause, self.extra)
         if isinstance(cause, (KeyboardInterrupt, SystemExit)):
             raise cause
         if vote_error is not None:
             raise vote_error
         if isinstance(cause, RankDivergenceError):
             raise cause from None
-        typed = lc.commit.failure(lc.name, trigger, source, cause, failed)
+        typed = lc._commit.failure(lc.name, trigger, source, cause, failed)
         if lost is not None:
             warn_unwritten(audit.TRANSITION_EVENT, lc.name, lost, typed)
         raise typed from cause
@@ -206,7 +214,26 @@ class ModuleLifecycle:
     owner, a thread or an asyncio task), so transitions and requests on one lifecycle run one at a
     time; other lifecycles are not blocked (lifecycles sharing one module share its lock). Inside
     its own ``request`` the owner may call ``refresh`` (a new cache context for the rest of that
-    request); any other trigger, or a nested ``request``, is refused at once.
+    request); any other trigger, or a nested ``request``, is refused at once. Reads (``ready``,
+    ``state``, ``coverage()``, ``missed_shapes()``, ``history``, ``stats()``) never take that lock:
+    they return consistent snapshots while a request or a compile runs.
+
+    Args:
+        module: the transformer (an ``nn.Module``), mounted and compiled in place.
+        name: the name in every audit event and error.
+        policy: which accelerations apply (``LifecyclePolicy``: cache-dit and/or compile).
+        backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"npu"`` or a ``BackendAdapter``.
+        cache_config: a ``cache_dit.DBCacheConfig`` (default: ``DBCacheConfig()``).
+        compile_options: torch.compile's own keyword arguments, passed to torch unchanged.
+        compile_plan: how to compile (``CompilePlan``).
+        serving: how to serve (``ServingPolicy``).
+        cache_adapter: a ``CacheAdapter`` (default: cache-dit's).
+        artifact_dir: keep compile artifacts there and load them on the next start.
+
+    Raises:
+        UnsupportedModuleError: not an ``nn.Module``, or one the host compiled itself.
+        InvalidConfigError: a bad argument (the message names it and the fix).
+        BackendUnavailableError: the backend's runtime or device is missing.
     """
 
     def __init__(
@@ -218,10 +245,11 @@ class ModuleLifecycle:
         cache_config: Any = None,
         compile_options: Mapping[str, Any] | None = None,
         *,
+        compile_plan: CompilePlan | None = None,
+        serving: ServingPolicy | None = None,
         cache_adapter: CacheAdapter | None = None,
         artifact_dir: str | os.PathLike[str] | None = None,
         commit: CommitHook | None = None,
-        on_unwarmed: str = _shapes.DEFAULT_ON_UNWARMED,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise InvalidConfigError(f"name must be a non-empty str, got {name!r}")
@@ -231,17 +259,39 @@ class ModuleLifecycle:
                 "pass the transformer itself (e.g. pipe.transformer)",
                 module=name,
             )
+        loaded = State.LOADED
         policy = LifecyclePolicy() if policy is None else policy
-        if not isinstance(policy, LifecyclePolicy):
+        compile_plan = CompilePlan() if compile_plan is None else compile_plan
+        serving = ServingPolicy() if serving is None else serving
+        for value, kind, argument in (
+            (policy, LifecyclePolicy, "policy"),
+            (compile_plan, CompilePlan, "compile_plan"),
+            (serving, ServingPolicy, "serving"),
+        ):
+            if not isinstance(value, kind):
+                raise InvalidConfigError(
+                    f"{name}: {argument} must be a {kind.__name__}, got {type(value).__name__}",
+                    module=name, state=loaded,
+                )
+        if artifact_dir is not None and not isinstance(artifact_dir, (str, os.PathLike)):
             raise InvalidConfigError(
-                f"{name}: policy must be a states.LifecyclePolicy, got {type(policy).__name__}",
-                module=name,
+                f"{name}: artifact_dir must be a directory path (str or PathLike), got "
+                f"{type(artifact_dir).__name__}", module=name, state=loaded,
             )
-        self.name = name
-        self.policy = policy
-        self.module_id = uuid.uuid4().hex[:12]
+        if artifact_dir is not None and not os.fspath(artifact_dir):
+            raise InvalidConfigError(
+                f"{name}: artifact_dir is empty (an unset environment variable?); pass a directory "
+                "path to keep compile artifacts, or None to keep none",
+                module=name, state=loaded,
+            )
+        check_not_moved(compile_options, module=name)
+        self._name = name
+        self._policy = policy
+        self._plan = compile_plan
+        self._serving = serving
+        self._module_id = uuid.uuid4().hex[:12]
         self._module = module
-        self.commit: CommitHook = commit if commit is not None else LocalCommit()
+        self._commit: CommitHook = commit if commit is not None else LocalCommit()
         self._holder = StateHolder()
         self._events = events_for(policy)
         # The trigger whose work is running now, when it makes the module unfit to serve (a
@@ -249,18 +299,13 @@ class ModuleLifecycle:
         self._unready_for: Trigger | None = None
         self._seq = 0
         # Each record as a plain tuple, made a TransitionRecord when ``history`` is read: one is
-        # appended per trigger, and reads are rare. The latest HISTORY_LIMIT only: a host that
-        # refreshes per request would otherwise grow it for as long as it serves (the audit
-        # keeps every one).
+        # appended per trigger, and reads are rare. The latest HISTORY_LIMIT only (the audit
+        # keeps every one). Its own lock: reads never wait for a request.
         self._history: deque[tuple[Any, ...]] = deque(maxlen=HISTORY_LIMIT)
-        loaded = State.LOADED
-        if artifact_dir is not None and not isinstance(artifact_dir, (str, os.PathLike)):
-            raise InvalidConfigError(
-                f"{name}: artifact_dir must be a directory path (str or PathLike), got "
-                f"{type(artifact_dir).__name__}", module=name, state=loaded,
-            )
+        self._history_lock = threading.Lock()
         try:
-            self.backend: BackendAdapter = get_backend(backend)
+            internals.check()
+            self._backend: BackendAdapter = get_backend(backend)
         except AdapterError as exc:
             raise translate_adapter_error(exc, module=name, state=loaded) from exc
         if cache_adapter is None:
@@ -272,36 +317,45 @@ class ModuleLifecycle:
                 "cache-dit's",
                 module=name, state=loaded,
             )
-        self.cache: CacheAdapter = cache_adapter
-        # Declared serving buckets and what a request at an unwarmed shape does (lifecycle.shapes);
-        # the shape options ("dynamic_buckets", "measure_paths") never reach torch.compile.
-        shape_options, compile_options = _shapes.split_options(compile_options, module=name)
-        self.shapes = _shapes.ShapeBook(_shapes.check_policy(on_unwarmed, module=name), shape_options)
+        self._cache: CacheAdapter = cache_adapter
         try:
-            self.compile_options: dict[str, Any] = self.backend.validate_options(compile_options or {})
+            # The host's mapping, copied once and never changed; the adapter applies its
+            # defaults to its own copy.
+            self._compile_options: dict[str, Any] = dict(compile_options or {}) if isinstance(
+                compile_options, Mapping) or compile_options is None else compile_options
+            self._torch_options = self._backend.validate_options(self._compile_options)
             if policy.compile:
-                self.backend.validate_for_module(module, self.compile_options)
-            self.cache_config: Any = self.cache.validate_config(cache_config) if policy.cache_dit else None
-            check_config = getattr(self.cache, "validate_for_module", None)
+                self._backend.validate_plan(compile_plan, self._torch_options)
+                self._backend.validate_for_module(module, self._torch_options, compile_plan)
+            self._cache_config: Any = self._cache.validate_config(cache_config) if policy.cache_dit else None
+            check_config = getattr(self._cache, "validate_for_module", None)
             if policy.cache_dit and callable(check_config):
-                check_config(module, self.cache_config)
+                check_config(module, self._cache_config)
+            self._artifacts = (
+                ArtifactSession(artifact_dir) if artifact_dir is not None and policy.compile else None
+            )
         except AdapterError as exc:
             raise translate_adapter_error(exc, module=name, state=loaded) from exc
-        self.artifacts = (
-            ArtifactSession(artifact_dir) if artifact_dir is not None and policy.compile else None
-        )
-        self._serving_steps: int | None = getattr(self.cache_config, "num_inference_steps", None)
-        self._compiles = 0
-        self._compile_s = 0.0
-        self.steering = WarmupSteering(self)
-        self.serving = RequestServer(self)
         self._base: dict[str, Any] = {
             "module": name,
-            "module_id": self.module_id,
-            "backend": self.backend.name,
+            "module_id": self._module_id,
+            "backend": self._backend.name,
             "policy": policy.as_dict(),
-            **self.commit.audit_fields(),
+            **self._commit.audit_fields(),
         }
+        self._context = CacheContext(
+            module, self._cache, self._cache_config, enabled=policy.cache_dit, base_fields=self._base
+        )
+        self._book = BucketBook()
+        self._counters = ServingCounters()
+        # Whether the buckets share dynamic graphs: decided before the compile (never written
+        # into compile_options), and the dims the latest warm-up marked dynamic.
+        self._shares_graphs = False
+        self._shared_dims: SharedDims = {}
+        self._compiles = 0
+        self._compile_s = 0.0
+        self._warmup_s = 0.0
+        self._covered: bool | None = None
         self._refuse_host_compiled(module)
         # Lifecycles over one module share its lock (lifecycle.holds); registered last, so a
         # construction that failed above leaves no trace.
@@ -309,7 +363,46 @@ class ModuleLifecycle:
         self._lock: OwnerLock = self._share.lock
         self._mount_hold = CACHE_MOUNTS.hold(module)
         self._compiled_hold = COMPILED.hold(module)
-        self.check_sharing(None)
+        self._check_sharing(None)
+
+    # ------------------------------------------------------------------ configuration (read-only)
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def policy(self) -> LifecyclePolicy:
+        return self._policy
+
+    @property
+    def compile_plan(self) -> CompilePlan:
+        return self._plan
+
+    @property
+    def serving(self) -> ServingPolicy:
+        return self._serving
+
+    @property
+    def compile_options(self) -> Mapping[str, Any]:
+        """torch.compile's arguments as the host passed them (read-only)."""
+        return MappingProxyType(self._compile_options)
+
+    @property
+    def cache_config(self) -> Any:
+        return self._cache_config
+
+    @property
+    def backend(self) -> BackendAdapter:
+        return self._backend
+
+    @property
+    def cache(self) -> CacheAdapter:
+        return self._cache
+
+    @property
+    def module_id(self) -> str:
+        """This lifecycle's id in the audit (12 hex digits)."""
+        return self._module_id
 
     # ------------------------------------------------------------------ read-only views
     @property
@@ -318,14 +411,14 @@ class ModuleLifecycle:
 
     @property
     def ready(self) -> bool:
-        """True only while WarmedUp and serving from the lifecycle's own cache context: a
-        readiness probe's answer. Lock-free, so a probe never waits on a compile; liveness must
-        not depend on it."""
+        """True only while WarmedUp, serving from the lifecycle's own cache context, with every
+        bucket of the plan warm: a readiness probe's answer. Reads single values, takes no lock,
+        never raises; liveness must not depend on it."""
         return (
             self._holder.state == _WARMED_UP
             and self._unready_for is None
-            and not self.steering.context_steered
-            and self.shapes.all_warm()  # every declared bucket warm
+            and not self._context.steered
+            and self._book.all_warm
         )
 
     @property
@@ -337,63 +430,73 @@ class ModuleLifecycle:
     @property
     def history(self) -> tuple[TransitionRecord, ...]:
         """The latest ``HISTORY_LIMIT`` trigger attempts, oldest first."""
-        with self._lock:
-            return tuple(TransitionRecord._make(record) for record in self._history)
-
-    @property
-    def serving_steps(self) -> int | None:
-        """The step count a request serves when it names none."""
-        return self._serving_steps
-
-    @property
-    def lock(self) -> OwnerLock:
-        """This lifecycle's lock (shared by every lifecycle over the same module)."""
-        return self._lock
+        with self._history_lock:
+            records = tuple(self._history)
+        return tuple(TransitionRecord._make(record) for record in records)
 
     def allowed_triggers(self) -> tuple[Trigger, ...]:
-        return allowed_triggers(self.policy, self.state)
+        """The triggers the table makes legal in the current state."""
+        return allowed_triggers(self._policy, self.state)
 
     def can(self, trigger: Trigger) -> bool:
         """Whether the table makes ``trigger`` legal now."""
-        return destination(self.policy, self.state, trigger) is not None
+        return destination(self._policy, self.state, trigger) is not None
+
+    def coverage(self) -> list[dict[str, Any]]:
+        """Per bucket: warmed, graphs, seconds, covered, the path serving it (compiled or eager,
+        with the timings that chose it), and the first-request ratio once served."""
+        return self._book.coverage()
+
+    def missed_shapes(self) -> list[dict[str, Any]]:
+        """Shapes that requests named and no bucket covers: ``warm_up(run, shapes=...)`` them."""
+        return self._book.missed_shapes()
 
     def stats(self) -> dict[str, Any]:
-        with self._lock:
-            cache_summary = (
-                self.cache.summary(self._module).as_dict()
-                if self.policy.cache_dit and self.state is not State.LOADED
-                else None
-            )
-            return {
-                "module": self.name,
-                "state": self.state.value,
-                "backend": self.backend.name,
-                "compiles": self._compiles,
-                "compile_s": self._compile_s,
-                "warmup_s": self.steering.warmup_s,
-                "recompiles_since_warmup": self.serving.recompiles_since_warmup,
-                "requests": self.serving.requests,
-                "warmup_covered_cached_branch": self.steering.covered,
-                "cache": cache_summary,
-                "artifacts": self.artifacts.statuses() if self.artifacts is not None else None,
-                "shapes": self.shapes.stats(),
-            }
+        """Compiles, seconds, recompiles since warm-up, requests, cache, artifacts, buckets."""
+        state = self.state
+        cache_summary = None
+        if self._policy.cache_dit and state is not State.LOADED:
+            try:
+                cache_summary = self._cache.summary(self._module).as_dict()
+            except Exception:  # a context being rebuilt by a request: report none, never raise
+                cache_summary = None
+        shapes = self._book.stats()
+        shapes.update(
+            on_unwarmed=self._serving.on_unwarmed,
+            shared_graphs=self._shares_graphs,
+            shared_dims={f"{name}[{dim}]": list(bounds) for (name, dim), bounds in self._shared_dims.items()},
+        )
+        return {
+            "module": self._name,
+            "state": state.value,
+            "backend": self._backend.name,
+            "compile_plan": self._plan.as_dict(),
+            "compiles": self._compiles,
+            "compile_s": self._compile_s,
+            "warmup_s": self._warmup_s,
+            "recompiles_since_warmup": self._counters.recompiles_since_warmup,
+            "requests": self._counters.requests,
+            "warmup_covered_cached_branch": self._covered,
+            "cache": cache_summary,
+            "artifacts": self._artifacts.statuses() if self._artifacts is not None else None,
+            "shapes": shapes,
+        }
 
     def __repr__(self) -> str:
-        return f"ModuleLifecycle({self.name!r}, state={self.state.value}, policy={self.policy})"
+        return f"ModuleLifecycle({self._name!r}, state={self.state.value}, policy={self._policy})"
 
-    # ------------------------------------------------------------------ audit
-    def audit_fields(self) -> dict[str, Any]:
-        """The fields every audit event of this lifecycle starts from (one place: a distributed
+    # ------------------------------------------------------------------ the Member protocol
+    @property
+    def _serving_steps(self) -> int | None:
+        return self._context.serving_steps
+
+    def _audit_fields(self) -> dict[str, Any]:
+        """The fields every audit event of this lifecycle starts from (a distributed
         lifecycle's rank and world size come in through its commit hook). A copy."""
         return dict(self._base)
 
-    @property
-    def base_fields(self) -> Mapping[str, Any]:
-        """``audit_fields()`` without the copy, for building events (never mutate it)."""
-        return self._base
-
-    def record(
+    # ------------------------------------------------------------------ audit
+    def _record(
         self,
         trigger: Trigger,
         source: State,
@@ -407,7 +510,8 @@ class ModuleLifecycle:
         seq = self._seq = self._seq + 1
         duration_ms = (time.perf_counter() - started) * 1000.0
         error_text = f"{type(error).__name__}: {error}" if error is not None else None
-        self._history.append((seq, trigger, source, dest, outcome, duration_ms, error_text))
+        with self._history_lock:
+            self._history.append((seq, trigger, source, dest, outcome, duration_ms, error_text))
         # ``_value_`` (enum's own slot) rather than ``.value``: the property costs ~0.3 us a read.
         fields = {
             **self._base, "trigger": trigger._value_, "source": source._value_, "dest": dest._value_,
@@ -423,14 +527,17 @@ class ModuleLifecycle:
     def _refuse(self, error: LifecycleError, trigger: Trigger) -> LifecycleError:
         """Audit a refusal decided before any trigger fired (prepare's arguments, a busy lock)."""
         source = self.state
-        lost = self.record(trigger, source, source, "refused", time.perf_counter(), error)
+        lost = self._record(trigger, source, source, "refused", time.perf_counter(), error)
         if lost is not None:
-            warn_unwritten(audit.TRANSITION_EVENT, self.name, lost, error)
+            warn_unwritten(audit.TRANSITION_EVENT, self._name, lost, error)
         return error
+
+    def _set_unready(self, trigger: Trigger | None) -> None:
+        self._unready_for = trigger
 
     # ------------------------------------------------------------------ the machinery
     @contextmanager
-    def hold(self, trigger: Trigger) -> Iterator[None]:
+    def _hold(self, trigger: Trigger) -> Iterator[None]:
         """Hold this lifecycle's lock for ``trigger``; another asyncio task of the owner's thread
         is refused (audited) instead of deadlocking the loop."""
         self._acquire(trigger)
@@ -439,26 +546,18 @@ class ModuleLifecycle:
         finally:
             self._lock.release()
 
-    def _acquire(self, trigger: Trigger, steps: int | None = None, request_id: str | None = None) -> None:
+    def _acquire(self, trigger: Trigger) -> None:
         try:
             self._lock.acquire()
         except LockConflict as exc:
             error = IllegalTransitionError(
-                module=self.name, state=self.state, trigger=trigger, reason=str(exc),
-                allowed=allowed_triggers(self.policy, self.state),
+                module=self._name, state=self.state, trigger=trigger, reason=str(exc),
+                allowed=allowed_triggers(self._policy, self.state),
             )
-            if trigger is Trigger.REQUEST:
-                self.serving.refuse(steps, request_id, error)
-                raise error from None
             raise self._refuse(error, trigger) from None
 
-    def fire(self, trigger: Trigger, attempt: Attempt) -> None:
-        """Fire ``trigger`` on the machine with ``attempt`` (the caller holds the lock)."""
-        fire(self._events, self._holder, trigger, attempt)
-
-    def transition(self, trigger: Trigger, work: Callable[[TransitionStep], None]) -> None:
-        """Run ``work`` as ``trigger``: legal per the table, the state moves only if it succeeds.
-        (For this module's triggers and ``PipelineLifecycle``'s joint warm-up.)"""
+    def _transition(self, trigger: Trigger, work: Callable[[TransitionStep], None]) -> None:
+        """Run ``work`` as ``trigger``: legal per the table, the state moves only if it succeeds."""
         self._acquire(trigger)
         try:
             fire(self._events, self._holder, trigger, TransitionStep(self, trigger, work))
@@ -467,14 +566,14 @@ class ModuleLifecycle:
 
     def _invalid(self, trigger: Trigger, message: str) -> InvalidConfigError:
         return InvalidConfigError(
-            f"{self.name}: {message}", module=self.name, state=self.state, trigger=trigger
+            f"{self._name}: {message}", module=self._name, state=self.state, trigger=trigger
         )
 
-    def check_steps(self, trigger: Trigger, steps: object) -> None:
+    def _check_steps(self, trigger: Trigger, steps: object) -> None:
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0):
             raise self._invalid(trigger, f"num_inference_steps must be a positive int, got {steps!r}")
 
-    def check_callable(self, trigger: Trigger, run: object) -> None:
+    def _check_callable(self, trigger: Trigger, run: object) -> None:
         if not callable(run):
             raise self._invalid(
                 trigger,
@@ -482,184 +581,213 @@ class ModuleLifecycle:
                 f"got {type(run).__name__}",
             )
 
-    def check_prepare(self, run: object, num_inference_steps: object) -> None:
-        """``prepare``'s arguments, checked before anything moves; a refusal is audited."""
-        try:
-            if self.state is not State.WARMED_UP:
-                self.check_callable(Trigger.WARM_UP, run)
-            self.check_steps(Trigger.REFRESH, num_inference_steps)
-        except InvalidConfigError as exc:
-            trigger = exc.trigger if isinstance(exc.trigger, Trigger) else Trigger.WARM_UP
-            raise self._refuse(exc, trigger) from None
+    def _remaining_path(self) -> list[Trigger]:
+        """The triggers from here to WarmedUp along the policy's path, read from the table."""
+        path = self._policy.path
+        state = self.state
+        steps: list[Trigger] = []
+        here = path.index(state)
+        for source, dest in zip(path[here:], path[here + 1 :], strict=False):
+            steps.extend(
+                t for t in (Trigger.MOUNT_CACHE, Trigger.COMPILE, Trigger.WARM_UP)
+                if destination(self._policy, source, t) is dest
+            )
+        return steps
 
-    def set_serving_steps(self, steps: int | None) -> None:
-        if steps is not None:
-            self._serving_steps = steps
+    def _decide_sharing(self, planned: list[dict[str, Any]] | None) -> None:
+        """Before a prepare walks: two or more buckets declared before the compile share dynamic
+        graphs (``ServingPolicy.share_bucket_graphs``), unless compile_options sets ``dynamic``.
+        Once compiled, the choice stands (a later plan cannot change the graphs)."""
+        if not self._policy.compile or self.state in (State.COMPILED, State.WARMED_UP):
+            return
+        self._shares_graphs = bool(
+            self._serving.share_bucket_graphs
+            and "dynamic" not in self._compile_options
+            and planned is not None
+            and len(planned) >= 2
+        )
 
-    # ------------------------------------------------------------------ sharing
+    # ------------------------------------------------------------------ sharing a module
     def _compatible(self, other: object) -> bool:
         return (
             isinstance(other, ModuleLifecycle)
-            and other.policy == self.policy
-            and type(other.cache) is type(self.cache)
-            and _same(other.cache_config, self.cache_config)
-            and _same(other.compile_options, self.compile_options)
+            and other._policy == self._policy
+            and other._plan == self._plan
+            and other._serving == self._serving
+            and type(other._cache) is type(self._cache)
+            and _same(other._cache_config, self._cache_config)
+            and _same(other._compile_options, self._compile_options)
         )
 
-    def check_sharing(self, trigger: Trigger | None) -> None:
-        """Refuse to drive a module another lifecycle drives differently (issue 14, defect 5).
+    def _check_sharing(self, trigger: Trigger | None) -> None:
+        """Refuse to drive a module another lifecycle drives differently.
 
         Lifecycles over one module share it only when they would drive it the same way (same
-        policy, cache adapter, cache config and compile options); then their state is the
-        module's and their requests run one at a time on its shared lock. Otherwise, while the
-        other one is past Loaded, this one is refused: its outputs would silently be the other's
-        (a cache-less lifecycle serving cache-dit's cached steps, say)."""
-        if not self.policy.cache_dit and self.cache.is_mounted(self._module):
+        policy, plan, serving policy, cache adapter, cache config and compile options); then
+        their state is the module's and their requests run one at a time on its shared lock.
+        Otherwise, while the other one is past Loaded, this one is refused: its outputs would
+        silently be the other's (a cache-less lifecycle serving cache-dit's cached steps, say)."""
+        if not self._policy.cache_dit and self._cache.is_mounted(self._module):
             raise UnsupportedModuleError(
-                f"{self.name}: the module has cache-dit mounted (by the host or another lifecycle) "
+                f"{self._name}: the module has cache-dit mounted (by the host or another lifecycle) "
                 "but this lifecycle's policy disables Cache-DiT, so it would serve cached steps; "
                 "unmount it first (cache_dit.disable_cache) or use LifecyclePolicy(cache_dit=True)",
-                module=self.name, state=self.state, trigger=trigger,
+                module=self._name, state=self.state, trigger=trigger,
             )
         if not self._share.shared:
             return
         for other in SHARES.others(self._module, self):
-            driving = isinstance(other, ModuleLifecycle) and other.state is not State.LOADED
-            if driving and isinstance(other, ModuleLifecycle) and not self._compatible(other):
+            if isinstance(other, ModuleLifecycle) and other.state is not State.LOADED and not self._compatible(other):
                 raise InvalidConfigError(
-                    f"{self.name}: the module is already driven by lifecycle {other.name!r} "
-                    f"(state {other.state.value}, policy {other.policy}) with another policy, cache "
-                    "or compile configuration; two lifecycles share a module only when configured "
-                    f"alike. Call reset() on {other.name!r} first, give this lifecycle its own "
-                    "module, or construct it with the same arguments",
-                    module=self.name, state=self.state, trigger=trigger,
+                    f"{self._name}: the module is already driven by lifecycle {other.name!r} "
+                    f"(state {other.state.value}, policy {other.policy}) with another policy, plan, "
+                    "cache or compile configuration; two lifecycles share a module only when "
+                    f"configured alike. Call reset() on {other.name!r} first, give this lifecycle "
+                    "its own module, or construct it with the same arguments",
+                    module=self._name, state=self.state, trigger=trigger,
                 )
 
     def _refuse_host_compiled(self, module: nn.Module) -> None:
-        """A module the host compiled in place is refused, never compiled or mounted over
-        (issue 14, defect 8): mounting cache-dit now would leave that code on the unwrapped path."""
+        """A module the host compiled in place is refused, never compiled or mounted over:
+        mounting cache-dit now would leave that code on the unwrapped path."""
         if COMPILED.holders(module):
             return  # compiled by another lifecycle: adopted at compile()
-        compiled = getattr(module, "_compiled_call_impl", None) is not None or any(
-            getattr(sub, "_compiled_call_impl", None) is not None for sub in module.modules()
-        )
-        if compiled:
+        if internals.is_compiled(module):
             raise UnsupportedModuleError(
-                f"{self.name}: the module was already compiled in place by the host "
+                f"{self._name}: the module was already compiled in place by the host "
                 "(module.compile() or a block's); the lifecycle compiles it itself, after mounting "
                 "cache-dit. Pass it uncompiled (set module._compiled_call_impl = None), or do not "
                 "manage it with a lifecycle",
-                module=self.name, state=State.LOADED,
+                module=self._name, state=State.LOADED,
             )
 
     # ------------------------------------------------------------------ triggers
     def mount_cache(self) -> None:
-        """Loaded -> CacheMounted: wrap the module with cache-dit (before any compile)."""
-        self.transition(Trigger.MOUNT_CACHE, self._mount)
+        """Loaded -> CacheMounted: wrap the module with cache-dit (before any compile).
+
+        Raises ``IllegalTransitionError`` outside Loaded or with Cache-DiT off,
+        ``UnsupportedModuleError`` when cache-dit cannot wrap the module."""
+        self._transition(Trigger.MOUNT_CACHE, self._mount)
 
     def _mount(self, step: TransitionStep) -> None:
         module = self._module
-        with self._mount_hold.acquire(self.module_id) as first:
+        with self._mount_hold.acquire(self._module_id) as first:
             if not first:
                 # Another lifecycle over this module mounted it (configured alike): adopt it.
-                self.cache.refresh(module, self.cache_config, self._serving_steps)
+                self._context.fresh()
                 step.extra["adopted"] = "lifecycle"
-            elif self.cache.is_mounted(module):
+            elif self._cache.is_mounted(module):
                 # The host mounted it (e.g. with a BlockAdapter): adopt it, explicitly, with this
                 # lifecycle's config; reset() unmounts it.
-                self.cache.refresh(module, self.cache_config, self._serving_steps)
+                self._context.fresh()
                 step.extra["adopted"] = "host"
             else:
                 try:
-                    self.cache.check_supported(module)
+                    self._cache.check_supported(module)
                 except AdapterError as exc:
                     raise translate_adapter_error(
-                        exc, module=self.name, state=self.state, trigger=Trigger.MOUNT_CACHE
+                        exc, module=self._name, state=self.state, trigger=Trigger.MOUNT_CACHE
                     ) from exc
-                self.cache.mount(module, self.cache_config)
+                self._cache.mount(module, self._cache_config)
         adopted = step.extra.get("adopted")
         step.on_undo(lambda: self._release_cache_mount(unmount=adopted is None))
-        step.extra["cache_config"] = self.cache.describe_config(self.cache_config)
+        step.extra["cache_config"] = self._cache.describe_config(self._cache_config)
 
     def compile(self) -> None:
-        """-> Compiled: compile the (cache-wrapped) module in place on the backend."""
-        self.transition(Trigger.COMPILE, self._compile)
+        """-> Compiled: compile the (cache-wrapped) module in place on the backend, as the
+        ``CompilePlan`` says. Legal only after ``mount_cache`` while Cache-DiT is on."""
+        self._transition(Trigger.COMPILE, self._compile)
+
+    def _compile_kwargs(self) -> dict[str, Any]:
+        """torch.compile's arguments for this compile: the validated options, plus
+        ``dynamic=True`` when the buckets share graphs (never written back)."""
+        return {**self._torch_options, "dynamic": True} if self._shares_graphs else dict(self._torch_options)
 
     def _compile(self, step: TransitionStep) -> None:
         started = time.perf_counter()
-        with self._compiled_hold.acquire(self.module_id) as first:
+        kwargs = self._compile_kwargs()
+        with self._compiled_hold.acquire(self._module_id) as first:
             if first:
-                if self.artifacts is not None:
-                    self._report_artifacts(self.artifacts.before_compile(self._artifact_key), step.extra)
-                self.backend.compile(self._module, self.compile_options)
+                if self._artifacts is not None:
+                    self._report_artifacts(self._artifacts.before_compile(self._artifact_key), step.extra)
+                self._backend.compile(self._module, kwargs, self._plan)
                 self._compiles += 1
             step.extra["reused_compiled"] = not first
         step.on_undo(self._release_compiled)
         self._compile_s += time.perf_counter() - started
-        step.extra["compile_backend"] = str(self.compile_options.get("backend"))
-        reproducible = self.backend.reproducibility(self.compile_options)
-        if reproducible is not None:  # compile_options={"reproducible": True}
+        step.extra["compile_backend"] = str(kwargs.get("backend"))
+        step.extra["compile_plan"] = self._plan.as_dict()
+        if self._shares_graphs:
+            step.extra["shared_graphs"] = True
+        reproducible = self._backend.reproducibility(self._plan, kwargs)
+        if reproducible is not None:
             step.extra["reproducible"] = reproducible
 
-    def warm_up(self, run: Callable[..., object], shapes: Any = None) -> None:
+    def warm_up(self, run: WarmupRun, shapes: Any = None) -> None:
         """-> WarmedUp: call ``run(module)``; with cache-dit mounted and compile on, the warm-up
         runs under a steered cache context until it has covered the cached-step branch.
 
         ``shapes``: serving buckets to warm (declared now, or again): ``run(module, shape)`` makes
         one warm-up call at a shape, each bucket in its own steered context. From WarmedUp this
         adds buckets (``warm_up(run, shapes=lc.missed_shapes())``). Without ``shapes``, a
-        lifecycle with declared buckets warms them all again (after ``invalidate``)."""
+        lifecycle with declared buckets warms them all again (after ``invalidate``).
 
-        def work(step: TransitionStep) -> None:
-            self.check_callable(Trigger.WARM_UP, run)
-            planned = _shapes.check_shapes(shapes, module=self.name) if shapes is not None else None
-            call_at = _shapes.call_at_shape(run, self._module)
-            _shapes.run_warmup([self], call_at, planned, [step.extra], max_runs=MAX_WARMUP_RUNS)
+        A warm-up that fails leaves the state as it was and the buckets it was asked to warm
+        cold (``ready`` is False until they are warmed)."""
+        with self._hold(Trigger.WARM_UP):
+            planned = walk.check_shapes_audited([self], shapes)
+            walk.warm_together([self], run, self._module, planned)
 
-        self.transition(Trigger.WARM_UP, work)
+    def _warmup_step(
+        self, step: TransitionStep, plan: list[dict[str, Any] | None], inner: Callable[[], list[MemberWarmup]],
+        index: int,
+    ) -> list[MemberWarmup]:
+        """This member's part of a (joint) warm-up: the buckets it is asked to warm are part of
+        the plan from now on (cold until the warm-up succeeds); ``inner`` runs the warm-up (or the
+        next member's transition), and its result for this member is applied here."""
+        self._book.declare(plan)
+        results = inner()
+        self._apply_warmup(results[index], step.extra)
+        return results
 
-    def coverage(self) -> list[dict[str, Any]]:
-        """Per declared bucket: warmed, graphs, seconds, covered, the path serving it (compiled or
-        eager, with the timings that chose it), and the first-request ratio once served."""
-        with self._lock:
-            return self.shapes.coverage()
-
-    def missed_shapes(self) -> list[dict[str, Any]]:
-        """Shapes that requests named and no bucket covers: ``warm_up(run, shapes=...)`` them."""
-        with self._lock:
-            return self.shapes.missed_shapes()
+    def _apply_warmup(self, result: MemberWarmup, extra: dict[str, Any]) -> None:
+        self._book.apply_warmup(result.buckets)
+        self._shared_dims = dict(result.shared_dims)
+        self._covered = result.covered
+        self._warmup_s += result.seconds
+        self._counters.warmed()
+        extra.update(result.fields)
+        if self._artifacts is not None:
+            report = self._artifacts.after_warmup()
+            if report is not None:
+                self._report_artifacts(report, extra)
 
     def refresh(self, num_inference_steps: int | None = None) -> None:
-        """Same state, fresh cache-dit context from this lifecycle's config (and step count)."""
+        """Same state, a fresh cache-dit context from this lifecycle's config (and step count).
+        Inside one's own request: the rest of that request runs in the new context."""
 
         def work(step: TransitionStep) -> None:
-            self.check_steps(Trigger.REFRESH, num_inference_steps)
-            before = self._serving_steps
-            steps = num_inference_steps if num_inference_steps is not None else before
-            self.cache.refresh(self._module, self.cache_config, steps)
-            self._serving_steps = steps
-            self.steering.context_steered = False
+            self._check_steps(Trigger.REFRESH, num_inference_steps)
+            before = self._context.refresh(num_inference_steps)
+            steps = self._context.serving_steps
             step.extra["num_inference_steps"] = steps
-            step.on_undo(lambda: self._restore_steps(before))
-            active = self.serving.active
+            step.on_undo(lambda: self._context.undo_refresh(before))
+            active = self._counters.active
             if active is not None:
-                # Refresh inside one's own request: the rest of it runs in the new context.
-                active.record.num_inference_steps = steps
+                active.note_refresh(steps)
                 step.extra["request_id"] = active.record.request_id
 
-        self.transition(Trigger.REFRESH, work)
-
-    def _restore_steps(self, steps: int | None) -> None:
-        self._serving_steps = steps
-        self.cache.refresh(self._module, self.cache_config, steps)
+        self._transition(Trigger.REFRESH, work)
 
     def invalidate(self) -> None:
-        """WarmedUp -> the state before it: weights changed, so warm up again before serving."""
-        def work(step: TransitionStep) -> None:
-            self.steering.reset()
-            self.shapes.cool()  # every bucket must be warmed again; the plan stays
+        """WarmedUp -> the state before it: weights changed, so warm up again before serving.
+        Every bucket of the plan must be warmed again; compiled code is kept."""
 
-        self.transition(Trigger.INVALIDATE, work)
+        def work(step: TransitionStep) -> None:
+            self._covered = None
+            self._book.cool()
+
+        self._transition(Trigger.INVALIDATE, work)
 
     def reset(self) -> None:
         """-> Loaded: unmount cache-dit and drop compiled code; the original forward runs again."""
@@ -669,109 +797,58 @@ class ModuleLifecycle:
             # Either is undone only by the last lifecycle holding it (a shared module).
             self._release_cache_mount()
             self._release_compiled()
-            self.steering.reset()
-            self.steering.context_steered = False
-            self.serving.recompiles_since_warmup = 0
-            self.shapes.forget()
+            self._covered = None
+            self._context.forget()
+            self._counters.warmed()
+            self._book.forget()
+            self._shares_graphs = False
+            self._shared_dims = {}
 
-        self.transition(Trigger.RESET, work)
+        self._transition(Trigger.RESET, work)
 
     def _release_cache_mount(self, *, unmount: bool = True) -> None:
-        if self.policy.cache_dit:
-            with self._mount_hold.release(self.module_id) as last:
-                if unmount and last and self.cache.is_mounted(self._module):
-                    self.cache.unmount(self._module)
+        if self._policy.cache_dit:
+            with self._mount_hold.release(self._module_id) as last:
+                if unmount and last and self._cache.is_mounted(self._module):
+                    self._cache.unmount(self._module)
 
     def _release_compiled(self) -> None:
-        with self._compiled_hold.release(self.module_id) as last:
+        with self._compiled_hold.release(self._module_id) as last:
             if last:
-                self.backend.decompile(self._module)
+                self._backend.decompile(self._module)
 
     def prepare(
-        self, run: Callable[..., object], num_inference_steps: int | None = None, shapes: Any = None
+        self, run: WarmupRun, num_inference_steps: int | None = None, shapes: Any = None
     ) -> None:
         """Walk the legal path to WarmedUp, skipping what is done. Idempotent and thread-safe:
         concurrent callers wait on the lock, and all but the first find the work done.
 
         ``shapes``: the declared serving buckets, e.g. ``[{"height": 1024, "width": 1024}]``;
         ``run(module, shape)`` then makes one warm-up call at a shape. Already WarmedUp, the
-        buckets not warm yet are warmed (WarmedUp -> WarmedUp)."""
-        with self.hold(Trigger.WARM_UP):
-            self.check_prepare(run, num_inference_steps)
-            planned = None
-            if shapes is not None:
-                try:
-                    planned = _shapes.check_shapes(shapes, module=self.name)
-                except InvalidConfigError as exc:
-                    raise self._refuse(exc, Trigger.WARM_UP) from None
-            self.set_serving_steps(num_inference_steps)
-            _shapes.choose_sharing(self, planned)  # several buckets before compile: shared graphs
-            if self.state is State.WARMED_UP and planned is not None:
-                cold = [s for s in planned if self.shapes.lookup(s) is None]
-                if cold:
-                    self.check_callable(Trigger.WARM_UP, run)
-                    self.warm_up(run, shapes=cold)
-                return
-            for trigger in self.remaining_path():
-                if trigger is Trigger.WARM_UP:
-                    self.warm_up(run, shapes=planned)
-                elif trigger is Trigger.MOUNT_CACHE:
-                    self.mount_cache()
-                else:
-                    self.compile()
+        buckets not warm yet are warmed (WarmedUp -> WarmedUp).
 
-    async def aprepare(self, run: WarmupRun, num_inference_steps: int | None = None) -> None:
+        Raises ``InvalidConfigError`` for a bad argument (audited, nothing moved) and the typed
+        error of the first transition that failed (the state is where that one started)."""
+        with self._hold(Trigger.WARM_UP):
+            walk.prepare([self], run, self._module, num_inference_steps, shapes)
+
+    async def aprepare(
+        self, run: WarmupRun, num_inference_steps: int | None = None, shapes: Any = None
+    ) -> None:
         """``prepare`` in a worker thread, so an event loop keeps serving meanwhile."""
         import asyncio
 
-        await asyncio.to_thread(self.prepare, run, num_inference_steps)
+        await asyncio.to_thread(self.prepare, run, num_inference_steps, shapes)
 
-    def remaining_path(self) -> list[Trigger]:
-        """The triggers from here to WarmedUp along the policy's path, read from the table."""
-        path = self.policy.path
-        state = self.state
-        steps: list[Trigger] = []
-        here = path.index(state)
-        for source, dest in zip(path[here:], path[here + 1 :], strict=False):
-            steps.extend(
-                t for t in (Trigger.MOUNT_CACHE, Trigger.COMPILE, Trigger.WARM_UP)
-                if destination(self.policy, source, t) is dest
-            )
-        return steps
-
-    # ------------------------------------------------------------------ warm-up and artifacts
-    def restore_serving_context(self, reason: str) -> None:
-        """Rebuild cache-dit's context from this lifecycle's config and serving step count."""
-        started = time.perf_counter()
-        self.cache.refresh(self._module, self.cache_config, self._serving_steps)
-        # Debug level, for operators who want to see it; the refresh trigger has its own
-        # transition event, and every lifecycle.request implies a refresh on entry. Built only
-        # when it would be written: it follows every warm-up.
-        if not audit.debug_enabled():
-            return
-        audit.logger().debug(
-            audit.CACHE_REFRESH_EVENT,
-            **self._base,
-            reason=reason,
-            num_inference_steps=self._serving_steps,
-            duration_ms=round((time.perf_counter() - started) * 1000.0, 3),
-        )
-
+    # ------------------------------------------------------------------ artifacts
     def _artifact_key(self) -> ArtifactKey:
         return build_key(
             self._module,
-            compile_options=self.compile_options,
-            cache_config=self.cache_config,
-            cache_version=_cache_version(self.cache) if self.policy.cache_dit else None,
-            policy=self.policy.as_dict(),
+            compile_options=self._compile_kwargs(),
+            cache_config=self._cache_config,
+            cache_version=_cache_version(self._cache) if self._policy.cache_dit else None,
+            policy={**self._policy.as_dict(), "compile_plan": self._plan.as_dict()},
         )
-
-    def save_artifacts(self, extra: dict[str, Any]) -> None:
-        """At WarmedUp: save what this compile added (the session's rule decides)."""
-        if self.artifacts is not None:
-            report = self.artifacts.after_warmup()
-            if report is not None:
-                self._report_artifacts(report, extra)
 
     def _report_artifacts(self, report: ArtifactReport, extra: dict[str, Any]) -> None:
         """Audit one load or save; stale, corrupt and failed are warnings, never errors."""
@@ -779,7 +856,7 @@ class ModuleLifecycle:
         outcome = "refused" if report.problem else "ok"
         lost = emit_checked("lifecycle.artifacts", outcome, {**self._base, **report.as_dict()})
         if lost is not None:
-            warn_unwritten("lifecycle.artifacts", self.name, lost)
+            warn_unwritten("lifecycle.artifacts", self._name, lost)
 
     # ------------------------------------------------------------------ serving
     @contextmanager
@@ -797,49 +874,29 @@ class ModuleLifecycle:
         - The context is rebuilt from this lifecycle's own cache config (and
           ``num_inference_steps`` when given), so identical requests give identical outputs and
           nothing of the warm-up or an earlier request leaks in.
-        - One request at a time per lifecycle: the lock is held for the whole block, so a
-          request or transition from another thread waits for it to end; another asyncio task
-          on the same thread is refused at once (it could only block the loop).
-        - Inside the block the owner may call ``refresh()``: the rest of the request runs in the
-          new context. Any other trigger and a nested ``request()`` raise
-          ``IllegalTransitionError`` at once.
-        - An exception from the block is recorded (outcome ``failed``) and propagates unchanged;
-          the state stays WarmedUp.
+        - One request at a time per lifecycle: the lock is held for the whole block; another
+          asyncio task on the same thread is refused at once (it could only block the loop).
+        - Inside the block the owner may call ``refresh()``; any other trigger and a nested
+          ``request()`` raise ``IllegalTransitionError`` at once.
+        - An exception from the block is recorded (outcome ``failed``) and propagates unchanged.
         - ``new_graphs`` reads dynamo's process-wide graph count: graphs compiled meanwhile for
-          another module (e.g. the other Wan 2.2 transformer in the same pipeline call) count too.
-        - ``shape``: the request's shape as the host's call arguments (``{"height": 512,
-          "width": 512}``); without it, each transformer call is checked against the input sizes
-          warm-up saw. A shape no warm-up covered is a ``lifecycle.shape_miss``, handled by
-          ``on_unwarmed`` (this request) or the lifecycle's policy: ``"eager"`` runs without
-          compiling, ``"fail"`` raises ``UnwarmedShapeError`` before the transformer runs
-          (audited refused), ``"compile"`` compiles inline (audited as a recompile).
+          another module count too.
+        - ``shape``: the request's shape as the host's call arguments; without it, each
+          transformer call is checked against the input sizes warm-up saw. A shape no warm-up
+          covered is a ``lifecycle.shape_miss``, handled by ``on_unwarmed`` (this request) or the
+          ``ServingPolicy``: ``"eager"`` runs this module's eager path, ``"fail"`` raises
+          ``UnwarmedShapeError`` before the transformer runs, ``"compile"`` compiles inline.
+
+        Example::
+
+            with lc.request(num_inference_steps=28, request_id="r-17") as req:
+                out = run(lc.module)
+            print(req.cached_steps, req.new_graphs, req.duration_ms)
         """
-        self._acquire(Trigger.REQUEST, num_inference_steps, request_id)
-        try:
-            key = _shapes.key_or_none(shape)
-            active = self.serving.begin(num_inference_steps, request_id, key)
-            try:
-                shape_info = _shapes.begin_request(self, shape, on_unwarmed, active.record.request_id)
-            except LifecycleError as exc:
-                self.serving.cancel(active, exc)
-                raise
-            error: BaseException | None = None
-            token = structlog.contextvars.bind_contextvars(request_id=active.record.request_id)
-            try:
-                with _shapes.ServingGuard(self, shape_info, active.record.request_id):
-                    yield active.record
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                structlog.contextvars.reset_contextvars(**token)
-                self.serving.end(active, error)
-                record = active.record
-                _shapes.end_request(
-                    self, shape_info, record.request_id, record.duration_ms, record.new_graphs, error
-                )
-        finally:
-            self._lock.release()
+        with RequestScope(
+            [self], steps=num_inference_steps, request_id=request_id, shape=shape, on_unwarmed=on_unwarmed
+        ) as records:
+            yield records[0]
 
 
 def _same(a: object, b: object) -> bool:

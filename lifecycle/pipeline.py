@@ -3,15 +3,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
-from lifecycle import shapes as _shapes
-from lifecycle.errors import IllegalTransitionError, InvalidConfigError, LifecycleError, PipelineError
+from lifecycle import walk
+from lifecycle.buckets import shape_key
+from lifecycle.errors import InvalidConfigError, LifecycleError, PipelineError
+from lifecycle.member import Member
 from lifecycle.module import ModuleLifecycle
-from lifecycle.serving import ActiveRequest, RequestRecord, new_request_id
-from lifecycle.warmup import warm_up_together
+from lifecycle.serving import RequestRecord, RequestScope
 from states import PROGRESS, State, Trigger
 
 # Pipeline attributes managed by from_diffusers, in order.
@@ -126,12 +127,18 @@ class PipelineLifecycle:
         """Hold every member's lock, in insertion order (the order ``request`` takes them too)."""
         with ExitStack() as stack:
             for member in self.members.values():
-                stack.enter_context(member.hold(trigger))
+                stack.enter_context(member._hold(trigger))
             yield
 
     def _each(self, action: Callable[[ModuleLifecycle], None]) -> None:
         for member in self.members.values():
             self._each_one(member, action)
+
+    def _each_one(self, member: ModuleLifecycle, action: Callable[[ModuleLifecycle], None]) -> None:
+        try:
+            action(member)
+        except LifecycleError as exc:
+            raise _member_error(member, exc) from exc
 
     def coverage(self) -> dict[str, list[dict[str, Any]]]:
         """Each member's ``coverage()``, by member name."""
@@ -142,15 +149,18 @@ class PipelineLifecycle:
         found: dict[str, dict[str, Any]] = {}
         for member in self.members.values():
             for shape in member.missed_shapes():
-                found.setdefault(_shapes.shape_key(shape), shape)
+                found.setdefault(shape_key(shape), shape)
         return list(found.values())
 
     def warm_up(self, run: Callable[..., object], shapes: Any = None) -> None:
         """Every member WarmedUp -> WarmedUp together: warm (more) buckets with
         ``run(pipeline, shape)``, e.g. ``plc.warm_up(run, shapes=plc.missed_shapes())``."""
+        members = list(self.members.values())
         with self._locked(Trigger.WARM_UP):
-            planned = _shapes.check_shapes(shapes) if shapes is not None else None
-            self._warm_together(list(self.members.values()), run, planned)
+            planned = walk.check_shapes_audited(members, shapes)
+            walk.warm_together(
+                members, run, self._warmup_target(), planned, on_member=_member_error, on_joint=_joint_error
+            )
 
     def prepare(
         self, run: Callable[..., object], num_inference_steps: int | None = None, shapes: Any = None
@@ -158,88 +168,32 @@ class PipelineLifecycle:
         """Mount and compile every member in order, then warm all cold members with one call of
         ``run(pipeline)`` (``run(dict of modules)`` when built without a pipeline).
 
-        Idempotent and thread-safe like ``ModuleLifecycle.prepare``: concurrent callers wait,
-        and all but the first find every member WarmedUp."""
+        Idempotent and thread-safe like ``ModuleLifecycle.prepare`` (the same walk): concurrent
+        callers wait, and all but the first find every member WarmedUp."""
         with self._locked(Trigger.WARM_UP):
-            # Every argument checked (and a refusal audited) before any member moves.
-            self._each(lambda member: member.check_prepare(run, num_inference_steps))
-            planned = _shapes.check_shapes(shapes) if shapes is not None else None
-            for member in self.members.values():
-                member.set_serving_steps(num_inference_steps)
-                _shapes.choose_sharing(member, planned)
-            if all(m.state is State.WARMED_UP for m in self.members.values()):
-                first = next(iter(self.members.values()))
-                cold_shapes = [s for s in planned or [] if first.shapes.lookup(s) is None]
-                if cold_shapes:
-                    self._warm_together(list(self.members.values()), run, cold_shapes)
-                return
+            walk.prepare(
+                list(self.members.values()), run, self._warmup_target(), num_inference_steps, shapes,
+                on_member=_member_error, on_joint=_joint_error,
+            )
 
-            def advance(member: ModuleLifecycle) -> None:
-                for trigger in member.remaining_path():
-                    if trigger is Trigger.MOUNT_CACHE:
-                        member.mount_cache()
-                    elif trigger is Trigger.COMPILE:
-                        member.compile()
-
-            self._each(advance)
-            cold = [m for m in self.members.values() if m.state is not State.WARMED_UP]
-            self._warm_together(cold, run, planned)
-
-    async def aprepare(self, run: Callable[[Any], object], num_inference_steps: int | None = None) -> None:
+    async def aprepare(
+        self, run: Callable[..., object], num_inference_steps: int | None = None, shapes: Any = None
+    ) -> None:
         """``prepare`` in a worker thread, so an event loop keeps serving meanwhile."""
         import asyncio
 
-        await asyncio.to_thread(self.prepare, run, num_inference_steps)
-
-    def _warm_together(
-        self, members: list[ModuleLifecycle], run: Callable[..., object],
-        shapes: list[dict[str, Any]] | None = None,
-    ) -> None:
-        """One warm-up transition per member around a shared warm-up call.
-
-        The call cannot be attributed to one member, so a failure fails every member's warm-up
-        (each stays in its previous state, each audits ``failed``) and the error names them all.
-        Each member's audit event carries its own fields (coverage, artifacts).
-        """
-        if not members:
-            return
-        for member in members:
-            if not member.can(Trigger.WARM_UP):
-                # Refused before any member is entered: only this member audits the refusal.
-                self._each_one(member, lambda m: m.warm_up(lambda _module: None))
-        names = tuple(m.name for m in members)
-        try:
-            target = self._warmup_target()
-            warm_up_together(members, _shapes.call_at_shape(run, target), shapes=shapes)
-        except LifecycleError as exc:
-            states = ", ".join(f"{m.name}={m.state.value}" for m in members)
-            raise PipelineError(
-                f"joint warm-up of pipeline members {', '.join(map(repr, names))} failed: {exc}; "
-                f"they stay {states}. Fix the warm-up callable (or what it calls), then call "
-                "prepare(run) again.",
-                member=names[0],
-                state=members[0].state,
-                members=names,
-            ) from exc
-
-    def _each_one(self, member: ModuleLifecycle, action: Callable[[ModuleLifecycle], None]) -> None:
-        try:
-            action(member)
-        except LifecycleError as exc:
-            raise PipelineError(
-                f"pipeline member {member.name!r} failed: {exc}", member=member.name, state=member.state
-            ) from exc
+        await asyncio.to_thread(self.prepare, run, num_inference_steps, shapes)
 
     def refresh(self, num_inference_steps: int | None = None) -> None:
         """A fresh cache context for every member with cache-dit, each staying in its state.
 
         All or none: a member that would refuse (not mounted yet, bad step count) raises
-        before any member is refreshed. A refresh compiles nothing (measured: README)."""
+        before any member is refreshed. A refresh compiles nothing."""
         with self._locked(Trigger.REFRESH):
             cached = [m for m in self.members.values() if m.policy.cache_dit]
             for member in cached:
                 try:
-                    member.check_steps(Trigger.REFRESH, num_inference_steps)
+                    member._check_steps(Trigger.REFRESH, num_inference_steps)
                     legal = member.can(Trigger.REFRESH)
                 except LifecycleError:
                     legal = False
@@ -286,61 +240,17 @@ class PipelineLifecycle:
     ) -> Iterator[dict[str, RequestRecord]]:
         """Enter every member's request under one request id; yields ``{member name: record}``.
 
-        Every member's lock is taken first, in insertion order (two pipeline requests never
-        deadlock), then the table is asked for every member: a pipeline request is served by all
-        members or refused before any of them starts one. A member whose start fails (its cache
-        context cannot be refreshed) takes back the members already started: they are audited
-        ``refused``, it ``failed``, and no body runs. The rules of ``ModuleLifecycle.request``
-        hold for each member.
+        The same request scope as ``ModuleLifecycle.request``, over every member: every lock is
+        taken first, in insertion order (two pipeline requests never deadlock), then the table is
+        asked for every member: a pipeline request is served by all members or refused before
+        any of them starts one. A member whose start fails takes back the members already
+        started (audited ``refused``; it ``failed``), and no body runs.
         """
-        request_id = request_id or new_request_id()
-        with self._locked(Trigger.REQUEST):
-            for member in self.members.values():
-                if not member.can(Trigger.REQUEST):
-                    refusal = IllegalTransitionError(
-                        module=member.name,
-                        state=member.state,
-                        trigger=Trigger.REQUEST,
-                        reason="a pipeline serves requests only when every member is WarmedUp; "
-                        "call prepare(run) on the PipelineLifecycle first",
-                        allowed=member.allowed_triggers(),
-                    )
-                    member.serving.refuse(num_inference_steps, request_id, refusal)
-                    raise refusal
-            started: list[tuple[ModuleLifecycle, ActiveRequest]] = []
-            infos: list[_shapes.RequestShape] = []
-            try:
-                for member in self.members.values():
-                    started.append((member, member.serving.begin(
-                        num_inference_steps, request_id, _shapes.key_or_none(shape))))
-                    infos.append(_shapes.begin_request(member, shape, on_unwarmed, request_id))
-            except LifecycleError as exc:
-                if len(started) > len(infos):  # this member started, then refused its shape
-                    member.serving.cancel(started.pop()[1], exc)
-                for other, active in started:
-                    other.serving.cancel(active, PipelineError(
-                        f"pipeline request {request_id!r} refused: member {member.name!r} could not "
-                        f"start ({exc})", member=member.name, state=member.state,
-                    ))
-                raise
-            error: BaseException | None = None
-            try:
-                with ExitStack() as guards:
-                    for (member, _), info in zip(started, infos, strict=True):
-                        guards.enter_context(_shapes.ServingGuard(member, info, request_id))
-                    yield {
-                        name: active.record for name, (_, active) in zip(self.members, started, strict=True)
-                    }
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                for (member, active), info in zip(started, infos, strict=True):
-                    member.serving.end(active, error)
-                    record = active.record
-                    _shapes.end_request(
-                        member, info, request_id, record.duration_ms, record.new_graphs, error
-                    )
+        with RequestScope(
+            list(self.members.values()), steps=num_inference_steps, request_id=request_id, shape=shape,
+            on_unwarmed=on_unwarmed, pipeline=True,
+        ) as records:
+            yield dict(zip(self.members, records, strict=True))
 
     def stats(self) -> dict[str, dict[str, Any]]:
         return {name: member.stats() for name, member in self.members.items()}
@@ -348,3 +258,25 @@ class PipelineLifecycle:
     def __repr__(self) -> str:
         inner = ", ".join(f"{n}={m.state.value}" for n, m in self.members.items())
         return f"PipelineLifecycle({inner})"
+
+
+def _member_error(member: Member, error: LifecycleError) -> LifecycleError:
+    return PipelineError(
+        f"pipeline member {member.name!r} failed: {error}", member=member.name, state=member.state
+    )
+
+
+def _joint_error(members: Sequence[Member], error: LifecycleError) -> LifecycleError:
+    """A joint warm-up cannot be pinned on one member: the error names them all."""
+    if isinstance(error, PipelineError):
+        return error
+    names = tuple(m.name for m in members)
+    states = ", ".join(f"{m.name}={m.state.value}" for m in members)
+    return PipelineError(
+        f"joint warm-up of pipeline members {', '.join(map(repr, names))} failed: {error}; "
+        f"they stay {states}. Fix the warm-up callable (or what it calls), then call "
+        "prepare(run) again.",
+        member=names[0],
+        state=members[0].state,
+        members=names,
+    )

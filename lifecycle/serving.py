@@ -1,12 +1,23 @@
-"""Request serving: one request at a time per lifecycle, each from a fresh cache context.
+"""The request scope: one way to serve a request, for a lone module and a pipeline alike.
 
-``RequestServer`` (one per lifecycle) begins a request where the states table has the
-``request`` trigger (WarmedUp: the table decides, nothing here re-types the rule; a request
-does not move the state, so it needs no machine event and costs a dict lookup), rebuilds
-cache-dit's context from the lifecycle's config, and ends it by counting cached steps and new
-graphs. Every event is built from the lifecycle's ``audit_fields()`` (so a
-distributed lifecycle's ``rank`` is in every event). The shape key is the seam for declared
-shape buckets: a request names its shape, the server may check it before the transformer runs.
+``RequestScope(members, ...)`` is entered by ``ModuleLifecycle.request`` (one member) and
+``PipelineLifecycle.request`` (every member, in order). Entering it:
+
+1. takes every member's lock, in order (a second request waits; another asyncio task on the
+   same thread is refused at once: it could only block the loop);
+2. asks the states table whether ``request`` is legal for every member (WarmedUp), and checks
+   the arguments, before any member is touched: refused for all or started for all;
+3. starts each member from a fresh cache context built from its own config (identical requests
+   give identical outputs; nothing of a warm-up or an earlier request leaks in);
+4. decides a miss from a named shape (``on_unwarmed="fail"`` refuses before anything runs);
+5. binds ``request_id`` into structlog's context variables for the block;
+6. puts a call guard in front of each member's module: each call is checked against the input
+   sizes warm-up saw (a miss found by sizes), runs the module's own eager path where the
+   policy or a measured bucket says so, and gets the shared dynamic dims marked on aliases.
+
+Leaving it counts cached steps and new graphs and writes one ``lifecycle.request`` event per
+member (plus ``lifecycle.shape_miss`` and ``lifecycle.recompile`` where they apply). Nothing here
+touches torch's process-wide state: an eager call is this module's eager path, in this thread.
 """
 
 from __future__ import annotations
@@ -14,32 +25,41 @@ from __future__ import annotations
 import itertools
 import os
 import time
+from collections.abc import Mapping, Sequence
+from contextvars import Token
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from types import TracebackType
+from typing import Any, Literal
 
+import structlog
+
+from adapters.calls import CallDecision, guard_calls, input_signature, signature_sizes, with_shared_dims
 from lifecycle import audit
+from lifecycle.buckets import BucketCoverage, ShapeMiss, canonical_shape, shape_key
+from lifecycle.config import OnUnwarmed, check_on_unwarmed
 from lifecycle.errors import (
     AuditWriteError,
     IllegalTransitionError,
     InvalidConfigError,
     LifecycleError,
+    PipelineError,
     TransitionFailedError,
     UnsupportedModuleError,
     UnwarmedShapeError,
 )
+from lifecycle.locking import LockConflict
+from lifecycle.member import Member
 from lifecycle.record import emit_checked, warn_unwritten
 from states import Trigger, allowed_triggers, destination, explain_illegal
 
-if TYPE_CHECKING:
-    from lifecycle.module import ModuleLifecycle
-
 RequestOutcome = Literal["running", "ok", "refused", "failed"]
+SHAPE_MISS_EVENT = "lifecycle.shape_miss"
+_REFUSALS = (IllegalTransitionError, InvalidConfigError, UnsupportedModuleError, UnwarmedShapeError)
 
 
 class _RequestIds:
     """Request ids: a random 32-bit prefix per process and a counter (``uuid4`` asks the OS for
-    random bytes on every request, a system call each: 2 us of a ~30 us request). A forked child
-    draws its own prefix, so parent and child never hand out the same id."""
+    random bytes on every request, a system call each). A forked child draws its own prefix."""
 
     def __init__(self) -> None:
         self._reseed()
@@ -56,7 +76,6 @@ class _RequestIds:
 
 
 new_request_id = _RequestIds().new
-_REFUSALS = (IllegalTransitionError, InvalidConfigError, UnsupportedModuleError, UnwarmedShapeError)
 
 
 @dataclass
@@ -76,170 +95,363 @@ class RequestRecord:
     shape: Any = None
 
 
-@dataclass
 class ActiveRequest:
-    """A request between ``begin`` and ``end``/``cancel``."""
+    """One member's part of a running request: its record, its shape decision, and the call
+    guard's decision per call. Written by the scope and by its own methods only."""
 
-    record: RequestRecord
-    started: float
-    graphs_before: int
+    __slots__ = (
+        "bucket", "dims", "graphs_before", "key", "member", "miss", "policy", "record", "shape",
+        "sizes", "started",
+    )
 
+    def __init__(self, member: Member, record: RequestRecord, policy: OnUnwarmed) -> None:
+        self.member = member
+        self.record = record
+        self.policy = policy
+        self.key: str | None = None
+        self.shape: dict[str, Any] | None = None
+        self.bucket: BucketCoverage | None = None
+        self.miss: str | None = None  # None | "shape" | "signature"
+        self.sizes: dict[str, list[int]] | None = None
+        self.dims = member._shared_dims
+        self.started = time.perf_counter()
+        self.graphs_before = member.backend.graph_count()
 
-class RequestServer:
-    """Serves one lifecycle's requests (the caller holds the lifecycle's lock throughout)."""
+    def note_refresh(self, steps: int | None) -> None:
+        """``refresh()`` inside the request: the rest of it runs in the new context."""
+        self.record.num_inference_steps = steps
 
-    def __init__(self, lifecycle: ModuleLifecycle) -> None:
-        self.lifecycle = lifecycle
-        self.active: ActiveRequest | None = None
-        self.requests = 0
-        self.recompiles_since_warmup = 0
-
-    def guard(self, trigger: Trigger) -> None:
-        """Inside its own request the owner may only refresh: anything else would wait on itself
-        or change the module under the request."""
-        if self.active is not None and trigger is not Trigger.REFRESH:
-            lc = self.lifecycle
-            raise IllegalTransitionError(
-                module=lc.name,
-                state=lc.state,
-                trigger=trigger,
-                reason=f"request {self.active.record.request_id!r} is running in this thread; "
-                f"call {trigger.value}() after its block ends",
-                allowed=(Trigger.REFRESH,),
-            )
-
-    def begin(self, steps: int | None, request_id: str | None, shape: Any = None) -> ActiveRequest:
-        """Start a request: legal only where the table has ``request`` (its legality is read from
-        the table, like every trigger's); a fresh context; the clock starts. A refused or failed
-        start is a ``lifecycle.request`` event (requests have no transition event)."""
-        lc = self.lifecycle
-        try:
-            state = lc.state
-            if destination(lc.policy, state, Trigger.REQUEST) is None:
-                raise IllegalTransitionError(
-                    module=lc.name, state=state, trigger=Trigger.REQUEST,
-                    reason=explain_illegal(lc.policy, state, Trigger.REQUEST),
-                    allowed=allowed_triggers(lc.policy, state),
-                )
-            if self.active is not None:
-                raise IllegalTransitionError(
-                    module=lc.name,
-                    state=state,
-                    trigger=Trigger.REQUEST,
-                    reason=f"request {self.active.record.request_id!r} is already running in this "
-                    "thread and requests do not nest (one cache context serves one request)",
-                    allowed=(Trigger.REFRESH,),
-                )
-            lc.check_steps(Trigger.REQUEST, steps)
-            record = RequestRecord(
-                request_id or new_request_id(), steps or lc.serving_steps, shape=shape
-            )
-            if lc.policy.cache_dit:
-                self._fresh_context(record)
-        except BaseException as exc:
-            self.refuse(steps, request_id, exc)
-            raise
-        active = self.active = ActiveRequest(record, time.perf_counter(), lc.backend.graph_count())
-        return active
-
-    def _fresh_context(self, record: RequestRecord) -> None:
-        lc = self.lifecycle
-        try:
-            lc.cache.refresh(lc.module, lc.cache_config, record.num_inference_steps)
-        except Exception as exc:
-            raise TransitionFailedError(
-                f"{lc.name}: the request could not start: refreshing cache-dit's context failed "
-                f"({type(exc).__name__}: {exc}); the state stays WarmedUp and no request ran. "
-                "Call refresh() to retry, or reset() and prepare(run) again.",
-                module=lc.name,
-                state=lc.state,
-                trigger=Trigger.REQUEST,
-            ) from exc
-        lc.steering.context_steered = False
-
-    def end(self, active: ActiveRequest, error: BaseException | None) -> None:
-        """Fill in the record and audit it. A lost audit write raises ``AuditWriteError`` after a
-        request that succeeded; after one that failed, the body's exception is kept (and noted)."""
-        lc = self.lifecycle
-        self.active = None
-        lc.backend.synchronize()
-        record = active.record
-        record.duration_ms = (time.perf_counter() - active.started) * 1000.0
-        record.new_graphs = max(0, lc.backend.graph_count() - active.graphs_before)
-        if lc.policy.cache_dit:
-            summary = lc.cache.summary(lc.module)
-            record.cached_steps = summary.cached_steps
-            record.cfg_cached_steps = summary.cfg_cached_steps
-        # A request refused mid-way at an unwarmed shape (on_unwarmed="fail") ran nothing.
-        refused = isinstance(error, UnwarmedShapeError)
-        record.outcome = "ok" if error is None else "refused" if refused else "failed"
-        self.requests += 1
-        fields = self._fields(record.request_id, record.num_inference_steps)
-        fields.update(
-            cached_steps=record.cached_steps,
-            cfg_cached_steps=record.cfg_cached_steps,
-            new_graphs=record.new_graphs,
-            duration_ms=round(record.duration_ms, 3),
-            outcome=record.outcome,
+    def unwarmed_error(self) -> UnwarmedShapeError:
+        member = self.member
+        warmed = member._book.warmed_keys()
+        what = f"shape {self.key!r}" if self.key is not None else f"input sizes {self.sizes}"
+        fix = (
+            f"warm_up(run, shapes=[{self.shape!r}])"
+            if self.shape is not None
+            else "pass shape= to request() and warm it with warm_up(run, shapes=lc.missed_shapes())"
         )
-        if record.shape is not None:
-            fields["shape"] = record.shape
-        if error is not None:
-            fields["error"] = f"{type(error).__name__}: {error}"
-        lost = emit_checked(audit.REQUEST_EVENT, record.outcome, fields)
-        if record.new_graphs and lc.policy.compile:
-            self.recompiles_since_warmup += record.new_graphs
-            lost = lost or emit_checked(
-                audit.RECOMPILE_EVENT,
-                "refused",
-                {
-                    **lc.audit_fields(),
-                    "request_id": record.request_id,
-                    "new_graphs": record.new_graphs,
-                    "recompiles_since_warmup": self.recompiles_since_warmup,
-                },
-            )
-        if lost is not None:
-            if error is not None:
-                warn_unwritten(audit.REQUEST_EVENT, lc.name, lost, error)
-                return
-            raise AuditWriteError(
-                f"{lc.name}: request {record.request_id!r} was served (outcome ok) but its audit "
-                f"event could not be written ({type(lost).__name__}: {lost}); the state stays "
-                "WarmedUp. Fix the audit sink.",
-                module=lc.name,
-                state=lc.state,
-                trigger=Trigger.REQUEST,
-            ) from lost
+        error = UnwarmedShapeError(
+            f"{member.name}: request {self.record.request_id!r} at {what} is not warmed up (warmed "
+            f"buckets: {warmed or 'none'}) and on_unwarmed='fail'; nothing ran and the state stays "
+            f"WarmedUp. Declare it and warm it first: {fix}, or serve it with on_unwarmed='eager'.",
+            module=member.name, state=member.state, trigger="request",
+        )
+        error.shape_key = self.key  # type: ignore[attr-defined]
+        return error
 
-    def cancel(self, active: ActiveRequest, reason: LifecycleError) -> None:
-        """Take back a begun request before its body ran (a pipeline peer could not start):
-        audited as refused, nothing ran."""
-        self.active = None
-        active.record.outcome = "refused"
-        self.refuse(active.record.num_inference_steps, active.record.request_id, reason, refused=True)
+    def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> CallDecision | None:
+        """In front of each call of the member's module (outside compiled code)."""
+        eager = exclusive = False
+        if self.key is not None:
+            # A named shape: the miss was decided when the request started.
+            if self.miss is not None:
+                eager, exclusive = self.policy == "eager", self.policy == "compile"
+            elif self.bucket is not None:
+                eager = self.bucket.path == "eager"
+        elif self.member._book.knows_signatures():
+            signature = input_signature(args, kwargs)
+            bucket = self.member._book.bucket_of(signature)
+            if bucket is not None:
+                if self.bucket is None:
+                    self.bucket = bucket
+                eager = bucket.path == "eager"
+            else:
+                if self.miss is None:
+                    self.miss = "signature"
+                    self.sizes = signature_sizes(signature)
+                if self.policy == "fail":
+                    raise self.unwarmed_error()
+                eager, exclusive = self.policy == "eager", self.policy == "compile"
+        if self.dims:
+            args, kwargs = with_shared_dims(self.dims, args, kwargs)
+        elif not (eager or exclusive):
+            return None
+        return CallDecision(args, kwargs, eager, exclusive)
 
-    def refuse(
-        self, steps: int | None, request_id: str | None, error: BaseException, *, refused: bool = False
+
+class RequestScope:
+    """``with RequestScope(members, ...) as records``: one request over ``members`` (see the
+    module docstring). ``records`` holds each member's ``RequestRecord``, in order."""
+
+    __slots__ = (
+        "_actives", "_guards", "_locked", "_token", "members", "on_unwarmed", "pipeline", "request_id",
+        "shape", "steps",
+    )
+
+    def __init__(
+        self,
+        members: Sequence[Member],
+        *,
+        steps: int | None,
+        request_id: str | None,
+        shape: Any,
+        on_unwarmed: str | None,
+        pipeline: bool = False,
     ) -> None:
-        """Audit a request that never ran: refused (not legal now, bad arguments) or failed (legal,
-        but starting it raised)."""
-        lc = self.lifecycle
-        outcome = "refused" if refused or isinstance(error, _REFUSALS) else "failed"
-        fields = self._fields(request_id, steps)
-        fields.update(
-            cached_steps=0, new_graphs=0, duration_ms=0.0, outcome=outcome,
-            error=f"{type(error).__name__}: {error}",
-        )
-        lost = emit_checked(audit.REQUEST_EVENT, outcome, fields)
-        if lost is not None:
-            warn_unwritten(audit.REQUEST_EVENT, lc.name, lost, error)
+        self.members = members
+        self.steps = steps
+        self.request_id = request_id or new_request_id()
+        self.shape = shape
+        self.on_unwarmed = on_unwarmed
+        self.pipeline = pipeline
+        self._locked: list[Member] = []
+        self._actives: list[ActiveRequest] = []
+        self._guards: list[guard_calls] = []
+        self._token: Mapping[str, Token[Any]] | None = None
 
-    def _fields(self, request_id: str | None, steps: int | None) -> dict[str, Any]:
-        lc = self.lifecycle
-        return {
-            **lc.base_fields,
-            "request_id": request_id,
-            "num_inference_steps": steps,
-            "state": lc.state.value,
-        }
+    # ------------------------------------------------------------------ entering
+    def __enter__(self) -> list[RequestRecord]:
+        try:
+            self._lock_all()
+            checked = self._check_all()
+            self._begin_all(*checked)
+            self._token = structlog.contextvars.bind_contextvars(request_id=self.request_id)
+            for active in self._actives:
+                if active.member.policy.compile:
+                    guard = guard_calls(active.member.module, active)
+                    guard.__enter__()
+                    self._guards.append(guard)
+        except BaseException:
+            self._unwind()
+            raise
+        return [active.record for active in self._actives]
+
+    def _lock_all(self) -> None:
+        for member in self.members:
+            try:
+                member._lock.acquire()
+            except LockConflict as exc:
+                error = IllegalTransitionError(
+                    module=member.name, state=member.state, trigger=Trigger.REQUEST, reason=str(exc),
+                    allowed=allowed_triggers(member.policy, member.state),
+                )
+                _refuse(member, self.steps, self.request_id, error)
+                raise error from None
+            self._locked.append(member)
+
+    def _check_all(self) -> tuple[dict[str, Any] | None, list[OnUnwarmed]]:
+        """Legality and arguments for every member, before any is touched."""
+        shape: dict[str, Any] | None = None
+        policies: list[OnUnwarmed] = []
+        for member in self.members:
+            try:
+                state = member.state
+                if destination(member.policy, state, Trigger.REQUEST) is None:
+                    reason = (
+                        "a pipeline serves requests only when every member is WarmedUp; call "
+                        "prepare(run) on the PipelineLifecycle first"
+                        if self.pipeline else explain_illegal(member.policy, state, Trigger.REQUEST)
+                    )
+                    raise IllegalTransitionError(
+                        module=member.name, state=state, trigger=Trigger.REQUEST, reason=reason,
+                        allowed=allowed_triggers(member.policy, state),
+                    )
+                active = member._counters.active
+                if active is not None:
+                    raise IllegalTransitionError(
+                        module=member.name, state=state, trigger=Trigger.REQUEST,
+                        reason=f"request {active.record.request_id!r} is already running in this "
+                        "thread and requests do not nest (one cache context serves one request)",
+                        allowed=(Trigger.REFRESH,),
+                    )
+                steps = self.steps
+                if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0):
+                    raise InvalidConfigError(
+                        f"{member.name}: num_inference_steps must be a positive int, got {steps!r}",
+                        module=member.name, state=state, trigger=Trigger.REQUEST,
+                    )
+                if self.shape is not None and shape is None:
+                    shape = canonical_shape(self.shape, module=member.name)
+                policies.append(
+                    member.serving.on_unwarmed if self.on_unwarmed is None
+                    else check_on_unwarmed(self.on_unwarmed, module=member.name)
+                )
+            except LifecycleError as exc:
+                _refuse(member, self.steps, self.request_id, exc)
+                raise
+        return shape, policies
+
+    def _begin_all(self, shape: dict[str, Any] | None, policies: list[OnUnwarmed]) -> None:
+        key = shape_key(shape) if shape is not None else None
+        for member, policy in zip(self.members, policies, strict=True):
+            try:
+                member._context.fresh(self.steps)
+            except Exception as exc:
+                error = TransitionFailedError(
+                    f"{member.name}: the request could not start: refreshing cache-dit's context failed "
+                    f"({type(exc).__name__}: {exc}); the state stays WarmedUp and no request ran. "
+                    "Call refresh() to retry, or reset() and prepare(run) again.",
+                    module=member.name, state=member.state, trigger=Trigger.REQUEST,
+                )
+                _refuse(member, self.steps, self.request_id, error)
+                self._cancel_started(member, error)
+                raise error from exc
+            record = RequestRecord(self.request_id, self.steps or member._context.serving_steps, shape=key)
+            active = ActiveRequest(member, record, policy)
+            member._counters.begin(active)
+            self._actives.append(active)
+            if shape is not None:
+                active.key, active.shape = key, shape
+                active.bucket = member._book.lookup(key) if key is not None else None
+                if active.bucket is None and member.policy.compile:
+                    active.miss = "shape"
+                    if policy == "fail":
+                        refusal = active.unwarmed_error()
+                        self._actives.pop()
+                        _finish(active, refusal)
+                        self._cancel_started(member, refusal)
+                        raise refusal
+
+    def _cancel_started(self, member: Member, cause: LifecycleError) -> None:
+        """Members started before ``member`` could not start: take them back, audited refused."""
+        while self._actives:
+            active = self._actives.pop()
+            active.member._counters.cancel()
+            active.record.outcome = "refused"
+            reason = (
+                PipelineError(
+                    f"pipeline request {self.request_id!r} refused: member {member.name!r} could not "
+                    f"start ({cause})", member=member.name, state=member.state,
+                )
+                if self.pipeline else cause
+            )
+            _refuse(active.member, active.record.num_inference_steps, self.request_id, reason, refused=True)
+
+    # ------------------------------------------------------------------ leaving
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        lost: AuditWriteError | None = None
+        try:
+            while self._guards:
+                self._guards.pop().__exit__(None, None, None)
+            if self._token is not None:
+                structlog.contextvars.reset_contextvars(**self._token)
+                self._token = None
+            for active in self._actives:
+                lost = _finish(active, exc) or lost
+            self._actives = []
+        finally:
+            self._release()
+        if lost is not None and exc is None:
+            raise lost
+
+    def _unwind(self) -> None:
+        while self._guards:
+            self._guards.pop().__exit__(None, None, None)
+        if self._token is not None:
+            structlog.contextvars.reset_contextvars(**self._token)
+            self._token = None
+        self._release()
+
+    def _release(self) -> None:
+        while self._locked:
+            self._locked.pop()._lock.release()
+
+
+def _finish(active: ActiveRequest, error: BaseException | None) -> AuditWriteError | None:
+    """Fill in the record and audit it. Returns an ``AuditWriteError`` when a request that
+    succeeded could not be audited (the caller raises it after releasing the locks)."""
+    member = active.member
+    member.backend.synchronize()
+    record = active.record
+    record.duration_ms = (time.perf_counter() - active.started) * 1000.0
+    record.new_graphs = max(0, member.backend.graph_count() - active.graphs_before)
+    if member.policy.cache_dit:
+        summary = member._context.cache.summary(member.module)
+        record.cached_steps = summary.cached_steps
+        record.cfg_cached_steps = summary.cfg_cached_steps
+    # A request refused mid-way at an unwarmed shape (on_unwarmed="fail") ran nothing.
+    refused = isinstance(error, UnwarmedShapeError)
+    record.outcome = "ok" if error is None else "refused" if refused else "failed"
+    recompiles = member._counters.end(record.new_graphs, compiles=member.policy.compile)
+    fields = _fields(member, record.request_id, record.num_inference_steps)
+    fields.update(
+        cached_steps=record.cached_steps,
+        cfg_cached_steps=record.cfg_cached_steps,
+        new_graphs=record.new_graphs,
+        duration_ms=round(record.duration_ms, 3),
+        outcome=record.outcome,
+    )
+    if record.shape is not None:
+        fields["shape"] = record.shape
+    if error is not None:
+        fields["error"] = f"{type(error).__name__}: {error}"
+    lost = emit_checked(audit.REQUEST_EVENT, record.outcome, fields)
+    if record.new_graphs and member.policy.compile:
+        lost = lost or emit_checked(audit.RECOMPILE_EVENT, "refused", {
+            **member._audit_fields(), "request_id": record.request_id, "new_graphs": record.new_graphs,
+            "recompiles_since_warmup": recompiles,
+        })
+    if active.miss is not None:
+        miss = ShapeMiss(
+            record.request_id, active.key, active.shape, active.policy, active.miss,
+            record.duration_ms, record.new_graphs, active.sizes,
+        )
+        member._book.note_miss(miss)
+        outcome = "refused" if refused else "ok" if error is None else "failed"
+        lost = lost or emit_checked(
+            SHAPE_MISS_EVENT, "refused" if outcome != "failed" else "failed",
+            {**member._audit_fields(), **miss.as_dict(), "outcome": outcome},
+        )
+    elif active.bucket is not None and error is None:
+        member._book.note_request(active.bucket.key, record.duration_ms / 1000.0)
+    if lost is None:
+        return None
+    if error is not None:
+        warn_unwritten(audit.REQUEST_EVENT, member.name, lost, error)
+        return None
+    failure = AuditWriteError(
+        f"{member.name}: request {record.request_id!r} was served (outcome ok) but its audit "
+        f"event could not be written ({type(lost).__name__}: {lost}); the state stays "
+        "WarmedUp. Fix the audit sink.",
+        module=member.name, state=member.state, trigger=Trigger.REQUEST,
+    )
+    failure.__cause__ = lost
+    return failure
+
+
+def _refuse(
+    member: Member, steps: int | None, request_id: str | None, error: BaseException, *, refused: bool = False
+) -> None:
+    """Audit a request that never ran: refused (not legal now, bad arguments) or failed (legal,
+    but starting it raised)."""
+    outcome = "refused" if refused or isinstance(error, _REFUSALS) else "failed"
+    fields = _fields(member, request_id, steps)
+    fields.update(
+        cached_steps=0, new_graphs=0, duration_ms=0.0, outcome=outcome, error=f"{type(error).__name__}: {error}",
+    )
+    lost = emit_checked(audit.REQUEST_EVENT, outcome, fields)
+    if lost is not None:
+        warn_unwritten(audit.REQUEST_EVENT, member.name, lost, error)
+
+
+def _fields(member: Member, request_id: str | None, steps: int | None) -> dict[str, Any]:
+    return {
+        **member._base, "request_id": request_id, "num_inference_steps": steps,
+        "state": member.state.value,
+    }
+
+
+def refuse_trigger_inside_request(member: Member, trigger: Trigger) -> None:
+    """Inside its own request the owner may only refresh: anything else would wait on itself or
+    change the module under the request."""
+    active = member._counters.active
+    if active is not None and trigger is not Trigger.REFRESH:
+        raise IllegalTransitionError(
+            module=member.name, state=member.state, trigger=trigger,
+            reason=f"request {active.record.request_id!r} is running in this thread; "
+            f"call {trigger.value}() after its block ends",
+            allowed=(Trigger.REFRESH,),
+        )
+
+
+
+__all__ = [
+    "SHAPE_MISS_EVENT",
+    "ActiveRequest",
+    "RequestRecord",
+    "RequestScope",
+    "new_request_id",
+    "refuse_trigger_inside_request",
+]

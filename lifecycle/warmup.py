@@ -1,103 +1,381 @@
-"""Warm-up steering and coverage: make warm-up reach cache-dit's cached-step branch, then hand
-the first request the lifecycle's own serving context.
+"""The warm-up, whole: probe the buckets, steer each member's cache context towards the
+cached-step branch, call the host's warm-up callable per bucket until every member covered it,
+settle (or measure the compiled and eager paths), and return what happened as an immutable
+``WarmupResult``. It writes nothing of a lifecycle: the lifecycle applies the result to itself,
+and only when the whole warm-up succeeded.
 
-``WarmupSteering`` (one per lifecycle) steers the module's cache context for a warm-up (cache
-from the 2nd step, never twice in a row) and restores the serving context afterwards;
-``lifecycle.shapes.run_warmup`` runs a warm-up under every member's steering until all members
-have covered the cached branch (at most ``MAX_WARMUP_RUNS`` rounds a bucket). One member is a
-``ModuleLifecycle.warm_up``; several are a pipeline's joint warm-up (``warm_up_together``).
+One member is a ``ModuleLifecycle.warm_up``; several are a pipeline's joint warm-up (one
+pipeline call reaches every member). Every trace holds the process's trace lock
+(``adapters._torch_internals.tracing``): buckets that share graphs trace with duck shaping off,
+which is process-wide, and no other warm-up may trace meanwhile.
+
+A settled warm-up: after the buckets, each bucket is called once more in the serving context
+(not the steered one), timed and audited as ``lifecycle.warmup_settle``: whatever the first
+request would still pay (lazily loaded kernels, allocator growth) is paid here. Only a warm-up
+that compiled graphs settles. With ``ServingPolicy(measure_paths=True)`` that call is timed
+compiled and once more eager; requests at a bucket where eager was faster run eagerly.
 """
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from functools import partial
+from types import TracebackType
+from typing import Any
 
+from adapters import _torch_internals as internals
+from adapters.calls import (
+    CallDecision,
+    SharedDims,
+    guard_calls,
+    input_signature,
+    probe_signature,
+    shared_dims,
+    with_shared_dims,
+)
 from lifecycle import audit
+from lifecycle.buckets import IMPLICIT_KEY, BucketWarmup, shape_key
 from lifecycle.errors import TransitionFailedError
+from lifecycle.member import Member
 from lifecycle.record import emit_checked, warn_unwritten
-from states import Trigger
 
-if TYPE_CHECKING:
-    from lifecycle.module import ModuleLifecycle, TransitionStep
-
-# The warm-up calls run at most this many rounds while cache-dit's context is steered towards
-# its cached branch; a warm-up that makes one denoising step needs three.
+# The warm-up calls run at most this many rounds per bucket while cache-dit's context is
+# steered towards its cached branch; a warm-up that makes one denoising step needs three.
 MAX_WARMUP_RUNS = 4
+WARMUP_SHAPE_EVENT = "lifecycle.warmup_shape"
+WARMUP_SETTLE_EVENT = "lifecycle.warmup_settle"
+WARMUP_PATH_EVENT = "lifecycle.warmup_path"
+CallAt = Callable[[dict[str, Any] | None], object]
+
 
 class WarmupCoverageWarning(UserWarning):
     """Warm-up could not reach cache-dit's cached-step branch: the first real request may compile."""
 
 
-class WarmupSteering:
-    """Steers one lifecycle's cache context during warm-up and restores its serving context."""
+@dataclass(frozen=True)
+class MemberWarmup:
+    """What one warm-up did for one member."""
 
-    def __init__(self, lifecycle: ModuleLifecycle) -> None:
-        self.lifecycle = lifecycle
-        # Whether the last warm-up reached the cached branch (None: no warm-up since reset).
-        self.covered: bool | None = None
-        # True while the steered warm-up context is the module's context (restoring the serving
-        # one failed): the lifecycle is not ready until a refresh or a request replaces it.
-        self.context_steered = False
-        self.warmup_s = 0.0
-
-    @property
-    def steers(self) -> bool:
-        """Steering matters only with cache-dit and compile: graphs a warm-up misses compile later."""
-        policy = self.lifecycle.policy
-        return policy.cache_dit and policy.compile
-
-    def steer(self) -> bool:
-        """Steer the context for one warm-up bucket; True when it steers (then the cache says
-        whether the context reached the cached branch). ``restore()`` must follow
-        (``lifecycle.shapes`` steers every member of a warm-up together)."""
-        if not self.steers:
-            return False
-        lc = self.lifecycle
-        self.context_steered = True
-        lc.cache.refresh_for_warmup(lc.module, lc.cache_config)
-        return True
-
-    def restore(self) -> None:
-        """A warm-up is an earlier request: never let its context serve the first real one.
-        If this raises, ``context_steered`` stays True and ``ready`` stays False (defect 7)."""
-        lc = self.lifecycle
-        if lc.policy.cache_dit:
-            lc.restore_serving_context("after_warmup")
-            self.context_steered = False
-
-    def reset(self) -> None:
-        self.covered = None
+    buckets: tuple[BucketWarmup, ...]
+    shared_dims: SharedDims
+    covered: bool
+    seconds: float
+    # Fields for the member's warm_up transition event.
+    fields: dict[str, Any] = field(default_factory=dict)
 
 
-def warm_up_together(
-    members: Sequence[ModuleLifecycle],
-    call_at: Callable[[Any], object],
+@dataclass(frozen=True)
+class WarmupResult:
+    """One warm-up's outcome, one entry per member (in the members' order)."""
+
+    members: tuple[MemberWarmup, ...]
+    graphs: int
+
+
+def call_at_shape(run: Callable[..., object], target: object) -> CallAt:
+    """The host's warm-up callable as the warm-up calls it: ``run(target, shape)`` at a
+    declared bucket, ``run(target)`` at the implicit one (shape None)."""
+
+    def call_at(shape: dict[str, Any] | None) -> object:
+        return run(target) if shape is None else run(target, shape)
+
+    return call_at
+
+
+# ---------------------------------------------------------------------------- per-bucket calls
+class _Seen:
+    """One member's input signatures during a bucket, and whether each one's cache context
+    reached the cached-step branch. Called in front of each of the member's calls: records the
+    call's signature, marks the shared dims on aliases, and starts a fresh cache context when
+    the signature changes (a warm-up that calls two sizes would otherwise mix their cached
+    residuals inside cache-dit)."""
+
+    __slots__ = ("check", "dims", "last", "member", "signatures", "steered")
+
+    def __init__(self, member: Member, dims: SharedDims, *, check: bool, steered: bool) -> None:
+        self.member = member
+        self.dims = dims
+        self.check = check  # ask the cache whether the steered context covered the branch
+        self.steered = steered
+        self.signatures: dict[Any, bool] = {}
+        self.last: Any = None
+
+    def covered(self) -> bool:
+        return self.member._context.covered() if self.check else True
+
+    def close_segment(self) -> None:
+        if self.last is not None:
+            self.signatures[self.last] = self.signatures.get(self.last, False) or self.covered()
+
+    def all_covered(self) -> bool:
+        if not self.signatures:  # the module was never called: only the context can tell
+            return self.covered()
+        self.close_segment()
+        return all(self.signatures.values())
+
+    def warm(self) -> frozenset[Any]:
+        self.close_segment()
+        return frozenset(sig for sig, ok in self.signatures.items() if ok)
+
+    def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> CallDecision | None:
+        member = self.member
+        signature = input_signature(args, kwargs)
+        if self.last is not None and signature != self.last:
+            self.close_segment()
+            if member.policy.cache_dit:
+                if self.steered:
+                    member._context.steer()
+                else:
+                    member._context.fresh()
+        self.last = signature
+        self.signatures.setdefault(signature, False)
+        if self.dims:
+            args, kwargs = with_shared_dims(self.dims, args, kwargs)
+            return CallDecision(args, kwargs)
+        return None
+
+
+class _BucketRun:
+    """``with _BucketRun(members, dims, steer=...) as seen``: one bucket's calls. With ``steer``,
+    every member's cache context is steered, and leaving restores every serving context (all of
+    them even when one restore raises; then the first error is raised). A class: every bucket
+    opens one."""
+
+    __slots__ = ("_guards", "_steered", "dims", "members", "steer")
+
+    def __init__(self, members: Sequence[Member], dims: Sequence[SharedDims], *, steer: bool) -> None:
+        self.members = members
+        self.dims = dims
+        self.steer = steer
+        self._steered: list[Member] = []
+        self._guards: list[guard_calls] = []
+
+    def __enter__(self) -> list[_Seen]:
+        seen = []
+        try:
+            for member, dims in zip(self.members, self.dims, strict=True):
+                check = False
+                if self.steer and member.policy.cache_dit and member.policy.compile:
+                    # Steering matters only with cache-dit and compile: graphs a warm-up
+                    # misses would compile in the first request.
+                    self._steered.append(member)
+                    member._context.steer()
+                    check = True
+                tracker = _Seen(member, dims, check=check, steered=self.steer)
+                guard = guard_calls(member.module, tracker)
+                guard.__enter__()
+                self._guards.append(guard)
+                seen.append(tracker)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return seen
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        while self._guards:
+            self._guards.pop().__exit__(None, None, None)
+        first: BaseException | None = None
+        while self._steered:
+            try:
+                self._steered.pop()._context.restore("after_warmup")
+            except BaseException as error:  # restore the others, then raise the first
+                first = first or error
+        if first is not None:
+            raise first
+
+
+# ---------------------------------------------------------------------------- the algorithm
+def run_warmup(
+    members: Sequence[Member],
+    call_at: CallAt,
+    plan: Sequence[dict[str, Any] | None],
     *,
-    shapes: list[dict[str, Any]] | None = None,
-) -> None:
-    """One ``warm_up`` transition per member around one shared warm-up: member i's work enters
-    member i+1's transition, the innermost runs the calls. A failure fails every member's warm-up
-    (each stays, each audits ``failed`` with the same cause); each member audits its own fields."""
-    extras: list[dict[str, Any]] = []
-
-    def work_of(index: int) -> Callable[[TransitionStep], None]:
-        def work(step: TransitionStep) -> None:
-            extras.append(step.extra)
-            if index + 1 < len(members):
-                members[index + 1].transition(Trigger.WARM_UP, work_of(index + 1))
+    max_runs: int = MAX_WARMUP_RUNS,
+) -> WarmupResult:
+    """Warm ``members`` together at every bucket of ``plan`` (None: the implicit bucket), then
+    settle; return what happened. Raises whatever the warm-up callable raised (the caller's
+    transition records it), with every serving context restored."""
+    dims = [_probe(member, call_at, members) for member in members]
+    started = time.perf_counter()
+    total_runs = 0
+    compiled = 0
+    per_bucket: list[list[BucketWarmup]] = [[] for _ in members]
+    sharing = any(member._shares_graphs for member in members)
+    with internals.tracing(duck_shape=not sharing):
+        for shape in plan:
+            key = IMPLICIT_KEY if shape is None else shape_key(shape)
+            graphs_before = _graphs(members)
+            bucket_started = time.perf_counter()
+            runs = 0
+            with _BucketRun(members, dims, steer=True) as seen:
+                while True:
+                    _call_warmup(call_at, shape)
+                    runs += 1
+                    done = [tracker.all_covered() for tracker in seen]
+                    if all(done) or runs >= max_runs:
+                        break
+                warm = [tracker.warm() for tracker in seen]
+                _sync(members)
+            seconds = time.perf_counter() - bucket_started
+            graphs = _graphs(members) - graphs_before
+            compiled += graphs
+            total_runs += runs
+            for member, ok, tracker, signatures, results in zip(
+                members, done, seen, warm, per_bucket, strict=True
+            ):
+                if not ok and key == IMPLICIT_KEY and len(tracker.signatures) > 1:
+                    raise _undeclared_error(member, len(tracker.signatures), len(signatures))
+                results.append(BucketWarmup(key, shape, graphs, seconds, ok, runs, signatures))
+                if not ok:
+                    _warn_uncovered(member, runs)
+                if key != IMPLICIT_KEY:
+                    _emit(WARMUP_SHAPE_EVENT, "ok" if ok else "refused", {
+                        **member._audit_fields(), "shape": shape, "shape_key": key, "graphs": graphs,
+                        "seconds": round(seconds, 6), "covered": ok, "warmup_runs": runs,
+                        "signatures": len(signatures),
+                    })
+        settle_runs = 0
+        settle_started = time.perf_counter()
+        # Only a warm-up that compiled graphs settles: one that compiled nothing (again after
+        # invalidate, every graph already built) left the first request nothing to pay.
+        if compiled and any(m.policy.compile for m in members):
+            if any(m.serving.measure_paths for m in members):
+                per_bucket = _measure_paths(members, call_at, per_bucket, dims)
+                settle_runs = 2 * len(plan)
             else:
-                from lifecycle import shapes as _shapes  # shapes imports this module
+                for shape, first in zip(plan, per_bucket[0], strict=True):
+                    _settle(members, call_at, shape, first.key, dims)
+                    settle_runs += 1
+        settle_s = round(time.perf_counter() - settle_started, 6)
+    elapsed = time.perf_counter() - started
+    out = []
+    for member, results, member_dims in zip(members, per_bucket, dims, strict=True):
+        covered = all(r.covered for r in results)
+        fields: dict[str, Any] = {"warmup_runs": total_runs + settle_runs, "cached_branch_covered": covered}
+        if settle_runs:
+            fields["settle_runs"] = settle_runs
+            fields["settle_s"] = settle_s
+        if plan and plan[0] is not None:
+            fields["buckets"] = [r.key for r in results]
+        if len(members) > 1:
+            fields["joint_warmup"] = [m.name for m in members]
+        out.append(MemberWarmup(tuple(results), member_dims, covered, elapsed, fields))
+    return WarmupResult(tuple(out), compiled)
 
-                _shapes.run_warmup(members, call_at, shapes, extras, max_runs=MAX_WARMUP_RUNS)
 
-        return work
+def _probe(member: Member, call_at: CallAt, members: Sequence[Member]) -> SharedDims:
+    """Buckets that share graphs: each declared bucket's first call signature, then the dims
+    that differ between them (with their bounds). Nothing of any member runs or compiles."""
+    declared = member._book.declared_shapes()
+    if not (member._shares_graphs and member.policy.compile) or len(declared) < 2:
+        return dict(member._shared_dims)
+    modules = [m.module for m in members]
+    signatures = []
+    for shape in declared:
+        signature = probe_signature(member.module, partial(call_at, shape), modules)
+        if signature is not None:
+            signatures.append(signature)
+    dims = shared_dims(signatures)
+    audit.logger().debug(
+        "lifecycle.shape_probe",
+        **member._audit_fields(),
+        buckets=len(declared),
+        shared_dims={f"{n}[{d}]": list(b) for (n, d), b in dims.items()},
+    )
+    # The probes ran host code (a pipeline may have moved a member's cache context).
+    for other in members:
+        other._context.fresh()
+    return dims
 
-    members[0].transition(Trigger.WARM_UP, work_of(0))
+
+def _timed_call(
+    members: Sequence[Member], call: Callable[[], object], dims: Sequence[SharedDims], *, eager: bool = False
+) -> tuple[float, int]:
+    """One call in the serving context (fresh before and after), timed, graphs counted; with
+    ``eager``, on every member's eager path."""
+    for member in members:
+        member._context.fresh()
+    _sync(members)
+    graphs_before = _graphs(members)
+    started = time.perf_counter()
+    with _BucketRun(members, dims, steer=False):
+        if eager:
+            with _EagerAll(members):
+                call()
+        else:
+            call()
+        _sync(members)
+    seconds = time.perf_counter() - started
+    graphs = _graphs(members) - graphs_before
+    for member in members:
+        member._context.fresh()
+    return seconds, graphs
 
 
-def _call_warmup(call_at: Callable[[Any], object], shape: Any) -> None:
+class _EagerAll:
+    __slots__ = ("_contexts", "members")
+
+    def __init__(self, members: Sequence[Member]) -> None:
+        self.members = members
+        self._contexts: list[Any] = []
+
+    def __enter__(self) -> None:
+        for member in self.members:
+            context = internals.eager_for(member.module)
+            context.__enter__()
+            self._contexts.append(context)
+
+    def __exit__(self, *exc: object) -> None:
+        while self._contexts:
+            self._contexts.pop().__exit__(None, None, None)
+
+
+def _settle(
+    members: Sequence[Member], call_at: CallAt, shape: dict[str, Any] | None, key: str,
+    dims: Sequence[SharedDims],
+) -> None:
+    seconds, graphs = _timed_call(members, lambda: call_at(shape), dims)
+    if key == IMPLICIT_KEY:
+        return
+    for member in members:
+        _emit(WARMUP_SETTLE_EVENT, "ok", {
+            **member._audit_fields(), "shape_key": key, "seconds": round(seconds, 6), "graphs": graphs,
+        })
+
+
+def _measure_paths(
+    members: Sequence[Member], call_at: CallAt, per_bucket: list[list[BucketWarmup]],
+    dims: Sequence[SharedDims],
+) -> list[list[BucketWarmup]]:
+    """Each bucket's call timed compiled (it doubles as the settle call) and eager; the faster
+    path serves that bucket. Returns the bucket results with their paths."""
+    out: list[list[BucketWarmup]] = [[] for _ in members]
+    for index, first in enumerate(per_bucket[0]):
+        call = partial(call_at, first.shape)
+        compiled_s, graphs = _timed_call(members, call, dims)
+        eager_s, _ = _timed_call(members, call, dims, eager=True)
+        path = "eager" if eager_s < compiled_s else "compiled"
+        reason = f"one warm-up call took {compiled_s:.4f} s compiled and {eager_s:.4f} s eager; {path} is faster"
+        for member, results, target in zip(members, per_bucket, out, strict=True):
+            own = results[index]
+            target.append(BucketWarmup(
+                own.key, own.shape, own.graphs, own.seconds, own.covered, own.runs, own.signatures,
+                path, reason, compiled_s, eager_s,
+            ))
+            _emit(WARMUP_PATH_EVENT, "ok", {
+                **member._audit_fields(), "shape_key": own.key, "path": path, "reason": reason,
+                "compiled_s": round(compiled_s, 6), "eager_s": round(eager_s, 6), "graphs": graphs,
+            })
+    return out
+
+
+# ---------------------------------------------------------------------------- helpers
+def _call_warmup(call_at: CallAt, shape: dict[str, Any] | None) -> None:
     try:
         call_at(shape)
     except RuntimeError as exc:
@@ -112,7 +390,7 @@ def _call_warmup(call_at: Callable[[Any], object], shape: Any) -> None:
 
 
 def _is_shape_mismatch(exc: BaseException) -> bool:
-    """A size mismatch raised inside cache-dit's cached blocks (issue 20, item 5)."""
+    """A size mismatch raised inside cache-dit's cached blocks."""
     if "must match the size of tensor" not in str(exc):
         return False
     tb = exc.__traceback__
@@ -123,7 +401,19 @@ def _is_shape_mismatch(exc: BaseException) -> bool:
     return False
 
 
-def _warn_uncovered(member: ModuleLifecycle, runs: int) -> None:
+def _undeclared_error(member: Member, sizes: int, warm: int) -> TransitionFailedError:
+    """A plain warm-up called several input sizes and could not cover them all: a typed error
+    naming the fix, never a WarmedUp that serves those sizes by surprise."""
+    return TransitionFailedError(
+        f"{member.name}: the warm-up callable called the transformer at {sizes} input sizes in one "
+        f"warm-up, and only {warm} of them reached cache-dit's cached-step branch (each size needs "
+        "its own cache context). Declare the sizes as serving buckets: prepare(run, shapes=[...]) "
+        "with run(target, shape) making one call at a shape; or warm up at one size.",
+        module=member.name, state=member.state, trigger="warm_up",
+    )
+
+
+def _warn_uncovered(member: Member, runs: int) -> None:
     message = (
         f"{member.name}: warm-up did not reach cache-dit's cached-step branch after {runs} "
         "run(s) of the warm-up callable; the first real request may compile new graphs. "
@@ -131,7 +421,32 @@ def _warn_uncovered(member: ModuleLifecycle, runs: int) -> None:
         "real requests."
     )
     warnings.warn(message, WarmupCoverageWarning, stacklevel=6)
-    fields = {**member.audit_fields(), "covered": False, "warmup_runs": runs, "message": message}
-    error = emit_checked(audit.WARMUP_COVERAGE_EVENT, "refused", fields)
-    if error is not None:
-        warn_unwritten(audit.WARMUP_COVERAGE_EVENT, member.name, error)
+    _emit(audit.WARMUP_COVERAGE_EVENT, "refused",
+          {**member._audit_fields(), "covered": False, "warmup_runs": runs, "message": message})
+
+
+def _emit(event: str, outcome: str, fields: dict[str, Any]) -> None:
+    """An audit event; a lost write is a warning, never an error of the warm-up or request."""
+    lost = emit_checked(event, outcome, fields)
+    if lost is not None:
+        warn_unwritten(event, str(fields.get("module")), lost)
+
+
+def _sync(members: Sequence[Member]) -> None:
+    for member in members:
+        member.backend.synchronize()
+
+
+def _graphs(members: Sequence[Member]) -> int:
+    return int(members[0].backend.graph_count())
+
+
+__all__ = [
+    "MAX_WARMUP_RUNS",
+    "CallAt",
+    "MemberWarmup",
+    "WarmupCoverageWarning",
+    "WarmupResult",
+    "call_at_shape",
+    "run_warmup",
+]

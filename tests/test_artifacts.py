@@ -15,7 +15,7 @@ import torch
 from conftest import FAST_COMPILE, SERVING_STEPS
 
 from adapters.artifacts import MAGIC, ArtifactKey, ArtifactStore
-from lifecycle import InvalidConfigError, LifecyclePolicy, ModuleLifecycle, State
+from lifecycle import CompilePlan, InvalidConfigError, LifecyclePolicy, ModuleLifecycle, State
 from lifecycle.testing.tiny import denoise, denoiser, tiny_flux
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +44,7 @@ def test_key_is_stable_and_tracks_what_makes_graphs_valid(cache_config):
     assert base == _key(tiny_flux(seed=5), cache_config)  # other weights: same graphs
     variants = {
         "dtype": _key(tiny_flux(dtype=torch.bfloat16), cache_config),
-        "compile_options": _key(tiny_flux(), cache_config, {**FAST_COMPILE, "regional": True}),
+        "compile_options": _key(tiny_flux(), cache_config, {**FAST_COMPILE, "fullgraph": False}),
         "cache_config": _key(tiny_flux(), type(cache_config)(Fn_compute_blocks=2)),
     }
     for field_name, key in variants.items():
@@ -63,8 +63,8 @@ def test_the_key_survives_calls_through_cache_dit(cache_config, inputs):
     fresh = lc._artifact_key()
     lc.compile()
     lc.warm_up(denoiser(inputs, 2))
-    assert lc.artifacts is not None
-    assert lc._artifact_key() == fresh == lc.artifacts.key
+    assert lc._artifacts is not None
+    assert lc._artifact_key() == fresh == lc._artifacts.key
 
 
 def test_the_key_is_the_same_in_every_process(cache_config):
@@ -204,7 +204,7 @@ _CHILD = textwrap.dedent(
     import json, sys
     import structlog, torch
     from torch._dynamo.utils import counters
-    from lifecycle import LifecyclePolicy, ModuleLifecycle
+    from lifecycle import CompilePlan, LifecyclePolicy, ModuleLifecycle
 
     class Block(torch.nn.Module):
         def __init__(self):
@@ -225,7 +225,7 @@ _CHILD = textwrap.dedent(
     torch.manual_seed(0)
     model, x = Stack(), torch.randn(4, 8)
     lc = ModuleLifecycle(model, backend="cpu", policy=LifecyclePolicy(cache_dit=False),
-                         compile_options={"backend": "inductor", "regional": True},
+                         compile_options={"backend": "inductor"}, compile_plan=CompilePlan(scope="blocks"),
                          artifact_dir=sys.argv[1])
     with structlog.testing.capture_logs() as logs:
         with torch.no_grad():

@@ -24,6 +24,7 @@ from structlog.testing import capture_logs
 from torch import nn
 
 from lifecycle import (
+    CompilePlan,
     IllegalTransitionError,
     InvalidConfigError,
     LifecyclePolicy,
@@ -355,14 +356,15 @@ def test_i20_3_the_same_lifecycle_twice_in_a_pipeline_is_refused(audited):
     [
         ({"backend": "inductor", "options": {"no_such_option": 1}}, "unknown inductor option"),
         ({"backend": "inductor", "options": {"max_autotune": "yes"}}, "max_autotune.*must be bool"),
-        ({"backend": "eager", "regional": True}, "no repeated blocks"),
+        ({"backend": "eager"}, "no repeated blocks"),
     ],
 )
 def test_i20_4_compile_options_that_fail_inside_compile_are_refused_at_construction(options, match):
     module = nn.Sequential(nn.Linear(4, 4), nn.ReLU())  # no repeated blocks
+    plan = CompilePlan(scope="blocks") if match == "no repeated blocks" else CompilePlan()
     with pytest.raises(InvalidConfigError, match=match):
         ModuleLifecycle(module, policy=LifecyclePolicy(cache_dit=False), backend="cpu",
-                        compile_options=options)
+                        compile_options=options, compile_plan=plan)
     assert module._compiled_call_impl is None
 
 

@@ -1,4 +1,4 @@
-"""Regional compilation (``"regional": True``): the repeated blocks are compiled one by one, under
+"""Compiling the blocks (``CompilePlan(scope="blocks")``): the repeated blocks are compiled one by one, under
 cache-dit's block wrappers, through the lifecycle's usual mount -> compile -> warm-up path."""
 
 from __future__ import annotations
@@ -12,19 +12,21 @@ from adapters.regional import compiled_blocks, repeated_blocks
 from lifecycle import (
     IllegalTransitionError,
     InvalidConfigError,
+    CompilePlan,
     LifecyclePolicy,
     ModuleLifecycle,
     State,
 )
 from lifecycle.testing.tiny import FluxShape, denoise, denoiser, flux_inputs, tiny_flux
 
-REGIONAL = {**FAST_COMPILE, "regional": True}
+BLOCKS = CompilePlan(scope="blocks")
 
 
-def _prepared(shape: FluxShape, cache_config, options=REGIONAL) -> tuple[ModuleLifecycle, int]:
+def _prepared(shape: FluxShape, cache_config, options=FAST_COMPILE) -> tuple[ModuleLifecycle, int]:
     torch._dynamo.reset()
     lc = ModuleLifecycle(
-        tiny_flux(shape), backend="cpu", cache_config=cache_config, compile_options=options
+        tiny_flux(shape), backend="cpu", cache_config=cache_config, compile_options=options,
+        compile_plan=BLOCKS,
     )
     before = dynamo_graph_count()
     lc.prepare(denoiser(flux_inputs(shape), 2))
@@ -81,7 +83,7 @@ def test_first_request_adds_no_graph_and_matches_eager(cache_config, audit_event
 
 def test_reset_returns_every_block_to_eager(cache_config, inputs):
     reference = denoise(tiny_flux(), inputs, 3)
-    lc = ModuleLifecycle(tiny_flux(), backend="cpu", cache_config=cache_config, compile_options=REGIONAL)
+    lc = ModuleLifecycle(tiny_flux(), backend="cpu", cache_config=cache_config, compile_options=FAST_COMPILE, compile_plan=BLOCKS)
     lc.prepare(denoiser(inputs, 2))
     lc.reset()
     assert lc.state is State.LOADED
@@ -92,16 +94,18 @@ def test_reset_returns_every_block_to_eager(cache_config, inputs):
 
 
 def test_mount_before_compile_still_holds(flux, cache_config):
-    lc = ModuleLifecycle(flux, backend="cpu", cache_config=cache_config, compile_options=REGIONAL)
+    lc = ModuleLifecycle(flux, backend="cpu", cache_config=cache_config, compile_options=FAST_COMPILE, compile_plan=BLOCKS)
     with pytest.raises(IllegalTransitionError):
         lc.compile()
     assert compiled_blocks(flux) == []
     assert lc.state is State.LOADED
 
 
-def test_regional_must_be_a_bool(flux):
-    with pytest.raises(InvalidConfigError, match="regional"):
-        ModuleLifecycle(flux, backend="cpu", compile_options={**FAST_COMPILE, "regional": "yes"})
+def test_the_scope_must_be_model_or_blocks_and_regional_is_no_compile_option(flux):
+    with pytest.raises(InvalidConfigError, match="scope"):
+        CompilePlan(scope="regional")  # type: ignore[arg-type]
+    with pytest.raises(InvalidConfigError, match=r"CompilePlan\(scope='blocks'\)"):
+        ModuleLifecycle(flux, backend="cpu", compile_options={**FAST_COMPILE, "regional": True})
 
 
 def test_a_model_without_repeated_blocks_is_refused_at_construction_and_stays_eager():
@@ -109,7 +113,7 @@ def test_a_model_without_repeated_blocks_is_refused_at_construction_and_stays_ea
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 4))
     with pytest.raises(InvalidConfigError, match="no repeated blocks"):
         ModuleLifecycle(
-            model, backend="cpu", policy=LifecyclePolicy(cache_dit=False), compile_options=REGIONAL
+            model, backend="cpu", policy=LifecyclePolicy(cache_dit=False), compile_options=FAST_COMPILE, compile_plan=BLOCKS
         )
     assert compiled_blocks(model) == [] and model._compiled_call_impl is None
 
@@ -140,7 +144,7 @@ def test_plain_module_lists_are_found_without_diffusers_metadata():
     x = torch.randn(2, 4)
     expected = model(x)
     lc = ModuleLifecycle(
-        model, backend="cpu", policy=LifecyclePolicy(cache_dit=False), compile_options=REGIONAL
+        model, backend="cpu", policy=LifecyclePolicy(cache_dit=False), compile_options=FAST_COMPILE, compile_plan=BLOCKS
     )
     before = dynamo_graph_count()
     lc.prepare(lambda module: module(x))

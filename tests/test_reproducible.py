@@ -1,4 +1,4 @@
-"""compile_options={"reproducible": True} (adapters/reproducible.py): validation, what reaches
+"""CompilePlan(reproducible=True) (adapters/reproducible.py): validation, what reaches
 inductor (and what does not leak into the process), the audit, the artifact key, two processes
 serving identical outputs, and stale or corrupt artifacts under the mode."""
 
@@ -19,17 +19,18 @@ from adapters.artifacts import MAGIC, ArtifactKey, ArtifactStore
 from adapters.cpu import CpuAdapter
 from adapters.errors import InvalidOptions
 from adapters.reproducible import INDUCTOR_SETTINGS, supported, torch_compile_kwargs
-from lifecycle import InvalidConfigError, ModuleLifecycle, State
+from lifecycle import CompilePlan, InvalidConfigError, ModuleLifecycle, State
 from lifecycle.testing.tiny import denoise, denoiser, tiny_flux
 
 ROOT = Path(__file__).resolve().parents[1]
-REPRO = {**FAST_COMPILE, "reproducible": True}
+REPRO = CompilePlan(reproducible=True)
+PLAIN = CompilePlan()
 
 
-def _lifecycle(module, cache_config, artifact_dir=None, options=REPRO) -> ModuleLifecycle:
+def _lifecycle(module, cache_config, artifact_dir=None, plan=REPRO, options=FAST_COMPILE) -> ModuleLifecycle:
     return ModuleLifecycle(
         module, backend="cpu", cache_config=cache_config, compile_options=options,
-        artifact_dir=artifact_dir,
+        compile_plan=plan, artifact_dir=artifact_dir,
     )
 
 
@@ -39,46 +40,41 @@ def test_this_torch_has_inductors_deterministic_mode():
     assert supported()
 
 
-@pytest.mark.parametrize("value", [True, False])
-def test_the_option_is_accepted_and_kept_in_the_validated_options(value):
-    options = CpuAdapter().validate_options({"reproducible": value})
-    assert options == {"backend": "inductor", "reproducible": value}
-
-
 @pytest.mark.parametrize("value", ["yes", 1, None, 0.0])
-def test_wrong_types_are_invalid_options(value):
-    with pytest.raises(InvalidOptions, match="'reproducible' must be True or False"):
-        CpuAdapter().validate_options({"reproducible": value})
+def test_wrong_types_are_refused_at_construction(value):
+    with pytest.raises(InvalidConfigError, match=r"CompilePlan\(reproducible=...\) must be True or False"):
+        CompilePlan(reproducible=value)
 
 
-def test_the_lifecycle_refuses_a_wrong_type_before_any_work(flux, cache_config):
-    with pytest.raises(InvalidConfigError, match="reproducible"):
-        _lifecycle(flux, cache_config, options={"reproducible": "on"})
+def test_the_lifecycle_refuses_the_old_compile_option_before_any_work(flux, cache_config):
+    with pytest.raises(InvalidConfigError, match=r"CompilePlan\(reproducible=True\)"):
+        _lifecycle(flux, cache_config, plan=PLAIN, options={"reproducible": True})
     assert flux._compiled_call_impl is None
 
 
 def test_a_contradicting_inductor_option_is_refused():
+    options = CpuAdapter().validate_options({"options": {"deterministic": False}})
     with pytest.raises(InvalidOptions, match="contradict"):
-        CpuAdapter().validate_options({"reproducible": True, "options": {"deterministic": False}})
+        CpuAdapter().validate_plan(REPRO, options)
     # Saying the same thing twice is fine.
-    CpuAdapter().validate_options({"reproducible": True, "options": {"deterministic": True}})
+    CpuAdapter().validate_plan(REPRO, CpuAdapter().validate_options({"options": {"deterministic": True}}))
 
 
 # ---------------------------------------------------------------------------- what torch gets
 def test_torch_compile_kwargs_merge_the_settings_and_expand_a_mode():
-    plain = torch_compile_kwargs({"backend": "inductor", "reproducible": True})
+    plain = torch_compile_kwargs({"backend": "inductor"}, reproducible=True)
     assert plain == {"backend": "inductor", "options": INDUCTOR_SETTINGS}
     # torch.compile takes mode or options, not both: the mode becomes the options it stands for.
-    tuned = torch_compile_kwargs({"backend": "inductor", "reproducible": True, "mode": "max-autotune"})
+    tuned = torch_compile_kwargs({"backend": "inductor", "mode": "max-autotune"}, reproducible=True)
     assert "mode" not in tuned
     assert tuned["options"]["max_autotune"] is True and tuned["options"]["deterministic"] is True
-    mine = torch_compile_kwargs(
-        {"backend": "inductor", "reproducible": True, "options": {"epilogue_fusion": False}}
-    )
+    options = {"backend": "inductor", "options": {"epilogue_fusion": False}}
+    mine = torch_compile_kwargs(options, reproducible=True)
+    assert options == {"backend": "inductor", "options": {"epilogue_fusion": False}}  # never rewritten
     assert mine["options"] == {"epilogue_fusion": False, "deterministic": True}
     # Off, or another backend: torch gets exactly what it got before the option existed.
-    assert torch_compile_kwargs({"backend": "inductor", "reproducible": False}) == {"backend": "inductor"}
-    assert torch_compile_kwargs({"backend": "aot_eager", "reproducible": True}) == {"backend": "aot_eager"}
+    assert torch_compile_kwargs({"backend": "inductor"}, reproducible=False) == {"backend": "inductor"}
+    assert torch_compile_kwargs({"backend": "aot_eager"}, reproducible=True) == {"backend": "aot_eager"}
 
 
 class _Block(torch.nn.Module):  # defined here, not in torch: dynamo traces user code only
@@ -109,7 +105,7 @@ def test_inductor_compiles_under_deterministic_mode_and_the_process_does_not(mon
     for reproducible in (True, False):
         torch._dynamo.reset()
         block = _Block()
-        adapter.compile(block, adapter.validate_options({"reproducible": reproducible}))
+        adapter.compile(block, adapter.validate_options({}), CompilePlan(reproducible=reproducible))
         with inductor_config.patch(post_grad_custom_post_pass=probe, fx_graph_cache=False):
             with pytest.raises(Exception, match="_Seen"):
                 block(torch.randn(4, 8))
@@ -128,39 +124,39 @@ def test_the_compile_transition_audits_the_option(flux, cache_config, inputs, au
     assert audited["process"]["cudnn_benchmark"] is False
     assert any("thread count" in note for note in audited["notes"])
     # Off: the adapter has nothing to record, so the compile transition carries no such field.
-    assert lc.backend.reproducibility(FAST_COMPILE) is None
+    assert lc.backend.reproducibility(PLAIN, FAST_COMPILE) is None
 
 
 def test_cudnn_benchmark_is_reported_not_changed(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
-    audited = CpuAdapter().reproducibility({"backend": "inductor", "reproducible": True})
+    audited = CpuAdapter().reproducibility(REPRO, {"backend": "inductor"})
     assert audited is not None and audited["process"]["cudnn_benchmark"] is True
     assert any("cudnn.benchmark" in note for note in audited["notes"])
     assert torch.backends.cudnn.benchmark is True
-    assert CpuAdapter().reproducibility({"backend": "inductor", "reproducible": False}) is None
+    assert CpuAdapter().reproducibility(PLAIN, {"backend": "inductor"}) is None
 
 
 # ---------------------------------------------------------------------------- artifacts
 def test_the_option_is_part_of_the_artifact_key(cache_config):
     on = _lifecycle(tiny_flux(), cache_config, "unused")._artifact_key()
-    off = _lifecycle(tiny_flux(), cache_config, "unused", {**FAST_COMPILE, "reproducible": False})
-    unset = _lifecycle(tiny_flux(), cache_config, "unused", FAST_COMPILE)
+    off = _lifecycle(tiny_flux(), cache_config, "unused", CompilePlan(reproducible=False))
+    unset = _lifecycle(tiny_flux(), cache_config, "unused", PLAIN)
     assert on.digest != off._artifact_key().digest
-    assert on.digest != unset._artifact_key().digest
-    assert on.fields["compile_options"]["reproducible"] is True
+    assert off._artifact_key().digest == unset._artifact_key().digest
+    assert on.fields["policy"]["compile_plan"]["reproducible"] is True
 
 
 def test_an_artifact_of_a_non_reproducible_compile_is_stale_and_ignored(
     tmp_path, cache_config, inputs, audit_events
 ):
-    plain_key = _lifecycle(tiny_flux(), cache_config, tmp_path, FAST_COMPILE)._artifact_key()
+    plain_key = _lifecycle(tiny_flux(), cache_config, tmp_path, PLAIN)._artifact_key()
     ArtifactStore(tmp_path).write(plain_key, b"graphs compiled without the option")
     lc = _lifecycle(tiny_flux(), cache_config, tmp_path)
     lc.prepare(denoiser(inputs, 2))
     assert lc.state is State.WARMED_UP
     load = next(e for e in audit_events.of("lifecycle.artifacts") if e["action"] == "load")
     assert load["status"] == "stale"
-    assert "compile_options.reproducible" in load["differing_fields"]
+    assert "policy.compile_plan.reproducible" in load["differing_fields"]
 
 
 def test_a_corrupt_artifact_under_the_mode_is_reported_and_ignored(
@@ -189,12 +185,12 @@ _CHILD = textwrap.dedent(
     import structlog, torch
     torch.set_num_threads(1)  # replicas run with the same thread count (the audit says so)
     logging.getLogger("CACHE_DIT").setLevel(logging.WARNING)
-    from lifecycle import ModuleLifecycle
+    from lifecycle import CompilePlan, ModuleLifecycle
     from lifecycle.testing.tiny import demo_cache_config, denoise, denoiser, flux_inputs, tiny_flux
 
     steps = int(sys.argv[1])
     lc = ModuleLifecycle(tiny_flux(), backend="cpu", cache_config=demo_cache_config(steps),
-                         compile_options={"backend": "aot_eager", "reproducible": True})
+                         compile_options={"backend": "aot_eager"}, compile_plan=CompilePlan(reproducible=True))
     inputs = flux_inputs()
     with structlog.testing.capture_logs() as logs:
         lc.prepare(denoiser(inputs, 2), num_inference_steps=steps)

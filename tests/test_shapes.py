@@ -22,6 +22,7 @@ from conftest import FAST_COMPILE, SERVING_STEPS
 
 from adapters import dynamo_graph_count
 from lifecycle import (
+    ServingPolicy,
     InvalidConfigError,
     ModuleLifecycle,
     PipelineLifecycle,
@@ -30,7 +31,7 @@ from lifecycle import (
     UnwarmedShapeError,
 )
 from lifecycle.audit import configure_default
-from lifecycle.shapes import shape_key
+from lifecycle.buckets import shape_key
 from lifecycle.testing.tiny import FluxInputs, FluxShape, denoise, flux_inputs, tiny_flux
 
 STATIC = {**FAST_COMPILE, "dynamic": False}
@@ -88,13 +89,16 @@ def verify_clean(path: Path) -> None:
 
 def lifecycle(flux: torch.nn.Module, cache_config: Any, **kw: Any) -> ModuleLifecycle:
     kw.setdefault("compile_options", STATIC)
+    serving = {key: kw.pop(key) for key in ("on_unwarmed", "share_bucket_graphs", "measure_paths") if key in kw}
+    if serving:
+        kw["serving"] = ServingPolicy(**serving)
     return ModuleLifecycle(flux, backend="cpu", cache_config=cache_config, **kw)
 
 
 # ---------------------------------------------------------------------------- buckets
 def test_declared_buckets_are_warm_and_an_eager_miss_matches_eager(flux, cache_config, audit_file):
     lc = lifecycle(flux, cache_config)
-    assert lc.shapes.on_unwarmed == "eager"  # the default (README: why)
+    assert lc.serving.on_unwarmed == "eager"  # the default (README: why)
     lc.prepare(run, shapes=[A, B])
     assert lc.state is State.WARMED_UP and lc.ready
     coverage = {c["key"]: c for c in lc.coverage()}
@@ -237,8 +241,8 @@ def test_a_bucket_that_fails_to_warm_leaves_the_lifecycle_not_ready(flux, cache_
         ([], "eager", STATIC),
         ([{"height": [64, None]}], "eager", STATIC),
         ([A], "sometimes", STATIC),
-        ([A], "eager", {**FAST_COMPILE, "dynamic_buckets": "yes"}),
-        ([A], "eager", {**FAST_COMPILE, "dynamic_buckets": True, "dynamic": False}),
+        ([A], "eager", {**FAST_COMPILE, "dynamic_buckets": True}),  # a setting moved to ServingPolicy
+        ([A], "eager", {**FAST_COMPILE, "measure_paths": True}),
     ],
 )
 def test_bad_shape_arguments_are_refused_before_any_work(flux, cache_config, shapes, on_unwarmed, options):
@@ -251,11 +255,13 @@ def test_bad_shape_arguments_are_refused_before_any_work(flux, cache_config, sha
 
 # ---------------------------------------------------------------------------- shared graphs
 def test_declared_buckets_share_one_compile_by_default(flux, cache_config, audit_file):
-    # No "dynamic" and no "dynamic_buckets" given: three buckets declared before the compile
-    # share one dynamic compile (the default chosen from the H200 numbers, README).
+    # No "dynamic" given: three buckets declared before the compile share one dynamic compile
+    # (ServingPolicy(share_bucket_graphs=True), the default chosen from the H200 numbers). The
+    # decision is recorded in stats(), never written into the host's compile_options.
     lc = lifecycle(flux, cache_config, compile_options=QUICK)
     lc.prepare(run, shapes=[A, B, C])
-    assert lc.stats()["shapes"]["dynamic_buckets"] is True and lc.compile_options["dynamic"] is True
+    assert lc.stats()["shapes"]["shared_graphs"] is True and "dynamic" not in lc.compile_options
+    assert lc.compile_options == QUICK
     graphs = [c["graphs"] for c in lc.coverage()]
     assert graphs[0] > 0 and graphs[1:] == [0, 0]  # one compile serves every bucket
     shared = lc.stats()["shapes"]["shared_dims"]
@@ -267,7 +273,7 @@ def test_declared_buckets_share_one_compile_by_default(flux, cache_config, audit
 
 
 def test_measured_paths_are_audited_and_served(flux, cache_config, audit_file):
-    lc = lifecycle(flux, cache_config, compile_options={**QUICK, "dynamic": False, "measure_paths": True})
+    lc = lifecycle(flux, cache_config, compile_options={**QUICK, "dynamic": False}, measure_paths=True)
     lc.prepare(run, shapes=[A])
     (path,) = events(audit_file, "lifecycle.warmup_path")
     assert path["path"] in ("compiled", "eager") and path["compiled_s"] > 0 and path["eager_s"] > 0

@@ -38,7 +38,7 @@ from lifecycle import (
 from lifecycle.audit import JsonlSink
 from lifecycle.audit.verify import verify_file
 from lifecycle.module import HISTORY_LIMIT
-from lifecycle.shapes import RECENT_MISSES
+from lifecycle.buckets import RECENT_MISSES
 from lifecycle.testing import AuditEvents, NoopBackend, NoopCache
 
 THREADS = 32

@@ -12,7 +12,7 @@ import pytest
 from conftest import FAST_COMPILE, SERVING_STEPS
 
 from adapters import dynamo_graph_count
-from lifecycle import ModuleLifecycle
+from lifecycle import ServingPolicy, ModuleLifecycle
 from lifecycle.testing.tiny import denoise, denoiser
 
 
@@ -64,7 +64,7 @@ def test_a_compile_after_warmup_is_counted_and_audited(flux, inputs, cache_confi
     from lifecycle.testing.tiny import flux_inputs
 
     lc = ModuleLifecycle(flux, backend="cpu", cache_config=cache_config, compile_options=FAST_COMPILE,
-                         on_unwarmed="compile")
+                         serving=ServingPolicy(on_unwarmed="compile"))
     lc.prepare(denoiser(inputs, 2))
     other = flux_inputs(replace(shape, image_tokens=shape.image_tokens * 2))
     with lc.request(num_inference_steps=SERVING_STEPS) as req:

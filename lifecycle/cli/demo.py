@@ -15,6 +15,7 @@ from typing import Any
 
 from lifecycle.cli.format import ms, table
 from lifecycle.cli.progress import Progress
+from lifecycle.config import CompilePlan
 from lifecycle.errors import BackendUnavailableError, InvalidConfigError
 from lifecycle.module import ModuleLifecycle
 from states import LifecyclePolicy, State
@@ -79,10 +80,8 @@ def run_demo(
         policy=policy,
         backend=adapter,
         cache_config=demo_cache_config(options.steps) if policy.cache_dit else None,
-        compile_options=(
-            {"backend": compile_backend, **({"regional": True} if options.regional else {})}
-            if policy.compile else None
-        ),
+        compile_options={"backend": compile_backend} if policy.compile else None,
+        compile_plan=CompilePlan(scope="blocks" if options.regional else "model"),
         artifact_dir=options.artifact_dir,
     )
     build_s = time.perf_counter() - started

@@ -64,7 +64,7 @@ def run_shapes_demo(
 
     def serve(shape: dict[str, int], policy: str | None, label: str) -> None:
         row: dict[str, Any] = {
-            "label": label, "shape": _key(shape), "policy": policy or lc.shapes.on_unwarmed,
+            "label": label, "shape": _key(shape), "policy": policy or lc.serving.on_unwarmed,
         }
         try:
             with lc.request(num_inference_steps=steps, shape=shape, on_unwarmed=policy) as req:

@@ -12,6 +12,7 @@ from structlog.testing import capture_logs
 from torch import nn
 
 from adapters import BackendAdapter, CacheSummary, InvalidOptions
+from adapters.protocols import CompilePlanLike
 from lifecycle import audit
 
 if TYPE_CHECKING:
@@ -81,7 +82,7 @@ class NoopBackend(BackendAdapter):
             raise InvalidOptions(f"compile_options must be a dict, got {type(options).__name__}")
         return dict(options)
 
-    def compile(self, module: nn.Module, options: Mapping[str, Any]) -> None:
+    def compile(self, module: nn.Module, options: Mapping[str, Any], plan: CompilePlanLike) -> None:
         self.compiles += 1
 
     def decompile(self, module: nn.Module) -> None:

@@ -1,0 +1,239 @@
+"""The only code that touches torch's internals: a module's call slot, dynamo's counters, the fx
+duck-shape switch, dynamic-dim marks. Everything else asks here.
+
+Why each is needed, and how it is kept from the rest of the process:
+
+- **The call slot.** ``nn.Module.__call__`` runs ``module._compiled_call_impl`` when it is set
+  (``nn.Module.compile()`` sets it), else ``module._call_impl``. Compiling in place keeps the
+  object the host holds, and ``None`` returns the module to eager. Every compiled callable we
+  install goes through an ``EagerSwitch``, so one module can run its own eager path for one call
+  (an eager miss, a bucket measured faster eager) without touching torch's process-wide compile
+  stance: the switch reads a context variable, which another thread or task never sees.
+- **Duck shaping** (``torch.fx.experimental._config.use_duck_shape``) is read when dynamo
+  traces, and it is process-wide. Buckets that share graphs must trace with it off (two sizes
+  equal at one bucket must not become one symbol), so every warm-up traces under ``TRACE_LOCK``
+  and a trace that needs it off restores it before the lock is released.
+- **Dynamic-dim marks** are set on tensors the library makes (aliases), never on the host's.
+- **Counters**: dynamo's ``unique_graphs`` counts compiled graphs; inductor's FX-graph cache
+  misses tell a load from artifacts from a cold compile.
+
+``check()`` runs at a lifecycle's construction and turns a torch that moved any of these into
+``TorchInternalsMoved`` (a typed refusal naming what moved), never a silent no-op.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from functools import cache
+from typing import Any
+
+import torch
+from torch import nn
+
+from adapters.errors import TorchInternalsMoved
+
+SLOT = "_compiled_call_impl"
+# Ids of the modules that run their eager path in this thread or task (a context variable: an
+# eager call in one thread leaves every other thread's calls as they were).
+_EAGER: ContextVar[frozenset[int]] = ContextVar("dit_lifecycle_eager_modules", default=frozenset())
+# Held while a warm-up traces: the duck-shape switch is process-wide, so one trace at a time
+# may change it, and a trace never sees another's setting.
+TRACE_LOCK = threading.RLock()
+
+
+# ---------------------------------------------------------------------------- self-test
+@cache
+def _check() -> None:
+    problems: list[str] = []
+    probe = nn.Linear(1, 1)
+    if not hasattr(probe, SLOT):
+        problems.append(f"nn.Module has no {SLOT} slot (nn.Module.compile() stores its call there)")
+    else:
+        seen: list[bool] = []
+
+        def spy(*args: Any, **kwargs: Any) -> Any:
+            seen.append(True)
+            return eager_call(probe)(*args, **kwargs)
+
+        object.__setattr__(probe, SLOT, spy)
+        with torch.no_grad():
+            probe(torch.zeros(1, 1))
+        object.__setattr__(probe, SLOT, None)
+        if not seen:
+            problems.append(f"nn.Module.__call__ no longer calls {SLOT}")
+    try:
+        from torch._dynamo.utils import counters
+
+        int(counters["stats"]["unique_graphs"])
+    except Exception as exc:  # any shape of "moved"
+        problems.append(f"torch._dynamo.utils.counters['stats']['unique_graphs'] is gone ({exc})")
+    try:
+        import torch.fx.experimental._config as fx_config
+
+        if not isinstance(fx_config.use_duck_shape, bool):
+            problems.append("torch.fx.experimental._config.use_duck_shape is not a bool")
+    except Exception as exc:
+        problems.append(f"torch.fx.experimental._config.use_duck_shape is gone ({exc})")
+    if not callable(getattr(torch._dynamo, "mark_dynamic", None)):
+        problems.append("torch._dynamo.mark_dynamic is gone")
+    if problems:
+        raise TorchInternalsMoved(
+            f"torch {torch.__version__} moved what dit-lifecycle relies on: {'; '.join(problems)}. "
+            "Use a torch version the library supports (see its pyproject), or report it"
+        )
+
+
+def check() -> None:
+    """Raise ``TorchInternalsMoved`` if this torch moved anything the library relies on
+    (checked once per process; a failure is raised again on every call)."""
+    _check()
+
+
+def forget_check() -> None:
+    """Run the self-test again next time (for tests that simulate a moved internal)."""
+    _check.cache_clear()
+
+
+# ---------------------------------------------------------------------------- the call slot
+def compiled_call(module: nn.Module) -> Callable[..., Any] | None:
+    """What ``module.__call__`` runs instead of ``_call_impl`` now (None: eager)."""
+    call: Callable[..., Any] | None = getattr(module, SLOT, None)
+    return call
+
+
+def set_compiled_call(module: nn.Module, call: Callable[..., Any] | None) -> None:
+    """Set the slot the way ``Module.__init__`` does, past ``nn.Module.__setattr__``."""
+    object.__setattr__(module, SLOT, call)
+
+
+def eager_call(module: nn.Module) -> Callable[..., Any]:
+    """The module's own uncompiled call (hooks and all)."""
+    call: Callable[..., Any] = module._call_impl
+    return call
+
+
+def is_compiled(module: nn.Module) -> bool:
+    """Whether the module or any submodule runs a compiled call."""
+    return any(compiled_call(sub) is not None for sub in module.modules())
+
+
+class EagerSwitch:
+    """A compiled call that runs the module's eager path instead while its owner is in
+    ``eager_for(owner)`` (in this thread or task only)."""
+
+    __slots__ = ("compiled", "eager", "owner")
+
+    def __init__(self, owner: int, compiled: Callable[..., Any], eager: Callable[..., Any]) -> None:
+        self.owner = owner
+        self.compiled = compiled
+        self.eager = eager
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.owner in _EAGER.get():
+            return self.eager(*args, **kwargs)
+        return self.compiled(*args, **kwargs)
+
+
+def install(target: nn.Module, owner: nn.Module, call: Callable[..., Any]) -> None:
+    """Make ``call`` what ``target`` runs, switchable to its eager path for ``owner``."""
+    set_compiled_call(target, EagerSwitch(id(owner), call, eager_call(target)))
+
+
+def compile_in_place(target: nn.Module, owner: nn.Module, torch_options: dict[str, Any]) -> None:
+    """``target.compile(**torch_options)`` behind an ``EagerSwitch`` for ``owner``; on failure
+    the target is left eager, never half-compiled."""
+    try:
+        target.compile(**torch_options)
+        compiled = compiled_call(target)
+        if compiled is None:
+            raise TorchInternalsMoved(f"nn.Module.compile() left {SLOT} unset")
+        install(target, owner, compiled)
+    except BaseException:
+        set_compiled_call(target, None)
+        raise
+
+
+@contextmanager
+def eager_for(owner: nn.Module) -> Iterator[None]:
+    """Inside the block, ``owner``'s compiled calls (its own and its blocks') run eagerly, in
+    this thread or task only."""
+    token = _EAGER.set(_EAGER.get() | {id(owner)})
+    try:
+        yield
+    finally:
+        _EAGER.reset(token)
+
+
+def is_eager(owner: nn.Module) -> bool:
+    return id(owner) in _EAGER.get()
+
+
+# ---------------------------------------------------------------------------- counters
+def graph_count() -> int:
+    """Graphs dynamo has compiled in this process (its own counter, shared by all backends)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def fxgraph_cache_misses() -> int:
+    """Inductor FX-graph cache misses in this process (a load from artifacts has none)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["fxgraph_cache_miss"])
+
+
+# ---------------------------------------------------------------------------- tracing
+@contextmanager
+def tracing(*, duck_shape: bool = True) -> Iterator[None]:
+    """Hold the process's trace lock for a warm-up; with ``duck_shape=False``, duck shaping is
+    off inside and restored before the lock is released."""
+    import torch.fx.experimental._config as fx_config
+
+    with TRACE_LOCK:
+        previous = fx_config.use_duck_shape
+        fx_config.use_duck_shape = duck_shape
+        try:
+            yield
+        finally:
+            fx_config.use_duck_shape = previous
+
+
+def duck_shape() -> bool:
+    import torch.fx.experimental._config as fx_config
+
+    return bool(fx_config.use_duck_shape)
+
+
+def marked_alias(tensor: torch.Tensor, dims: list[tuple[int, int, int]]) -> torch.Tensor:
+    """An alias of ``tensor`` (same storage, not a view in dynamo's eyes) with ``dims``
+    ((dim, min, max) each) marked dynamic: the caller's tensor is never marked."""
+    alias = tensor.detach()
+    for dim, low, high in dims:
+        torch._dynamo.mark_dynamic(alias, dim, min=low, max=high)
+    return alias
+
+
+__all__ = [
+    "SLOT",
+    "TRACE_LOCK",
+    "EagerSwitch",
+    "check",
+    "compile_in_place",
+    "compiled_call",
+    "duck_shape",
+    "eager_call",
+    "eager_for",
+    "forget_check",
+    "fxgraph_cache_misses",
+    "graph_count",
+    "install",
+    "is_compiled",
+    "is_eager",
+    "marked_alias",
+    "set_compiled_call",
+    "tracing",
+]
