@@ -6,11 +6,19 @@ uses the real part: real files, a real server and socket, real structlog, a real
 from __future__ import annotations
 
 import json
+import math
 import os
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
+from typing import Any
+from wsgiref.util import setup_testing_defaults
 
 import pytest
 from conftest import FAST_COMPILE
@@ -18,7 +26,9 @@ from conftest import FAST_COMPILE
 from adapters.artifact_session import ArtifactSession
 from adapters.artifacts import MAGIC, ArtifactKey, ArtifactStore
 from adapters.errors import InvalidOptions
-from lifecycle import InvalidConfigError, ModuleLifecycle, State
+from lifecycle import InvalidConfigError, LifecyclePolicy, ModuleLifecycle, State
+from lifecycle.ops import make_wsgi_app, serve
+from lifecycle.testing import NoopBackend
 from lifecycle.testing.tiny import denoiser, tiny_flux
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,3 +188,95 @@ def test_an_empty_artifact_dir_is_a_config_error_of_the_lifecycle(flux, cache_co
     with pytest.raises(InvalidConfigError, match=r"transformer: .*artifact_dir=.*or None"):
         ModuleLifecycle(flux, backend="cpu", cache_config=cache_config, compile_options=FAST_COMPILE,
                         artifact_dir="")
+
+
+# ---------------------------------------------------------------------------- the ops server
+def get(url: str) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _eager(name: str) -> ModuleLifecycle:
+    return ModuleLifecycle(tiny_flux(), name=name, policy=LifecyclePolicy(cache_dit=False, compile=False),
+                           backend=NoopBackend())
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1\x00", "\ud800", "local\udcffhost"],
+                         ids=["nul", "lone-surrogate", "escaped-byte"])
+def test_a_host_no_socket_can_take_is_a_typed_refusal(host):
+    with pytest.raises(InvalidConfigError, match=r"^host must be an address or host name") as info:
+        serve(port=0, host=host)
+    assert repr(host) in str(info.value)
+
+
+@pytest.mark.parametrize("idle_timeout", [0, -1.0, math.inf, math.nan, True, "5"])
+def test_a_bad_idle_timeout_is_refused(idle_timeout):
+    with pytest.raises(InvalidConfigError, match="idle_timeout must be a positive number"):
+        serve(port=0, idle_timeout=idle_timeout)
+
+
+def test_model_names_are_percent_decoded_like_the_wsgi_app_does():
+    lifecycles = {name: _eager(name) for name in ("flux dev", "what?", "café")}
+    wsgi = make_wsgi_app(lifecycles)
+
+    def wsgi_status(path: str) -> int:
+        environ: dict[str, Any] = {"PATH_INFO": path}
+        setup_testing_defaults(environ)
+        started: list[str] = []
+        b"".join(wsgi(environ, lambda status, headers: started.append(status)))
+        return int(started[0].split()[0])
+
+    lifecycles["flux dev"].prepare(lambda module: None)
+    with serve(lifecycles, port=0) as server:
+        for name, quoted, status in [("flux dev", "flux%20dev", 200), ("what?", "what%3F", 503),
+                                     ("café", "caf%C3%A9", 503)]:
+            for path in (f"/v2/models/{quoted}/ready", f"/v2/models/{quoted}/versions/1/ready?x=1"):
+                assert get(server.url + path) == (status, {"name": name, "ready": status == 200,
+                                                           "state": lifecycles[name].state.value})
+            assert wsgi_status(f"/v2/models/{name}/ready") == status
+        assert get(server.url + "/v2/models/flux%2520dev/ready")[0] == 404  # decoded once, not twice
+
+
+def _new_threads(before: set[threading.Thread], timeout: float = 5.0) -> list[threading.Thread]:
+    """Threads started since ``before`` (waiting a little for the first one)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [t for t in threading.enumerate() if t not in before]
+        if found:
+            return found
+        time.sleep(0.01)
+    return []
+
+
+def test_stop_cuts_a_connection_that_never_sends_and_ends_its_thread():
+    server = serve(port=0)
+    before = set(threading.enumerate())
+    client = socket.create_connection((server.host, server.port), timeout=10)
+    try:
+        handlers = _new_threads(before)
+        assert handlers and all(t.is_alive() for t in handlers)
+        started = time.monotonic()
+        server.stop(timeout=3.0)
+        assert time.monotonic() - started < 3.5
+        for thread in handlers:
+            thread.join(1.0)
+            assert not thread.is_alive(), thread
+        assert client.recv(1) == b""  # the server closed its end
+        assert not server.running
+    finally:
+        client.close()
+
+
+def test_a_silent_connection_is_dropped_after_the_idle_timeout():
+    with serve(port=0, idle_timeout=0.3) as server:
+        client = socket.create_connection((server.host, server.port), timeout=10)
+        try:
+            started = time.monotonic()
+            assert client.recv(1) == b""  # closed by the server, without stop()
+            assert 0.2 < time.monotonic() - started < 5
+        finally:
+            client.close()
+        assert get(server.url + "/health/live") == (200, {"live": True})  # still serving

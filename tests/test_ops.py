@@ -440,24 +440,53 @@ def test_plain_functions_wsgi_and_asgi_apps_answer_the_same(registry):
     assert not thread.is_alive()
 
 
-def test_attach_puts_the_processor_in_the_hosts_chain_once(registry):
+def test_attach_counts_the_audit_without_configuring_structlog(registry):
+    # A library never configures logging: attach() listens to the library's own audit, and the
+    # host's structlog configuration is the very same objects afterwards.
     old = structlog.get_config()
     capture = LogCapture()
     structlog.configure(processors=[capture], cache_logger_on_first_use=False)
+    metrics = LifecycleMetrics(registry)
+    recompile = {"module": "m", "backend": "cpu", "new_graphs": 2}
+    labels = {"module": "m", "backend": "cpu"}
     try:
-        metrics = LifecycleMetrics(registry).attach()
-        metrics.attach()
-        assert [p for p in structlog.get_config()["processors"] if p is metrics] == [metrics]
-        audit.emit("lifecycle.recompile", "refused", {"module": "m", "backend": "cpu", "new_graphs": 2})
-        assert len(capture.entries) == 1
-        labels = {"module": "m", "backend": "cpu"}
+        config = structlog.get_config()
+        metrics.attach().attach()
+        after = structlog.get_config()
+        assert after["processors"] is config["processors"] and after == config
+        audit.emit("lifecycle.recompile", "refused", recompile)
+        assert len(events(capture.entries, "lifecycle.recompile")) == 1  # the host's chain has it, once
         assert registry.get_sample_value("dit_lifecycle_recompiles_total", labels) == 1.0
         assert registry.get_sample_value("dit_lifecycle_recompiled_graphs_total", labels) == 2.0
+
+        lc = ModuleLifecycle(tiny_flux(), policy=LifecyclePolicy(cache_dit=False, compile=False),
+                             backend=NoopBackend())
+        lc.prepare(lambda module: None)
+        with pytest.raises(IllegalTransitionError):
+            lc.compile()
+        written = Counter((e["trigger"], e["outcome"])
+                          for e in events(capture.entries, "lifecycle.transition"))
+        assert written == {("warm_up", "ok"): 1, ("compile", "refused"): 1}
+        for (trigger, outcome), count in written.items():
+            found = {"module": lc.name, "trigger": trigger, "outcome": outcome}
+            assert registry.get_sample_value("dit_lifecycle_transitions_total", found) == count
+        warm = {"module": lc.name, "state": "WarmedUp"}
+        assert registry.get_sample_value("dit_lifecycle_state", warm) == 1.0
+
         metrics.detach()
-        audit.emit("lifecycle.recompile", "refused", {"module": "m", "backend": "cpu", "new_graphs": 2})
-        assert len(capture.entries) == 2
+        metrics.detach()
+        audit.emit("lifecycle.recompile", "refused", recompile)
+        assert len(events(capture.entries, "lifecycle.recompile")) == 2
         assert registry.get_sample_value("dit_lifecycle_recompiles_total", labels) == 1.0
+        assert structlog.get_config()["processors"] is config["processors"]
+
+        # A host that also put the instance in its own chain still counts each event once.
+        structlog.configure(processors=[metrics, capture])
+        metrics.attach()
+        audit.emit("lifecycle.recompile", "refused", recompile)
+        assert registry.get_sample_value("dit_lifecycle_recompiles_total", labels) == 2.0
     finally:
+        metrics.detach()
         structlog.configure(**old)
 
 

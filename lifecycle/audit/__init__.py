@@ -2,7 +2,9 @@
 verifier (``verify``) and the timeline (``show``).
 
 The library never calls ``structlog.configure``: events go through ``structlog.get_logger`` and
-follow whatever the host configured (and ``structlog.testing.capture_logs`` sees them). Nothing
+follow whatever the host configured (and ``structlog.testing.capture_logs`` sees them).
+``add_listener`` hands every event to a callable as well (how ``LifecycleMetrics.attach`` feeds
+the metrics). Nothing
 here imports torch, and the sink (with structlog) loads on first use of its names.
 """
 
@@ -22,11 +24,14 @@ from lifecycle.audit.events import (
     TRANSITION_EVENT,
     TRANSITION_KEYS,
     WARMUP_COVERAGE_EVENT,
+    Listener,
     Outcome,
+    add_listener,
     debug_enabled,
     emit,
     level_for,
     logger,
+    remove_listener,
 )
 
 if TYPE_CHECKING:
@@ -55,10 +60,13 @@ __all__ = [
     "WARMUP_COVERAGE_EVENT",
     "AuditSinkError",
     "JsonlSink",
+    "Listener",
     "Outcome",
+    "add_listener",
     "configure_default",
     "debug_enabled",
     "emit",
     "level_for",
     "logger",
+    "remove_listener",
 ]

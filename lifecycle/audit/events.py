@@ -9,6 +9,9 @@ only need the names, start fast.
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any, Final, Literal
 
 LOGGER_NAME: Final = "dit_lifecycle"
@@ -79,10 +82,53 @@ def level_for(outcome: str) -> str:
     return _LEVEL_BY_OUTCOME.get(outcome, "warning")
 
 
+# Called with (event, fields) for every event ``emit`` sends: how the library's own metrics are
+# fed without a place in the host's structlog chain. A tuple replaced whole on each change, so
+# that ``emit`` reads it without a lock.
+Listener = Callable[[str, Mapping[str, Any]], None]
+_LISTENERS: tuple[Listener, ...] = ()
+_LISTENERS_LOCK = threading.Lock()
+
+
+def add_listener(listener: Listener) -> None:
+    """Call ``listener(event, fields)`` for every audit event from now on (once, however often
+    it is added). It sees the event whatever the host's logging keeps or drops; it gets a
+    read-only view of the fields, must be quick, and what it raises is ignored (the audit goes
+    on)."""
+    global _LISTENERS
+    if not callable(listener):
+        raise TypeError(f"an audit listener must be callable, got {type(listener).__name__}")
+    with _LISTENERS_LOCK:
+        if listener not in _LISTENERS:  # equality: a bound method is a new object each time
+            _LISTENERS = (*_LISTENERS, listener)
+
+
+def remove_listener(listener: Listener) -> None:
+    """Stop calling ``listener`` (idempotent)."""
+    global _LISTENERS
+    with _LISTENERS_LOCK:
+        _LISTENERS = tuple(known for known in _LISTENERS if known != listener)
+
+
+def _tell_listeners(listeners: tuple[Listener, ...], event: str, fields: dict[str, Any]) -> None:
+    view = MappingProxyType(fields)
+    for listener in listeners:
+        try:
+            listener(event, view)
+        except Exception:  # a listener never breaks (or loses) an audit write
+            pass
+
+
 def emit(event: str, outcome: str, fields: dict[str, Any]) -> None:
-    """Send one audit event at the level its outcome deserves."""
+    """Send one audit event at the level its outcome deserves, then to the listeners (even when
+    the write raised: the transition it records happened)."""
     log = _LOGGER if _LOGGER is not None else logger()
-    getattr(log, _LEVEL_BY_OUTCOME.get(outcome, "warning"))(event, **fields)
+    listeners = _LISTENERS
+    try:
+        getattr(log, _LEVEL_BY_OUTCOME.get(outcome, "warning"))(event, **fields)
+    finally:
+        if listeners:
+            _tell_listeners(listeners, event, fields)
 
 
 __all__ = [
@@ -96,9 +142,12 @@ __all__ = [
     "TRANSITION_EVENT",
     "TRANSITION_KEYS",
     "WARMUP_COVERAGE_EVENT",
+    "Listener",
     "Outcome",
+    "add_listener",
     "debug_enabled",
     "emit",
     "level_for",
     "logger",
+    "remove_listener",
 ]

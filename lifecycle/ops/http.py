@@ -9,24 +9,31 @@ Routes (GET and HEAD):
   (``lc.ready``: WarmedUp, and warm in every declared bucket), else 503; the JSON body has
   each lifecycle's state (and a pipeline's members') either way.
 - ``/v2/models/{name}/ready`` (also ``/v2/models/{name}/versions/{v}/ready``): the same for one
-  lifecycle, or one pipeline member, by name; 404 for a name it does not serve.
+  lifecycle, or one pipeline member, by name (percent-decoded: ``flux%20dev``); 404 for a name it
+  does not serve.
 - ``/metrics``: the Prometheus text exposition of the registry given (default: the global one).
 
-Stdlib only (``http.server``); ``prometheus_client`` is imported for ``/metrics`` alone.
+Stdlib only (``http.server``); ``prometheus_client`` is imported for ``/metrics`` alone. The
+built-in server drops a connection idle for ``idle_timeout`` seconds, and ``stop()`` cuts the
+open ones, so a silent client holds no thread past either.
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import math
 import socket
 import socketserver
+import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 from lifecycle.ops.errors import InvalidConfigError, OpsError, PortInUseError, ServerStoppedError
 
@@ -38,6 +45,9 @@ LIVE_PATHS = ("/health/live", "/v2/health/live")
 READY_PATHS = ("/health/ready", "/v2/health/ready")
 METRICS_PATH = "/metrics"
 PATHS = (*LIVE_PATHS, *READY_PATHS, "/v2/models/{name}/ready", METRICS_PATH)
+# How long the built-in server waits on a connection that sends (or reads) nothing: a probe
+# sends its request at once, and a silent client must not hold a thread for ever.
+IDLE_TIMEOUT_S = 10.0
 
 
 # ---------------------------------------------------------------------------- what is watched
@@ -194,7 +204,9 @@ def metrics_text(registry: CollectorRegistry | None = None) -> tuple[bytes, str]
 
 
 class OpsApp:
-    """The routes, independent of any server: ``handle(method, path)`` -> ``Response``."""
+    """The routes, independent of any server: ``handle(method, target)`` -> ``Response`` for a
+    raw request target, ``route(method, path)`` for a path already percent-decoded (what WSGI
+    and ASGI servers pass)."""
 
     def __init__(self, lifecycles: Any = (), registry: CollectorRegistry | None = None) -> None:
         if registry is not None:
@@ -208,7 +220,11 @@ class OpsApp:
         self.registry = registry
 
     def handle(self, method: str, target: str) -> Response:
-        path = target.split("?", 1)[0].split("#", 1)[0]
+        """Answer a raw request target (``/v2/models/flux%20dev/ready?x=1``)."""
+        return self.route(method, unquote(target.split("?", 1)[0].split("#", 1)[0]))
+
+    def route(self, method: str, path: str) -> Response:
+        """Answer a decoded path (a model name may hold any character, ``?`` included)."""
         if len(path) > 1:
             path = path.rstrip("/")
         if method not in ("GET", "HEAD"):
@@ -236,7 +252,7 @@ class OpsApp:
     # -- WSGI (PEP 3333)
     def wsgi(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         method = str(environ.get("REQUEST_METHOD", "GET"))
-        response = self.handle(method, str(environ.get("PATH_INFO", "/")) or "/")
+        response = self.route(method, str(environ.get("PATH_INFO", "/")) or "/")
         status = f"{response.status} {HTTPStatus(response.status).phrase}"
         headers = [("Content-Type", response.content_type), ("Content-Length", str(len(response.body))),
                    *response.headers]
@@ -261,7 +277,7 @@ class OpsApp:
         if scope["type"] != "http":
             raise ValueError(f"lifecycle.ops ASGI app serves http, not {scope['type']!r}")
         method = str(scope.get("method", "GET"))
-        response = self.handle(method, str(scope.get("path", "/")))
+        response = self.route(method, str(scope.get("path", "/")))
         headers = [(b"content-type", response.content_type.encode()),
                    (b"content-length", str(len(response.body)).encode()),
                    *((k.lower().encode(), v.encode()) for k, v in response.headers)]
@@ -284,6 +300,12 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
     server_version = "dit-lifecycle-ops"
 
+    def setup(self) -> None:
+        super().setup()
+        # Every read and write on the connection waits at most this long, so a client that
+        # connects and goes silent is dropped (the handler's files read the socket's timeout).
+        self.connection.settimeout(self.server.idle_timeout)
+
     def _answer(self) -> None:
         response = self.server.app.handle(self.command, self.path)
         self.send_response(response.status)
@@ -304,6 +326,50 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     app: OpsApp
+    idle_timeout: float = IDLE_TIMEOUT_S
+
+    def __init__(self, address: tuple[str, int], handler: type[_Handler]) -> None:
+        # Each open connection and the thread answering it, so that ``close_connections`` can
+        # end them: socketserver keeps no handle on daemon threads.
+        self._open: dict[socket.socket, threading.Thread] = {}
+        self._open_lock = threading.Lock()
+        self._closing = False
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        thread = threading.Thread(
+            target=self.process_request_thread, args=(request, client_address),
+            name=f"dit-lifecycle-ops:{self.server_port}:connection", daemon=True,
+        )
+        with self._open_lock:
+            self._open[request] = thread
+        thread.start()
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._open_lock:
+            self._open.pop(request, None)
+        super().shutdown_request(request)
+
+    def close_connections(self, deadline: float) -> None:
+        """Cut every open connection and wait (until ``deadline``, a ``time.monotonic()``) for
+        the threads answering them. Called after ``shutdown()``: no connection is accepted now."""
+        with self._open_lock:
+            self._closing = True
+            open_now = list(self._open.items())
+        for request, _ in open_now:
+            try:
+                request.shutdown(socket.SHUT_RDWR)  # a blocked read or write returns at once
+            except OSError:
+                pass  # closed meanwhile
+        for _, thread in open_now:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that hangs up, times out or is cut at stop() is the client's business; a
+        # traceback on the host's stderr for each would drown what matters.
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        super().handle_error(request, client_address)
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind resolves the host's FQDN (a reverse DNS lookup that can stall
@@ -359,14 +425,17 @@ class OpsServer:
         self.lifecycles.add(lifecycle, name=name)
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop serving, close the socket and join the thread (idempotent)."""
+        """Stop serving, cut the open connections, close the socket and join the threads, all
+        within about ``timeout`` seconds (idempotent)."""
+        deadline = time.monotonic() + timeout
         with self._stop_lock:
             if self._stopped:
                 return
             self._stopped = True
             self._server.shutdown()
+            self._server.close_connections(deadline)
             self._server.server_close()
-        self.thread.join(timeout)
+        self.thread.join(max(0.0, deadline - time.monotonic()))
         if self.thread.is_alive():  # pragma: no cover - serve_forever returns after shutdown()
             raise OpsError(f"the server thread for {self.url} did not end within {timeout} s")
 
@@ -388,22 +457,49 @@ def _check_port(port: Any) -> int:
     return port
 
 
+def _check_host(host: Any) -> str:
+    if not isinstance(host, str) or not host:
+        raise InvalidConfigError(f"host must be a non-empty str (e.g. '127.0.0.1'), got {host!r}")
+    # The socket layer refuses these with a bare TypeError; say which argument and why.
+    problem = "a NUL character" if "\0" in host else None
+    try:
+        host.encode("ascii" if host.isascii() else "idna")
+    except UnicodeError:
+        problem = problem or "characters a host name cannot be encoded with (IDNA)"
+    if problem is not None:
+        shown = repr(host) if len(host) <= 80 else repr(host[:80]) + "..."
+        raise InvalidConfigError(
+            f"host must be an address or host name (e.g. '127.0.0.1', '0.0.0.0', '::'); {shown} has {problem}"
+        )
+    return host
+
+
+def _check_idle_timeout(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise InvalidConfigError(
+            f"idle_timeout must be a positive number of seconds (default {IDLE_TIMEOUT_S}), got {value!r}"
+        )
+    return float(value)
+
+
 def serve(
     lifecycles: Any = (),
     *,
     port: int,
     host: str = "127.0.0.1",
     registry: CollectorRegistry | None = None,
+    idle_timeout: float = IDLE_TIMEOUT_S,
 ) -> OpsServer:
     """Serve the probes and ``/metrics`` on a daemon thread; returns the running ``OpsServer``.
 
     Loopback by default: pass ``host="0.0.0.0"`` (or the pod IP) for a kubelet or Prometheus on
-    another host. ``port=0`` picks a free port (``handle.port`` says which). A port another
-    socket holds raises ``PortInUseError``; bad arguments ``InvalidConfigError``.
+    another host. ``port=0`` picks a free port (``handle.port`` says which). A connection that
+    sends or reads nothing for ``idle_timeout`` seconds is closed. A port another socket holds
+    raises ``PortInUseError``; bad arguments ``InvalidConfigError``.
     """
     port = _check_port(port)
-    if not isinstance(host, str) or not host:
-        raise InvalidConfigError(f"host must be a non-empty str (e.g. '127.0.0.1'), got {host!r}")
+    host = _check_host(host)
+    idle_timeout = _check_idle_timeout(idle_timeout)
     app = OpsApp(lifecycles, registry)
     server_class: type[_Server] = _Server
     if ":" in host:
@@ -419,6 +515,7 @@ def serve(
         hint = "use a port >= 1024" if exc.errno == errno.EACCES else "check the host address"
         raise OpsError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; {hint}") from exc
     server.app = app
+    server.idle_timeout = idle_timeout
     thread = threading.Thread(
         target=server.serve_forever, kwargs={"poll_interval": 0.05},
         name=f"dit-lifecycle-ops:{server.server_address[1]}", daemon=True,

@@ -1,10 +1,12 @@
 """Prometheus metrics fed by the lifecycle's own audit events.
 
-``LifecycleMetrics`` is a structlog processor: put it in the host's processor chain (or call
-``.attach()`` once) and every ``lifecycle.*`` event that reaches the audit also moves the
-metrics. There is no second source, so the metrics and the audit cannot disagree: a counter
-is the number of matching events the host's audit received (events the host's level filter
-drops are dropped for both).
+Two ways in, one source (the audit events), so the metrics and the audit cannot disagree:
+
+- ``.attach()``: the metrics listen to every event the library emits (``audit.add_listener``);
+  the host's structlog configuration is not touched, and events the host's level filter drops
+  still count.
+- as a structlog processor in the host's own chain: a counter is then the number of matching
+  events that chain received (events its level filter drops are dropped for both).
 
 Labels are bounded: module name, trigger, outcome, backend, state, policy. Request ids,
 shapes and errors never become labels (they stay in the audit).
@@ -25,6 +27,8 @@ from lifecycle.audit import (
     REQUEST_EVENT,
     TRANSITION_EVENT,
     WARMUP_COVERAGE_EVENT,
+    add_listener,
+    remove_listener,
 )
 from lifecycle.ops.errors import InvalidConfigError, MetricsAlreadyRegisteredError
 from states import State
@@ -78,7 +82,8 @@ def _count(value: Any) -> int:
 
 class LifecycleMetrics:
     """The ``dit_lifecycle_*`` metrics on ``registry`` (default: prometheus_client's global
-    ``REGISTRY``), updated by the audit events passing through this structlog processor.
+    ``REGISTRY``), updated by the audit events: heard through ``attach()``, or passing through
+    this instance as a structlog processor.
 
     Registering a second instance on a registry that has them raises
     ``MetricsAlreadyRegisteredError`` (two feeds would double-count). The processor never raises
@@ -94,6 +99,7 @@ class LifecycleMetrics:
             )
         self.registry: CollectorRegistry = REGISTRY if registry is None else registry
         self._lock = threading.Lock()
+        self._attached = False
         self._states: dict[str, str] = {}
         self._known: set[tuple[str, str]] = set()
         self.state = Gauge(
@@ -183,38 +189,42 @@ class LifecycleMetrics:
             except KeyError:
                 pass
 
-    # ------------------------------------------------------------------ structlog
+    # ------------------------------------------------------------------ feeds
     def __call__(self, _logger: Any, _method_name: str, event_dict: MutableMapping[str, Any]) -> Any:
+        """The structlog processor. While attached, the listener counts instead (an instance in
+        the chain as well would count every event twice)."""
         event = event_dict.get("event")
-        if isinstance(event, str) and event.startswith("lifecycle."):
-            try:
-                self.observe(event, event_dict)
-            except Exception:  # never break (or lose) an audit write for a metric
-                self.errors.inc()
+        if not self._attached and isinstance(event, str):
+            self._account(event, event_dict)
         return event_dict
 
+    def _listen(self, event: str, fields: Mapping[str, Any]) -> None:
+        self._account(event, fields)
+
+    def _account(self, event: str, fields: Mapping[str, Any]) -> None:
+        if event.startswith("lifecycle."):
+            try:
+                self.observe(event, fields)
+            except Exception:  # never break (or lose) an audit write for a metric
+                self.errors.inc()
+
     def attach(self) -> LifecycleMetrics:
-        """Put this processor first in structlog's current processor chain (once).
+        """Count every audit event the library emits from now on (idempotent).
 
-        A host call, for hosts that configure structlog elsewhere: it re-runs
-        ``structlog.configure`` with the current configuration plus this processor. Call it before
-        the first event when loggers are cached (``cache_logger_on_first_use``). Hosts that build
-        their own chain just put the instance in it instead.
+        The metrics listen to the library's audit (``audit.add_listener``): the host's logging,
+        structlog's configuration included, stays as the host set it. Hosts that build their own
+        structlog chain may put the instance in it instead.
         """
-        import structlog
-
-        processors = list(structlog.get_config()["processors"])
-        if not any(p is self for p in processors):
-            structlog.configure(processors=[self, *processors])
+        with self._lock:
+            self._attached = True
+        add_listener(self._listen)
         return self
 
     def detach(self) -> None:
-        """Take this processor out of structlog's current chain (idempotent)."""
-        import structlog
-
-        processors = list(structlog.get_config()["processors"])
-        if any(p is self for p in processors):
-            structlog.configure(processors=[p for p in processors if p is not self])
+        """Stop listening to the audit (idempotent)."""
+        remove_listener(self._listen)
+        with self._lock:
+            self._attached = False
 
     def watch(self, *lifecycles: Any) -> LifecycleMetrics:
         """Show modules that have had no event yet: their current state and info. A
@@ -242,7 +252,7 @@ class LifecycleMetrics:
             self.shape_misses.labels(module, on_unwarmed)
 
     # ------------------------------------------------------------------ events
-    def observe(self, event: str, fields: MutableMapping[str, Any]) -> None:
+    def observe(self, event: str, fields: Mapping[str, Any]) -> None:
         """Account for one audit event (what the processor does; public for a host's own hook)."""
         module = str(fields.get("module", "unknown"))
         if event == TRANSITION_EVENT:
@@ -267,7 +277,7 @@ class LifecycleMetrics:
             policy = str(fields.get("policy"))
             self.shape_misses.labels(module, policy if policy in ON_UNWARMED_POLICIES else "other").inc()
 
-    def _transition(self, module: str, fields: MutableMapping[str, Any]) -> None:
+    def _transition(self, module: str, fields: Mapping[str, Any]) -> None:
         trigger = str(fields.get("trigger", "unknown"))
         outcome = _outcome(fields.get("outcome"))
         self.transitions.labels(module, trigger, outcome).inc()
