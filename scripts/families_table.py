@@ -1,16 +1,16 @@
-"""Generate the README's "Supported pipelines" table from the family cases the tests run.
+"""Generate the "Supported pipelines" table (docs/pipelines.md) from the family cases the tests run.
 
     python scripts/families_table.py                 # run every family, print the table
-    python scripts/families_table.py --write         # ... and write it into README.md
+    python scripts/families_table.py --write         # ... and write it into docs/pipelines.md
     python scripts/families_table.py --json out.json # ... and keep the measured rows
     python scripts/families_table.py --from-json out.json --write   # render saved rows, run nothing
     python scripts/families_table.py --from-json out.json --only sd3 --json out.json --write
                                                      # re-run some families, keep the other rows
 
-Each family runs ``lifecycle.testing.families.run_family`` (the same function
-``tests/test_families.py`` asserts on), on the CPU with ``aot_eager``; a full run takes a few
-minutes on 2 cores. ``tests/test_families.py`` checks that README's table equals the one its own
-runs render, so the README cannot drift from what the code does.
+Each family runs the registry's ``run_family`` (the same function ``tests/test_families.py``
+asserts on), on the CPU with ``aot_eager``; a full run takes a few minutes on 2 cores.
+``tests/test_families.py`` checks that the page's table equals the one its own runs render, so the
+docs cannot drift from what the code does.
 """
 
 from __future__ import annotations
@@ -23,16 +23,27 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+PAGE = ROOT / "docs" / "pipelines.md"
 
 
 def main(argv: list[str] | None = None) -> int:
-    sys.path.insert(0, str(ROOT))
-    from lifecycle.testing.families import FAMILIES, FamilyResult, case, render_table, run_family, with_table
+    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+    try:  # the registry lives beside the tests
+        from families import FAMILIES, FamilyResult, case, render_table, run_family, with_table
+    except ModuleNotFoundError:
+        from lifecycle.testing.families import (
+            FAMILIES,
+            FamilyResult,
+            case,
+            render_table,
+            run_family,
+            with_table,
+        )
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--write", action="store_true", help="write the table into README.md")
+    parser.add_argument("--write", action="store_true", help="write the table into docs/pipelines.md")
     parser.add_argument("--json", type=Path, help="also write the measured rows to this JSON file")
     parser.add_argument("--from-json", type=Path, help="render rows saved by --json (or the tests) instead")
     parser.add_argument("--only", nargs="*", help="run only these family keys (not with --write)")
@@ -66,9 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     table = render_table(results)
     print(table)
     if args.write:
-        readme = ROOT / "README.md"
-        readme.write_text(with_table(readme.read_text(), table))
-        print(f"wrote {readme}", file=sys.stderr)
+        PAGE.write_text(with_table(PAGE.read_text(), table))
+        print(f"wrote {PAGE}", file=sys.stderr)
     return 0
 
 

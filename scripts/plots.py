@@ -115,13 +115,15 @@ def draw_trap(fig: Any, data: dict[str, Any]) -> None:
 def draw_cold_start(fig: Any, data: dict[str, Any]) -> None:
     scenarios = data["scenarios"]
     extra = ", reproducible=True" if data.get("settings", {}).get("reproducible") else ""
-    plans = [("whole", f'CompilePlan(scope="model"{extra})'), ("regional", f'CompilePlan(scope="blocks"{extra})')]
+    plans = [("whole", f'CompilePlan(scope="model"{extra})'),
+             ("regional", f'CompilePlan(scope="blocks"{extra})')]
     ax = fig.add_subplot(1, 1, 1)
     width = 0.38
     cold = [scenarios[f"{p}-cold"]["prepare_s"] for p, _ in plans]
     warm = [scenarios[f"{p}-warm"]["prepare_s"] for p, _ in plans]
     x = range(len(plans))
-    bars_cold = ax.bar([i - width / 2 for i in x], cold, width, color=OTHER, label="cold start (empty caches)")
+    bars_cold = ax.bar([i - width / 2 for i in x], cold, width, color=OTHER,
+                       label="cold start (empty caches)")
     bars_warm = ax.bar([i + width / 2 for i in x], warm, width, color=LIFECYCLE,
                        label="restart from artifact_dir")
     _label_bars(ax, bars_cold, lambda v: f"{v:.1f} s")
@@ -153,7 +155,7 @@ def draw_flux_dev(fig: Any, data: dict[str, Any]) -> None:
     steady = [scenarios[k]["steady_median_s"] for k, _ in order]
     right.bar([i - width / 2 for i in x], first, width, color=LIFECYCLE, label="first request")
     right.bar([i + width / 2 for i in x], steady, width, color=LIFECYCLE, alpha=0.35, label="steady")
-    for i, (k, _) in enumerate(order):
+    for i in range(len(order)):
         ratio = first[i] / steady[i]
         right.annotate(f"{ratio:.3f}x", (i - width / 2, first[i]), xytext=(0, 2), textcoords="offset points",
                        ha="center", fontsize=8)
@@ -182,7 +184,7 @@ def draw_shapes(fig: Any, data: dict[str, Any]) -> None:
         values = [modes[mode]["buckets"][b]["steady_median_s"] * 1000 for b in buckets]
         offsets = [i + (j - (len(present) - 1) / 2) * width for i in range(len(buckets))]
         steady_ax.bar(offsets, values, width, color=SERIES[j], label=label.replace("\n", " "))
-        for off, b in zip(offsets, buckets):
+        for off, b in zip(offsets, buckets, strict=True):
             ratio = modes[mode]["buckets"][b]["first_over_steady"]
             steady_ax.annotate(f"{ratio:.2f}x", (off, modes[mode]["buckets"][b]["steady_median_s"] * 1000),
                                xytext=(0, 2), textcoords="offset points", ha="center", fontsize=6.5,
@@ -215,7 +217,7 @@ def draw_unwarmed(fig: Any, data: dict[str, Any]) -> None:
     ]
     ax = fig.add_subplot(1, 1, 1)
     bars = ax.barh([r[0] for r in rows], [r[1] for r in rows], color=[r[2] for r in rows])
-    for bar, (_, value, _) in zip(bars, rows):
+    for bar, (_, value, _) in zip(bars, rows, strict=True):
         text = f"{value * 1000:.1f} ms" if value < 1 else f"{value:.2f} s ({value / steady:.0f}x steady)"
         ax.annotate(text, (bar.get_width(), bar.get_y() + bar.get_height() / 2), xytext=(3, 0),
                     textcoords="offset points", va="center", fontsize=8)
@@ -261,7 +263,7 @@ def draw_overhead(fig: Any, data: dict[str, Any]) -> None:
     rows.append(("floor: one structlog JSON event", results["structlog_json_event"]["median_us"], OTHER))
     ax = fig.add_subplot(1, 1, 1)
     bars = ax.barh([r[0] for r in rows], [r[1] for r in rows], color=[r[2] for r in rows])
-    for bar, (_, value, _) in zip(bars, rows):
+    for bar, (_, value, _) in zip(bars, rows, strict=True):
         ax.annotate(f"{value:.1f} us", (bar.get_width(), bar.get_y() + bar.get_height() / 2), xytext=(3, 0),
                     textcoords="offset points", va="center", fontsize=8)
     ax.invert_yaxis()
@@ -310,9 +312,13 @@ def render(plot: Plot, out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=ASSETS, help="folder for the PNG files (docs/assets)")
-    parser.add_argument("--list", action="store_true", help="print each plot and its result file, draw nothing")
+    parser.add_argument(
+        "--list", action="store_true", help="print each plot and its result file, draw nothing"
+    )
     args = parser.parse_args(argv)
     if args.list:
         for plot in PLOTS:

@@ -4,8 +4,8 @@ serves identical requests (identical outputs, cached steps, 0 new graphs), and a
 gives what a never-managed pipeline from the same seed gives. A family cache-dit cannot wrap is
 refused at ``mount_cache`` with a typed error naming it and the way out.
 
-The last test checks that the README's "Supported pipelines" table is the one these very runs
-generate (``scripts/families_table.py`` writes it), so the table cannot drift. Set
+The last test checks that the "Supported pipelines" table (docs/pipelines.md) is the one these
+very runs generate (``scripts/families_table.py`` writes it), so the table cannot drift. Set
 ``FAMILIES_RESULTS_JSON=path`` to keep the measured rows (``families_table.py --from-json``).
 """
 
@@ -35,7 +35,7 @@ from lifecycle.testing.families import (
     table_row,
 )
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+PAGE = Path(__file__).resolve().parent.parent / "docs" / "pipelines.md"
 # The slowest families on the 2-core CPU (``FamilyCase.slow``). CI runs them too: the suite runs
 # with plain `pytest -q`, which does not deselect `slow`.
 SLOW = frozenset(f.key for f in FAMILIES if f.slow)
@@ -184,7 +184,7 @@ def test_registered_adapter_that_cannot_wrap_is_refused_at_mount() -> None:
 
 
 def test_readme_table_is_the_generated_one() -> None:
-    """Runs last in this module: README's table rows are the ones rendered from the runs above
+    """Runs last in this module: the docs' table rows are the ones rendered from the runs above
     (every row that ran; with every family run, the whole table and its counts)."""
     if not RESULTS:
         pytest.skip("no family ran in this session")
@@ -192,8 +192,8 @@ def test_readme_table_is_the_generated_one() -> None:
     target = os.environ.get("FAMILIES_RESULTS_JSON")
     if target and ran_all:  # rows for `scripts/families_table.py --from-json`, before comparing
         Path(target).write_text(json.dumps([RESULTS[f.key].as_dict() for f in FAMILIES], indent=1))
-    readme = readme_table(README.read_text())
-    stale = "README's Supported pipelines table is stale: run `python scripts/families_table.py --write`"
+    readme = readme_table(PAGE.read_text())
+    stale = "docs/pipelines.md's table is stale: run `python scripts/families_table.py --write`"
     rows = {line.split(" | ")[0]: line for line in readme.splitlines() if line.startswith("| ")}
     for key, result in RESULTS.items():
         assert rows.get(f"| {result.family}") == table_row(result), f"{key}: {stale}"

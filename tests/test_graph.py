@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 from transitions.extensions import GraphMachine
@@ -91,54 +90,8 @@ def test_render_formats():
         render(policy, "svg")
 
 
-def test_readme_diagram_is_the_generated_one():
-    """The README's diagram is what ``python -m lifecycle graph`` prints, request edge included.
-    A renamed heading or a lost block fails here; it is never skipped."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    blocks = re.findall(r"```mermaid\n(.*?)```", readme, re.S)
-    assert len(blocks) == 1, f"the README embeds exactly one mermaid diagram, found {len(blocks)}"
-    assert blocks[0] == mermaid(LifecyclePolicy())
-    assert "WarmedUp --> WarmedUp: warm_up | refresh | request" in blocks[0]
-
-
 def test_request_is_drawn_from_the_table_in_every_policy():
     for policy in POLICIES:
         request_edges = [(s, d) for s, d, triggers in edges(policy) if "request" in triggers]
         from_table = [(e.source, e.dest) for e in transitions_for(policy) if e.trigger.value == "request"]
         assert request_edges == from_table == [(State.WARMED_UP, State.WARMED_UP)]
-
-
-def _readme_layout() -> set[str]:
-    """The paths the README's "How it works" layout block names (two-space indents, names before
-    a run of two spaces; folders end with '/', a line may name several files)."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert "## How it works" in readme, "the README lost its 'How it works' section"
-    section = readme.split("## How it works", 1)[1]
-    block = re.search(r"```text\n(.*?)```", section, re.S)
-    assert block is not None, "'How it works' opens with a ```text layout block"
-    paths, parents = set(), []
-    for line in block.group(1).splitlines():
-        depth = (len(line) - len(line.lstrip(" "))) // 2
-        names = re.split(r"\s{2,}", line.strip(), maxsplit=1)[0].split(", ")
-        del parents[depth:]
-        for name in names:
-            paths.add("".join(parents) + name)
-        if names[-1].endswith("/"):
-            parents.append(names[-1])
-    return paths
-
-
-def test_readme_layout_names_every_module_and_only_real_ones():
-    root = Path(__file__).resolve().parents[1]
-    listed = _readme_layout()
-    on_disk = {
-        str(path.relative_to(root)) for package in ("states", "lifecycle", "adapters")
-        for path in (root / package).rglob("*.py")
-        if path.name not in ("__init__.py", "__main__.py")
-    }
-    folders = {f"{p.relative_to(root)}/" for package in ("states", "lifecycle", "adapters")
-               for p in [root / package, *(root / package).rglob("*")]
-               if p.is_dir() and p.name != "__pycache__"}
-    assert on_disk - listed == set(), f"add these to the README's layout: {sorted(on_disk - listed)}"
-    ghosts = sorted(listed - on_disk - folders)
-    assert not ghosts, f"the README's layout names files that do not exist: {ghosts}"
