@@ -12,6 +12,10 @@ from adapters.base import TorchCompileAdapter
 
 
 class CpuAdapter(TorchCompileAdapter):
+    """``backend="cpu"``: torch.compile on the host CPU. Always available. Inductor compiles C++
+    here, slowly on a small machine; ``compile_options={"backend": "aot_eager"}`` compiles the same
+    graphs in seconds (what the tests, the demo and the docs' examples use)."""
+
     name = "cpu"
     device_type = "cpu"
 

@@ -24,6 +24,10 @@ from adapters.errors import BackendUnavailable
 
 
 class CudaAdapter(TorchCompileAdapter):
+    """``backend="cuda"``: torch.compile with inductor on an NVIDIA GPU (``compile_options`` as the
+    module docstring lists). ``ensure_available`` raises ``BackendUnavailable`` naming what is
+    missing: a CUDA build of torch, or a visible GPU."""
+
     name = "cuda"
     device_type = "cuda"
 

@@ -101,6 +101,11 @@ def plan_options(options: Mapping[str, Any]) -> NpuCompilePlan:
 
 
 class NpuAdapter(TorchCompileAdapter):
+    """``backend="npu"``: torch.compile through torchair's NPU backend on an Ascend NPU
+    (torch_npu and torchair, from Ascend's CANN stack, imported only when this backend is used).
+    ``ensure_available`` raises ``BackendUnavailable`` naming the missing packages.
+    ``CompilePlan(ahead_of_time=True)`` is refused here."""
+
     name = "npu"
     device_type = "npu"
     default_backend = "torchair"

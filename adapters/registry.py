@@ -22,8 +22,10 @@ from adapters.base import BackendAdapter
 from adapters.errors import BackendUnavailable, InvalidOptions
 
 ENTRY_POINT_GROUP = "dit_lifecycle.backends"
+"""The entry-point group third-party backends register under."""
 # backend="auto" tries these in order and takes the first available.
 AUTO_ORDER = ("cuda", "npu", "cpu")
+"""What ``backend="auto"`` tries, in order: the first available wins."""
 
 AdapterFactory = Callable[[], BackendAdapter]
 
@@ -53,7 +55,22 @@ _BUILTINS: dict[str, AdapterFactory] = {
 
 def register_backend(name: str, factory: AdapterFactory, *, replace: bool = False) -> None:
     """Make ``factory`` (a ``BackendAdapter`` subclass or a callable returning an instance)
-    available as ``backend=name``. ``replace=True`` overrides an existing name, built-ins too."""
+    available as ``backend=name``. ``replace=True`` overrides an existing name, built-ins too.
+
+    Raises:
+        ValueError: an empty name, ``"auto"``, or a name already registered without ``replace``.
+        TypeError: ``factory`` is not callable.
+
+    Example:
+        ```python
+        class MyAdapter(TorchCompileAdapter):
+            name = "mine"
+            device_type = "cuda"
+
+        register_backend("mine", MyAdapter)
+        lc = ModuleLifecycle(transformer, backend="mine")
+        ```
+    """
     if not isinstance(name, str) or not name or name == "auto":
         raise ValueError(f"backend name must be a non-empty str other than 'auto', got {name!r}")
     if not callable(factory):
@@ -147,8 +164,21 @@ def _make(name: str) -> BackendAdapter:
 def get_backend(backend: str | BackendAdapter = "auto") -> BackendAdapter:
     """Resolve ``backend`` to an available adapter instance.
 
-    "auto" picks CUDA, then NPU, then CPU. A named backend that is missing raises
-    ``BackendUnavailable`` with what to install; an unknown name raises ``InvalidOptions``.
+    "auto" picks CUDA, then NPU, then CPU (``AUTO_ORDER``). The lifecycle calls this at
+    construction and turns the errors below into ``BackendUnavailableError`` and
+    ``InvalidConfigError``.
+
+    Args:
+        backend: ``"auto"``, a registered name (``backend_names()``), or an adapter instance.
+
+    Raises:
+        BackendUnavailable: the named backend's runtime or device is missing; says what to install.
+        InvalidOptions: an unknown name, or an object that is not a ``BackendAdapter``.
+
+    Example:
+        ```python
+        get_backend("auto").name     # "cuda" on a GPU machine, "cpu" elsewhere
+        ```
     """
     if isinstance(backend, BackendAdapter):
         backend.ensure_available()

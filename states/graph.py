@@ -44,7 +44,13 @@ def _reachable(table: tuple[Transition, ...]) -> set[State]:
 
 
 def mermaid(policy: LifecyclePolicy) -> str:
-    """A Mermaid ``stateDiagram-v2`` of ``policy``'s legal transitions."""
+    """A Mermaid ``stateDiagram-v2`` of ``policy``'s legal transitions: what ``python -m
+    lifecycle graph`` prints, and the diagram on the docs' concepts page.
+
+    Example:
+        >>> print(mermaid(LifecyclePolicy()).splitlines()[4])
+            Loaded --> CacheMounted: mount_cache
+    """
     lines = [
         "stateDiagram-v2",
         f"    %% dit-lifecycle legal transitions, policy {policy}",
@@ -57,7 +63,8 @@ def mermaid(policy: LifecyclePolicy) -> str:
 
 
 def dot(policy: LifecyclePolicy) -> str:
-    """A Graphviz DOT digraph of ``policy``'s legal transitions."""
+    """A Graphviz DOT digraph of ``policy``'s legal transitions (``graph --format dot``); render it
+    with ``dot -Tsvg``."""
     lines = [
         "digraph lifecycle {",
         f'    label="dit-lifecycle legal transitions, policy {policy}";',
@@ -73,7 +80,11 @@ def dot(policy: LifecyclePolicy) -> str:
 
 
 def render(policy: LifecyclePolicy, fmt: str = "mermaid") -> str:
-    """The diagram of ``policy`` in ``fmt`` (one of ``FORMATS``)."""
+    """The diagram of ``policy`` in ``fmt`` (one of ``FORMATS``: ``"mermaid"``, ``"dot"``).
+
+    Raises:
+        ValueError: an unknown format.
+    """
     if fmt == "mermaid":
         return mermaid(policy)
     if fmt == "dot":

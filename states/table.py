@@ -51,7 +51,20 @@ PROGRESS: dict[State, int] = {
 
 @dataclass(frozen=True)
 class LifecyclePolicy:
-    """Which accelerations a lifecycle applies: the cache-dit step cache and/or torch.compile."""
+    """Which accelerations a lifecycle applies: the cache-dit step cache and/or torch.compile.
+
+    The policy decides the path (``Loaded -> CacheMounted -> Compiled -> WarmedUp`` with both,
+    shorter without) and the table of legal transitions (``transitions_for``). Frozen and
+    hashable: one table, and one state machine, per policy.
+
+    Args:
+        cache_dit: mount cache-dit's DBCache step cache (``mount_cache``) before compiling.
+        compile: ``torch.compile`` the module (``compile``) before warming up.
+
+    Example:
+        >>> LifecyclePolicy(cache_dit=False).path
+        (<State.LOADED: 'Loaded'>, <State.COMPILED: 'Compiled'>, <State.WARMED_UP: 'WarmedUp'>)
+    """
 
     cache_dit: bool = True
     compile: bool = True
@@ -68,10 +81,16 @@ class LifecyclePolicy:
         return tuple(steps)
 
     def as_dict(self) -> dict[str, bool]:
+        """The policy as the audit writes it: ``{"cache_dit": True, "compile": True}``."""
         return {"cache_dit": self.cache_dit, "compile": self.compile}
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> LifecyclePolicy:
+        """The policy an audit event recorded (``as_dict``'s output); missing keys take the defaults.
+
+        Raises:
+            ValueError: an unknown key, or a value that is not a bool.
+        """
         unknown = set(data) - {"cache_dit", "compile"}
         if unknown:
             raise ValueError(f"unknown policy keys {sorted(unknown)}; expected cache_dit, compile")
@@ -87,7 +106,7 @@ class LifecyclePolicy:
 
 @dataclass(frozen=True)
 class Transition:
-    """One legal (trigger, source) -> dest edge."""
+    """One legal edge of the table: ``trigger`` moves a module from ``source`` to ``dest``."""
 
     trigger: Trigger
     source: State
@@ -104,7 +123,20 @@ _ENTERED_BY: dict[State, Trigger] = {
 
 @cache
 def transitions_for(policy: LifecyclePolicy) -> tuple[Transition, ...]:
-    """Every legal transition under ``policy`` (the table of API.md)."""
+    """Every legal transition under ``policy``: the table the lifecycle, the audit verifier and
+    the diagrams are built from. Any (state, trigger) pair not in it is illegal.
+
+    Args:
+        policy: which accelerations apply.
+
+    Returns:
+        The edges, forward path first, then ``warm_up`` again, ``refresh``, ``invalidate``,
+        ``reset`` from every state, and ``request``. Cached per policy.
+
+    Example:
+        >>> [(t.trigger.value, t.dest.value) for t in transitions_for(LifecyclePolicy())][:3]
+        [('mount_cache', 'CacheMounted'), ('compile', 'Compiled'), ('warm_up', 'WarmedUp')]
+    """
     path = policy.path
     edges: list[Transition] = []
     for source, dest in itertools.pairwise(path):
@@ -129,7 +161,19 @@ def _index(policy: LifecyclePolicy) -> dict[tuple[State, Trigger], State]:
 
 
 def destination(policy: LifecyclePolicy, source: State, trigger: Trigger) -> State | None:
-    """Where ``trigger`` leads from ``source``, or None when it is illegal."""
+    """Where ``trigger`` leads from ``source``, or None when it is illegal.
+
+    Args:
+        policy: which accelerations apply.
+        source: the state the module is in (a ``State`` or its name).
+        trigger: the trigger asked for (a ``Trigger`` or its name).
+
+    Example:
+        >>> destination(LifecyclePolicy(), State.LOADED, Trigger.COMPILE) is None   # mount first
+        True
+        >>> destination(LifecyclePolicy(cache_dit=False), State.LOADED, Trigger.COMPILE)
+        <State.COMPILED: 'Compiled'>
+    """
     # Members pass straight through (every trigger takes this path); names are converted.
     if source.__class__ is not State:
         source = State(source)
@@ -140,13 +184,25 @@ def destination(policy: LifecyclePolicy, source: State, trigger: Trigger) -> Sta
 
 @cache
 def allowed_triggers(policy: LifecyclePolicy, state: State) -> tuple[Trigger, ...]:
-    """Triggers legal in ``state``, in declaration order."""
+    """Triggers legal in ``state``, in declaration order (what ``ModuleLifecycle.allowed_triggers``
+    and every ``IllegalTransitionError`` message list).
+
+    Example:
+        >>> [t.value for t in allowed_triggers(LifecyclePolicy(), State.LOADED)]
+        ['mount_cache', 'reset']
+    """
     index = _index(policy)
     return tuple(trigger for trigger in Trigger if (State(state), trigger) in index)
 
 
 def explain_illegal(policy: LifecyclePolicy, state: State, trigger: Trigger) -> str:
-    """Why ``trigger`` is illegal in ``state`` and what to call instead (for error messages)."""
+    """Why ``trigger`` is illegal in ``state`` and what to call instead: the reason an
+    ``IllegalTransitionError`` gives.
+
+    Example:
+        >>> explain_illegal(LifecyclePolicy(), State.WARMED_UP, Trigger.MOUNT_CACHE)[:40]
+        'mounting cache-dit after compile would i'
+    """
     state, trigger = State(state), Trigger(trigger)
     path = policy.path
     if trigger is Trigger.MOUNT_CACHE and not policy.cache_dit:

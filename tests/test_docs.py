@@ -389,6 +389,9 @@ def test_every_public_name_has_a_reference_entry(package: str) -> None:
     assert not missing, f"{package}: add these to a page under docs/reference/: {missing}"
 
 
+_MISSING = object()
+
+
 @pytest.mark.parametrize("package", REFERENCED_PACKAGES)
 def test_every_documented_name_has_a_docstring(package: str) -> None:
     """Each public class and function, and each member its reference entry shows (all public
@@ -409,8 +412,8 @@ def test_every_documented_name_has_a_docstring(package: str) -> None:
         shown = directives.get(name)
         attrs = shown if shown is not None else [a for a in vars(value) if not a.startswith("_")]
         for attr in attrs:
-            member = inspect.getattr_static(value, attr, None)
-            if member is None:
+            member = inspect.getattr_static(value, attr, _MISSING)
+            if member is _MISSING:
                 missing.append(f"{name}.{attr} (no such member)")
                 continue
             if isinstance(member, (property, staticmethod, classmethod)) or inspect.isfunction(member):

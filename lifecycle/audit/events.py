@@ -15,20 +15,28 @@ from types import MappingProxyType
 from typing import Any, Final, Literal
 
 LOGGER_NAME: Final = "dit_lifecycle"
+"""The structlog logger name every event goes through (``structlog.get_logger(LOGGER_NAME)``)."""
 TRANSITION_EVENT: Final = "lifecycle.transition"
+"""One per trigger attempt: ok, refused or failed."""
 REQUEST_EVENT: Final = "lifecycle.request"
+"""One per ``request()``: served, failed or refused."""
 RECOMPILE_EVENT: Final = "lifecycle.recompile"
+"""A request compiled new graphs after warm-up: alert on any."""
 WARMUP_COVERAGE_EVENT: Final = "lifecycle.warmup_coverage"
+"""Warm-up could not run the cached-step branch requests will take."""
 CACHE_REFRESH_EVENT: Final = "lifecycle.cache_refresh"
+"""Debug level: the serving cache context was rebuilt (after warm-up, before a request)."""
 # Written by ``JsonlSink`` itself (not through structlog) when it opens a file whose last line
 # was cut short by a crash: the verifier then accepts that torn line as a recorded crash.
 RESUMED_EVENT: Final = "lifecycle.audit_resumed"
+"""Written by ``JsonlSink`` after a torn last line it repaired: the crash is recorded, not damage."""
 
 Outcome = Literal["ok", "refused", "failed"]
 # The verifier checks transition and request events and tolerates other lifecycle.* events.
 OUTCOMES: Final[tuple[Outcome, ...]] = ("ok", "refused", "failed")
+"""An event's ``outcome``: ``ok`` (info level), ``refused`` (warning), ``failed`` (error)."""
 
-# Keys every transition event carries (API.md); "error" is added when the outcome is not ok.
+# Keys every transition event carries; "error" is added when the outcome is not ok.
 TRANSITION_KEYS: Final = (
     "module",
     "module_id",
@@ -41,6 +49,7 @@ TRANSITION_KEYS: Final = (
     "policy",
     "seq",
 )
+"""Keys every ``lifecycle.transition`` event carries (``error`` too when not ok)."""
 REQUEST_KEYS: Final = (
     "module",
     "module_id",
@@ -51,6 +60,7 @@ REQUEST_KEYS: Final = (
     "duration_ms",
     "outcome",
 )
+"""Keys every ``lifecycle.request`` event carries (``error`` too when it failed)."""
 
 _LEVEL_BY_OUTCOME: Final = {"ok": "info", "refused": "warning", "failed": "error"}
 
@@ -86,6 +96,7 @@ def level_for(outcome: str) -> str:
 # fed without a place in the host's structlog chain. A tuple replaced whole on each change, so
 # that ``emit`` reads it without a lock.
 Listener = Callable[[str, Mapping[str, Any]], None]
+"""``listener(event, fields)``: called for every audit event (see ``add_listener``)."""
 _LISTENERS: tuple[Listener, ...] = ()
 _LISTENERS_LOCK = threading.Lock()
 
@@ -94,7 +105,24 @@ def add_listener(listener: Listener) -> None:
     """Call ``listener(event, fields)`` for every audit event from now on (once, however often
     it is added). It sees the event whatever the host's logging keeps or drops; it gets a
     read-only view of the fields, must be quick, and what it raises is ignored (the audit goes
-    on)."""
+    on).
+
+    Raises:
+        TypeError: ``listener`` is not callable.
+
+    Example:
+        ```python
+        from lifecycle.audit import add_listener, remove_listener
+
+        def on_recompile(event, fields):
+            if event == "lifecycle.recompile":
+                page_someone(fields["module"], fields["new_graphs"])
+
+        add_listener(on_recompile)
+        ...
+        remove_listener(on_recompile)
+        ```
+    """
     global _LISTENERS
     if not callable(listener):
         raise TypeError(f"an audit listener must be callable, got {type(listener).__name__}")

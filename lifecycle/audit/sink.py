@@ -55,6 +55,23 @@ class JsonlSink:
     it: the sink ends that line and writes a ``lifecycle.audit_resumed`` line, so this
     process's events start on a line of their own and the verifier knows the torn line is a
     recorded crash, not damage. A write that fails (a full disk) raises ``AuditSinkError``.
+
+    Args:
+        path: the JSONL file, created if missing, appended to if not.
+        fsync: ``os.fsync`` after every line, so the audit survives an OS crash too.
+        drop: end the event here (``structlog.DropEvent``) instead of passing it on.
+
+    Raises:
+        AuditSinkError: the file cannot be opened (at once, so no event is lost later) or,
+            later, written.
+
+    Example:
+        ```python
+        sink = JsonlSink("audit.jsonl")
+        structlog.configure(processors=[structlog.contextvars.merge_contextvars,
+                                        structlog.processors.TimeStamper(fmt="iso", utc=True),
+                                        sink, structlog.processors.JSONRenderer()])
+        ```
     """
 
     def __init__(self, path: str | os.PathLike[str], *, fsync: bool = False, drop: bool = False) -> None:
@@ -112,9 +129,11 @@ class JsonlSink:
 
     @property
     def closed(self) -> bool:
+        """Whether ``close()`` ran; a closed sink raises ``AuditSinkError`` at the next event."""
         return self._fd is None
 
     def close(self) -> None:
+        """Close the file (idempotent). The sink is also a context manager that closes it."""
         with self._lock:
             if self._fd is not None:
                 os.close(self._fd)
@@ -180,8 +199,27 @@ def configure_default(
     that file (``fsync=True`` also survives an OS crash). With ``echo`` the events are also
     printed readably to ``stream`` (stderr by default), otherwise they stop after the file.
 
-    Returns the sink (close it when done), or None without ``path``. Raises ``AuditSinkError``
-    at once when the file cannot be opened, so that no event is lost later.
+    Args:
+        path: the JSONL audit file; None for no file (events are only printed).
+        fsync: ``os.fsync`` after every line.
+        echo: also print the events readably to ``stream``.
+        stream: where ``echo`` prints (default: stderr).
+        level: the lowest level kept (default: info; the cache refresh events are debug).
+        processors: the caller's own processors, run before the sink.
+
+    Returns:
+        The sink (close it when done), or None without ``path``.
+
+    Raises:
+        AuditSinkError: the file cannot be opened (at once, so that no event is lost later).
+        ValueError: an unknown level name.
+
+    Example:
+        ```python
+        sink = configure_default("audit.jsonl", echo=False)
+        lc.prepare(run)
+        sink.close()
+        ```
     """
     numeric_level = logging.getLevelName(level.upper()) if isinstance(level, str) else level
     if not isinstance(numeric_level, int):

@@ -89,6 +89,11 @@ class Lifecycles:
             self.add(lifecycles)
 
     def add(self, lifecycle: Any, name: str | None = None) -> None:
+        """Answer for ``lifecycle`` too, under ``name`` (default: its own name).
+
+        Raises:
+            InvalidConfigError: not a lifecycle, an empty name, or a name another lifecycle has.
+        """
         _check(lifecycle)
         key = _name_of(lifecycle) if name is None else name
         if not isinstance(key, str) or not key:
@@ -102,6 +107,7 @@ class Lifecycles:
             self._by_name[key] = lifecycle
 
     def snapshot(self) -> dict[str, Any]:
+        """The lifecycles by name, as of now (a copy)."""
         with self._lock:
             return dict(self._by_name)
 
@@ -129,9 +135,11 @@ class Health:
 
     @property
     def ok(self) -> bool:
+        """Whether the probe passed (status 200)."""
         return self.status == 200
 
     def json(self) -> bytes:
+        """The body as the HTTP response sends it: sorted-key JSON and a newline."""
         return json.dumps(self.body, sort_keys=True).encode() + b"\n"
 
 
@@ -251,6 +259,7 @@ class OpsApp:
 
     # -- WSGI (PEP 3333)
     def wsgi(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        """The app as a WSGI callable (PEP 3333); ``make_wsgi_app`` returns it."""
         method = str(environ.get("REQUEST_METHOD", "GET"))
         response = self.route(method, str(environ.get("PATH_INFO", "/")) or "/")
         status = f"{response.status} {HTTPStatus(response.status).phrase}"
@@ -266,6 +275,11 @@ class OpsApp:
         receive: Callable[[], Awaitable[dict[str, Any]]],
         send: Callable[[dict[str, Any]], Awaitable[None]],
     ) -> None:
+        """The app as an ASGI 3 callable (HTTP and lifespan); ``make_asgi_app`` returns it.
+
+        Raises:
+            ValueError: a scope other than ``http`` or ``lifespan`` (a websocket).
+        """
         if scope["type"] == "lifespan":
             while True:
                 message = await receive()
@@ -395,14 +409,17 @@ class OpsServer:
 
     @property
     def app(self) -> OpsApp:
+        """The routes this server answers with."""
         return self._server.app
 
     @property
     def lifecycles(self) -> Lifecycles:
+        """The lifecycles the probes answer for (``watch`` adds one)."""
         return self._server.app.lifecycles
 
     @property
     def url(self) -> str:
+        """``http://host:port``, with the real port when 0 was asked for."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
@@ -416,6 +433,7 @@ class OpsServer:
 
     @property
     def running(self) -> bool:
+        """Whether the server still answers (``stop()`` not called, its thread alive)."""
         return not self._stopped and self.thread.is_alive()
 
     def watch(self, lifecycle: Any, name: str | None = None) -> None:
@@ -494,8 +512,26 @@ def serve(
 
     Loopback by default: pass ``host="0.0.0.0"`` (or the pod IP) for a kubelet or Prometheus on
     another host. ``port=0`` picks a free port (``handle.port`` says which). A connection that
-    sends or reads nothing for ``idle_timeout`` seconds is closed. A port another socket holds
-    raises ``PortInUseError``; bad arguments ``InvalidConfigError``.
+    sends or reads nothing for ``idle_timeout`` seconds is closed.
+
+    Args:
+        lifecycles: a lifecycle or pipeline, a list of them, or a mapping of name to lifecycle.
+        port: the TCP port; 0 for any free one.
+        host: the address to listen on.
+        registry: the Prometheus registry ``/metrics`` exposes (default: the global one).
+        idle_timeout: seconds a silent connection is kept open.
+
+    Raises:
+        PortInUseError: another socket holds the port.
+        OpsError: the address cannot be bound for another reason (a privileged port).
+        InvalidConfigError: a bad argument.
+
+    Example:
+        ```python
+        handle = serve(plc, port=9464, host="0.0.0.0")
+        print(handle.urls())     # live, ready, metrics
+        handle.stop()
+        ```
     """
     port = _check_port(port)
     host = _check_host(host)

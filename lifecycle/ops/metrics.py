@@ -89,6 +89,22 @@ class LifecycleMetrics:
     ``MetricsAlreadyRegisteredError`` (two feeds would double-count). The processor never raises
     and never changes the event: a metric it cannot update counts in
     ``dit_lifecycle_metrics_errors_total`` and the audit goes on.
+
+    Args:
+        registry: a ``prometheus_client.CollectorRegistry``; None for the global ``REGISTRY``.
+
+    Raises:
+        MetricsAlreadyRegisteredError: the registry already has the ``dit_lifecycle_*`` metrics.
+        InvalidConfigError: ``registry`` is not a ``CollectorRegistry``.
+
+    Example:
+        ```python
+        from lifecycle.ops import LifecycleMetrics, serve
+
+        metrics = LifecycleMetrics().attach()   # every audit event from now on
+        metrics.watch(lc)                       # show the module before its first event
+        handle = serve(lc, port=9464)           # /metrics, /health/live, /health/ready
+        ```
     """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
