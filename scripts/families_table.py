@@ -28,17 +28,8 @@ PAGE = ROOT / "docs" / "pipelines.md"
 
 def main(argv: list[str] | None = None) -> int:
     sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-    try:  # the registry lives beside the tests
-        from families import FAMILIES, FamilyResult, case, render_table, run_family, with_table
-    except ModuleNotFoundError:
-        from lifecycle.testing.families import (
-            FAMILIES,
-            FamilyResult,
-            case,
-            render_table,
-            run_family,
-            with_table,
-        )
+    # The registry lives beside the tests (tests/families.py), not in the shipped package.
+    from families import FAMILIES, FamilyResult, case, render_table, run_family, with_table
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

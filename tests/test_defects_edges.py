@@ -275,3 +275,18 @@ def test_a_silent_connection_is_dropped_after_the_idle_timeout():
         finally:
             client.close()
         assert get(server.url + "/health/live") == (200, {"live": True})  # still serving
+
+
+# ---------------------------------------------------------------------------- what ships
+def test_the_families_fixture_lives_beside_the_tests_not_in_the_package():
+    import importlib.util
+
+    import lifecycle.testing
+
+    shipped = Path(lifecycle.testing.__file__).parent
+    assert not (shipped / "families.py").exists()
+    assert importlib.util.find_spec("lifecycle.testing.families") is None
+    assert (ROOT / "tests" / "families.py").is_file()
+    # The script that renders the docs' table still finds it (its import runs before --help).
+    script = run(str(ROOT / "scripts" / "families_table.py"), "--help")
+    assert script.returncode == 0 and "--from-json" in script.stdout, script.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""Every DiT family of ``lifecycle.testing.families`` through ``PipelineLifecycle.from_diffusers``:
+"""Every DiT family of ``tests/families.py`` through ``PipelineLifecycle.from_diffusers``:
 a tiny real diffusers pipeline (random weights built in code) is prepared with a short warm-up,
 serves identical requests (identical outputs, cached steps, 0 new graphs), and after ``reset``
 gives what a never-managed pipeline from the same seed gives. A family cache-dit cannot wrap is
@@ -18,11 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from torch import nn
-
-from adapters import CacheDitAdapter
-from lifecycle import LifecyclePolicy, ModuleLifecycle, PipelineLifecycle, State, UnsupportedModuleError
-from lifecycle.testing.families import (
+from families import (
     FAMILIES,
     SERVING_STEPS,
     FamilyResult,
@@ -34,6 +30,10 @@ from lifecycle.testing.families import (
     run_family,
     table_row,
 )
+from torch import nn
+
+from adapters import CacheDitAdapter
+from lifecycle import LifecyclePolicy, ModuleLifecycle, PipelineLifecycle, State, UnsupportedModuleError
 
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "pipelines.md"
 # The slowest families on the 2-core CPU (``FamilyCase.slow``). CI runs them too: the suite runs

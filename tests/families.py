@@ -6,7 +6,9 @@ Text encoders and VAEs are left out: each case's ``call(steps, seed)`` passes
 produced; the pipelines fall back to their default VAE scale factor, and the sizes are picked
 for it). No pipeline here insisted on a text encoder; Cosmos insists on its guardrail, which a
 pass-through module replaces. ``FAMILIES`` is the one registry that ``tests/test_families.py``
-and ``scripts/families_table.py`` (the README's "Supported pipelines" table) both run.
+and ``scripts/families_table.py`` (the "Supported pipelines" table of docs/pipelines.md) both
+run. It lives beside the tests, not in the shipped package: a test fixture, imported as
+``families`` (tests/ is on the path under pytest; the script puts it there).
 """
 
 from __future__ import annotations
@@ -1433,7 +1435,7 @@ def render_table(results: list[FamilyResult]) -> str:
         f"{len(rows)} families tried: {len(passing)} served with cache-dit and compile end to end "
         f"({images} image, {len(passing) - images} video), {len(rows) - len(served)} refused up front "
         f"by a typed error, {len(served) - len(passing)} failing. Tiny pipelines with random weights "
-        f"(`lifecycle/testing/families.py`), CPU, `aot_eager`, {WARMUP_STEPS}-step warm-up, "
+        f"(`tests/families.py`), CPU, `aot_eager`, {WARMUP_STEPS}-step warm-up, "
         f"{SERVING_STEPS}-step requests, F1B0 DBCache."
     )
     return "\n".join(lines)
