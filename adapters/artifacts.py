@@ -17,7 +17,8 @@ and a checksum of the payload. On load a file is:
 - ``missing``: none for this key and none for this module class;
 - ``stale``: none for this key, but one for this module class with another key (the report names
   the fields that differ, e.g. ``torch``), or a file whose header key or format differs;
-- ``corrupt``: unreadable header, wrong checksum or length, or torch refused the payload.
+- ``corrupt``: unreadable header (not JSON, nested past the reader's depth, a size that is no
+  byte count), wrong checksum or length, a link to nothing, or torch refused the payload.
 
 Stale and corrupt files are reported and ignored: the compile runs cold, as if there were no
 file. Never a wrong result: besides our key, inductor's own cache keys (graph, input metadata,
