@@ -82,7 +82,9 @@ class BackendAdapter(ABC):
     def synchronize(self) -> None:
         """Wait for queued device work, so that timings mean something."""
 
-    def validate_for_module(self, module: nn.Module, options: Mapping[str, Any], plan: CompilePlanLike) -> None:
+    def validate_for_module(
+        self, module: nn.Module, options: Mapping[str, Any], plan: CompilePlanLike
+    ) -> None:
         """Check validated ``options`` and ``plan`` against the module itself, at construction
         (e.g. compiling blocks needs repeated blocks). Raises ``InvalidOptions``; the default
         accepts all."""
@@ -170,7 +172,9 @@ class TorchCompileAdapter(BackendAdapter):
         super().validate_plan(plan, options)
         validate_reproducible(plan.reproducible, options)
 
-    def validate_for_module(self, module: nn.Module, options: Mapping[str, Any], plan: CompilePlanLike) -> None:
+    def validate_for_module(
+        self, module: nn.Module, options: Mapping[str, Any], plan: CompilePlanLike
+    ) -> None:
         if plan.scope == "blocks":
             check_regional_module(module)
 

@@ -243,6 +243,11 @@ class CacheDitAdapter:
         fresh = copy.deepcopy(config)
         if num_inference_steps is not None:
             fresh.num_inference_steps = num_inference_steps
+        # The config is live on the contexts first: should the rebuild below fail (after a
+        # warm-up, say), the contexts still decide with this config, never a steered one.
+        for context in self._contexts(module):
+            if hasattr(context, "cache_config"):
+                context.cache_config = copy.deepcopy(fresh)
         _cache_dit().refresh_context(module, cache_config=fresh)
 
     def refresh_for_warmup(self, module: nn.Module, config: Any) -> None:

@@ -123,7 +123,9 @@ class _Probed(BaseException):
         self.signature = signature
 
 
-def probe_signature(module: nn.Module, call: Callable[[], object], eager: list[nn.Module]) -> Signature | None:
+def probe_signature(
+    module: nn.Module, call: Callable[[], object], eager: list[nn.Module]
+) -> Signature | None:
     """The input signature of ``module``'s first call made by ``call()``, stopping ``call`` right
     there: nothing of ``module`` runs, and the ``eager`` modules (the warm-up's members) run
     their eager paths meanwhile, so nothing of theirs compiles. None when ``call`` never calls

@@ -136,6 +136,30 @@ class BucketCoverage:
     first_request_s: float | None = None
     recent_s: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_REQUESTS))
 
+    def note_warm(self, result: BucketWarmup) -> None:
+        self.warmed = True
+        self.graphs += result.graphs
+        self.seconds += result.seconds
+        self.covered = result.covered
+        self.runs += result.runs
+        self.signatures |= result.signatures
+        self.path, self.path_reason = result.path, result.path_reason
+        self.compiled_s, self.eager_s = result.compiled_s, result.eager_s
+
+    def note_request(self, seconds: float) -> None:
+        self.requests += 1
+        if self.first_request_s is None:
+            self.first_request_s = seconds
+        else:
+            self.recent_s.append(seconds)
+
+    def cool(self) -> None:
+        """Weights changed: warm again; the requests served before say nothing of the new weights."""
+        self.warmed = False
+        self.requests = 0
+        self.first_request_s = None
+        self.recent_s.clear()
+
     @property
     def first_request_ratio(self) -> float | None:
         """First request / median of the later ones (the latest ``RECENT_REQUESTS``), once at
@@ -239,6 +263,11 @@ class BucketBook:
         with self._lock:
             return IMPLICIT_KEY in self._buckets
 
+    def is_implicit_warm(self) -> bool:
+        with self._lock:
+            bucket = self._buckets.get(IMPLICIT_KEY)
+            return bucket is not None and bucket.warmed
+
     def is_warm(self, shape: Shape) -> bool:
         with self._lock:
             bucket = self._buckets.get(shape_key(shape))
@@ -266,14 +295,7 @@ class BucketBook:
         with self._lock:
             for result in results:
                 bucket = self._buckets.setdefault(result.key, BucketCoverage(result.key, result.shape))
-                bucket.warmed = True
-                bucket.graphs += result.graphs
-                bucket.seconds += result.seconds
-                bucket.covered = result.covered
-                bucket.runs += result.runs
-                bucket.signatures |= result.signatures
-                bucket.path, bucket.path_reason = result.path, result.path_reason
-                bucket.compiled_s, bucket.eager_s = result.compiled_s, result.eager_s
+                bucket.note_warm(result)
                 for signature in result.signatures:
                     self._signatures.setdefault(signature, result.key)
             self._recount()
@@ -281,22 +303,14 @@ class BucketBook:
     def note_request(self, key: str, seconds: float) -> None:
         with self._lock:
             bucket = self._buckets.get(key)
-            if bucket is None:
-                return
-            bucket.requests += 1
-            if bucket.first_request_s is None:
-                bucket.first_request_s = seconds
-            else:
-                bucket.recent_s.append(seconds)
+            if bucket is not None:
+                bucket.note_request(seconds)
 
     def cool(self) -> None:
         """Weights changed (invalidate): every bucket must be warmed again; the plan stays."""
         with self._lock:
             for bucket in self._buckets.values():
-                bucket.warmed = False
-                bucket.requests = 0
-                bucket.first_request_s = None
-                bucket.recent_s.clear()
+                bucket.cool()
             self._signatures.clear()
             self._recount()
 

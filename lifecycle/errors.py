@@ -81,7 +81,20 @@ class AuditWriteWarning(UserWarning):
 
 class UnwarmedShapeError(LifecycleError):
     """A request at a shape no warm-up covered, under ``on_unwarmed="fail"``; raised before the
-    transformer runs, the state stays WarmedUp."""
+    transformer runs, the state stays WarmedUp. ``shape_key`` is the shape's key when the request
+    named one."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        module: str | None = None,
+        state: State | None = None,
+        trigger: Trigger | str | None = None,
+        shape_key: str | None = None,
+    ) -> None:
+        super().__init__(message, module=module, state=state, trigger=trigger)
+        self.shape_key = shape_key
 
 
 class PipelineError(LifecycleError):

@@ -112,6 +112,11 @@ class ModuleShare:
         self.lock = OwnerLock()
         self.members: list[weakref.ref[object]] = []
 
+    def add(self, lifecycle: object) -> None:
+        """Register one more lifecycle (and forget those that are gone)."""
+        self.members = [ref for ref in self.members if ref() is not None]
+        self.members.append(weakref.ref(lifecycle))
+
     @property
     def shared(self) -> bool:
         """Whether more than one lifecycle was registered over the module (a cheap first check)."""
@@ -132,8 +137,7 @@ class ModuleShares:
             share = self._shares.get(module)
             if share is None:
                 share = self._shares[module] = ModuleShare()
-            share.members = [ref for ref in share.members if ref() is not None]
-            share.members.append(weakref.ref(lifecycle))
+            share.add(lifecycle)
             return share
 
     def others(self, module: nn.Module, lifecycle: object) -> list[object]:

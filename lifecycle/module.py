@@ -637,7 +637,8 @@ class ModuleLifecycle:
         if not self._share.shared:
             return
         for other in SHARES.others(self._module, self):
-            if isinstance(other, ModuleLifecycle) and other.state is not State.LOADED and not self._compatible(other):
+            driving = isinstance(other, ModuleLifecycle) and other.state is not State.LOADED
+            if driving and isinstance(other, ModuleLifecycle) and not self._compatible(other):
                 raise InvalidConfigError(
                     f"{self._name}: the module is already driven by lifecycle {other.name!r} "
                     f"(state {other.state.value}, policy {other.policy}) with another policy, plan, "
@@ -739,7 +740,10 @@ class ModuleLifecycle:
             walk.warm_together([self], run, self._module, planned)
 
     def _warmup_step(
-        self, step: TransitionStep, plan: list[dict[str, Any] | None], inner: Callable[[], list[MemberWarmup]],
+        self,
+        step: TransitionStep,
+        plan: list[dict[str, Any] | None],
+        inner: Callable[[], list[MemberWarmup]],
         index: int,
     ) -> list[MemberWarmup]:
         """This member's part of a (joint) warm-up: the buckets it is asked to warm are part of

@@ -94,6 +94,23 @@ class RequestRecord:
     # The request's shape key, when the host gave one (declared shape buckets).
     shape: Any = None
 
+    def _fill(
+        self, *, duration_ms: float, new_graphs: int, cached_steps: int, cfg_cached_steps: int,
+        outcome: RequestOutcome,
+    ) -> None:
+        """Filled in by the request scope as the request ends (its one writer)."""
+        self.duration_ms = duration_ms
+        self.new_graphs = new_graphs
+        self.cached_steps = cached_steps
+        self.cfg_cached_steps = cfg_cached_steps
+        self.outcome = outcome
+
+    def _restep(self, steps: int | None) -> None:
+        self.num_inference_steps = steps
+
+    def _refused(self) -> None:
+        self.outcome = "refused"
+
 
 class ActiveRequest:
     """One member's part of a running request: its record, its shape decision, and the call
@@ -119,7 +136,7 @@ class ActiveRequest:
 
     def note_refresh(self, steps: int | None) -> None:
         """``refresh()`` inside the request: the rest of it runs in the new context."""
-        self.record.num_inference_steps = steps
+        self.record._restep(steps)
 
     def unwarmed_error(self) -> UnwarmedShapeError:
         member = self.member
@@ -130,14 +147,34 @@ class ActiveRequest:
             if self.shape is not None
             else "pass shape= to request() and warm it with warm_up(run, shapes=lc.missed_shapes())"
         )
-        error = UnwarmedShapeError(
+        return UnwarmedShapeError(
             f"{member.name}: request {self.record.request_id!r} at {what} is not warmed up (warmed "
             f"buckets: {warmed or 'none'}) and on_unwarmed='fail'; nothing ran and the state stays "
             f"WarmedUp. Declare it and warm it first: {fix}, or serve it with on_unwarmed='eager'.",
-            module=member.name, state=member.state, trigger="request",
+            module=member.name, state=member.state, trigger="request", shape_key=self.key,
         )
-        error.shape_key = self.key  # type: ignore[attr-defined]
-        return error
+
+    def name_shape(self, key: str, shape: dict[str, Any], *, compiles: bool) -> bool:
+        """The host named the request's shape: a warm bucket serves it, else it is a miss
+        (decided now, before anything runs). Returns whether it is a miss."""
+        self.key, self.shape = key, shape
+        self.bucket = self.member._book.lookup(key)
+        if self.bucket is None and compiles:
+            self.miss = "shape"
+        return self.miss is not None
+
+    def complete(
+        self, new_graphs: int, cached_steps: int, cfg_cached_steps: int, outcome: RequestOutcome
+    ) -> None:
+        """Fill in the record as the request ends."""
+        self.record._fill(
+            duration_ms=(time.perf_counter() - self.started) * 1000.0, new_graphs=new_graphs,
+            cached_steps=cached_steps, cfg_cached_steps=cfg_cached_steps, outcome=outcome,
+        )
+
+    def take_back(self) -> None:
+        """Started, then refused before its body ran (a peer member could not start)."""
+        self.record._refused()
 
     def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> CallDecision | None:
         """In front of each call of the member's module (outside compiled code)."""
@@ -255,7 +292,8 @@ class RequestScope:
                         allowed=(Trigger.REFRESH,),
                     )
                 steps = self.steps
-                if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0):
+                bad = isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0
+                if steps is not None and bad:
                     raise InvalidConfigError(
                         f"{member.name}: num_inference_steps must be a positive int, got {steps!r}",
                         module=member.name, state=state, trigger=Trigger.REQUEST,
@@ -290,11 +328,8 @@ class RequestScope:
             active = ActiveRequest(member, record, policy)
             member._counters.begin(active)
             self._actives.append(active)
-            if shape is not None:
-                active.key, active.shape = key, shape
-                active.bucket = member._book.lookup(key) if key is not None else None
-                if active.bucket is None and member.policy.compile:
-                    active.miss = "shape"
+            if shape is not None and key is not None:
+                if active.name_shape(key, shape, compiles=member.policy.compile):
                     if policy == "fail":
                         refusal = active.unwarmed_error()
                         self._actives.pop()
@@ -307,7 +342,7 @@ class RequestScope:
         while self._actives:
             active = self._actives.pop()
             active.member._counters.cancel()
-            active.record.outcome = "refused"
+            active.take_back()
             reason = (
                 PipelineError(
                     f"pipeline request {self.request_id!r} refused: member {member.name!r} could not "
@@ -355,15 +390,15 @@ def _finish(active: ActiveRequest, error: BaseException | None) -> AuditWriteErr
     member = active.member
     member.backend.synchronize()
     record = active.record
-    record.duration_ms = (time.perf_counter() - active.started) * 1000.0
-    record.new_graphs = max(0, member.backend.graph_count() - active.graphs_before)
+    new_graphs = max(0, member.backend.graph_count() - active.graphs_before)
+    cached = cfg_cached = 0
     if member.policy.cache_dit:
         summary = member._context.cache.summary(member.module)
-        record.cached_steps = summary.cached_steps
-        record.cfg_cached_steps = summary.cfg_cached_steps
+        cached, cfg_cached = summary.cached_steps, summary.cfg_cached_steps
     # A request refused mid-way at an unwarmed shape (on_unwarmed="fail") ran nothing.
     refused = isinstance(error, UnwarmedShapeError)
-    record.outcome = "ok" if error is None else "refused" if refused else "failed"
+    outcome: RequestOutcome = "ok" if error is None else "refused" if refused else "failed"
+    active.complete(new_graphs, cached, cfg_cached, outcome)
     recompiles = member._counters.end(record.new_graphs, compiles=member.policy.compile)
     fields = _fields(member, record.request_id, record.num_inference_steps)
     fields.update(
@@ -419,7 +454,8 @@ def _refuse(
     outcome = "refused" if refused or isinstance(error, _REFUSALS) else "failed"
     fields = _fields(member, request_id, steps)
     fields.update(
-        cached_steps=0, new_graphs=0, duration_ms=0.0, outcome=outcome, error=f"{type(error).__name__}: {error}",
+        cached_steps=0, new_graphs=0, duration_ms=0.0, outcome=outcome,
+        error=f"{type(error).__name__}: {error}",
     )
     lost = emit_checked(audit.REQUEST_EVENT, outcome, fields)
     if lost is not None:

@@ -16,6 +16,7 @@ The caller holds every member's lock.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -135,13 +136,7 @@ def warm_together(
                 member._transition(Trigger.WARM_UP, lambda step: None)
             except LifecycleError as exc:
                 _raise(member, exc, on_member)
-    plan: Plan
-    if planned is not None:
-        plan = list(planned)
-    elif members[0]._book.has_declared():
-        plan = list(members[0]._book.declared_shapes())
-    else:
-        plan = [None]
+    plan: Plan = list(planned) if planned is not None else _rewarm_plan(members[0], run)
     call_at = call_target(run, target)
     results: list[MemberWarmup] = []
 
@@ -167,6 +162,32 @@ def warm_together(
         if on_joint is None:
             raise
         raise on_joint(members, exc) from exc
+
+
+def _rewarm_plan(member: Walker, run: Callable[..., object]) -> Plan:
+    """A warm-up that names no shapes: the buckets of the plan that are cold (all of them when
+    none is: warm everything again). A declared bucket is warmed with ``run(target, shape)``, the
+    implicit one with ``run(target)``, so the implicit one is left out when ``run`` needs a shape:
+    it stays cold and ``ready`` says so, never a warm-up that fails on the callable's arity."""
+    book = member._book
+    declared: Plan = list(book.declared_shapes())
+    plan: Plan = [*declared, None] if book.has_implicit() or not declared else declared
+    cold = [s for s in plan if not (book.is_implicit_warm() if s is None else book.is_warm(s))]
+    plan = cold or plan
+    if None in plan and declared and not _takes(run, 1):
+        plan = [shape for shape in plan if shape is not None]
+    return plan or [None]
+
+
+def _takes(run: Callable[..., object], count: int) -> bool:
+    """Whether ``run`` can be called with ``count`` positional arguments (True when unknown)."""
+    try:
+        inspect.signature(run).bind(*range(count))
+    except TypeError:
+        return False
+    except ValueError:  # no signature (a builtin): let the call decide
+        return True
+    return True
 
 
 def _raise(member: Member, error: LifecycleError, on_member: OnMember | None) -> None:

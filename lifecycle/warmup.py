@@ -254,7 +254,7 @@ def run_warmup(
         settle_s = round(time.perf_counter() - settle_started, 6)
     elapsed = time.perf_counter() - started
     out = []
-    for member, results, member_dims in zip(members, per_bucket, dims, strict=True):
+    for results, member_dims in zip(per_bucket, dims, strict=True):
         covered = all(r.covered for r in results)
         fields: dict[str, Any] = {"warmup_runs": total_runs + settle_runs, "cached_branch_covered": covered}
         if settle_runs:
@@ -360,7 +360,9 @@ def _measure_paths(
         compiled_s, graphs = _timed_call(members, call, dims)
         eager_s, _ = _timed_call(members, call, dims, eager=True)
         path = "eager" if eager_s < compiled_s else "compiled"
-        reason = f"one warm-up call took {compiled_s:.4f} s compiled and {eager_s:.4f} s eager; {path} is faster"
+        reason = (
+            f"one warm-up call took {compiled_s:.4f} s compiled and {eager_s:.4f} s eager; {path} is faster"
+        )
         for member, results, target in zip(members, per_bucket, out, strict=True):
             own = results[index]
             target.append(BucketWarmup(

@@ -10,9 +10,9 @@ from conftest import FAST_COMPILE, SERVING_STEPS
 from adapters.base import dynamo_graph_count
 from adapters.regional import compiled_blocks, repeated_blocks
 from lifecycle import (
+    CompilePlan,
     IllegalTransitionError,
     InvalidConfigError,
-    CompilePlan,
     LifecyclePolicy,
     ModuleLifecycle,
     State,
@@ -83,7 +83,8 @@ def test_first_request_adds_no_graph_and_matches_eager(cache_config, audit_event
 
 def test_reset_returns_every_block_to_eager(cache_config, inputs):
     reference = denoise(tiny_flux(), inputs, 3)
-    lc = ModuleLifecycle(tiny_flux(), backend="cpu", cache_config=cache_config, compile_options=FAST_COMPILE, compile_plan=BLOCKS)
+    lc = ModuleLifecycle(tiny_flux(), backend="cpu", cache_config=cache_config,
+                         compile_options=FAST_COMPILE, compile_plan=BLOCKS)
     lc.prepare(denoiser(inputs, 2))
     lc.reset()
     assert lc.state is State.LOADED
@@ -94,7 +95,8 @@ def test_reset_returns_every_block_to_eager(cache_config, inputs):
 
 
 def test_mount_before_compile_still_holds(flux, cache_config):
-    lc = ModuleLifecycle(flux, backend="cpu", cache_config=cache_config, compile_options=FAST_COMPILE, compile_plan=BLOCKS)
+    lc = ModuleLifecycle(flux, backend="cpu", cache_config=cache_config,
+                         compile_options=FAST_COMPILE, compile_plan=BLOCKS)
     with pytest.raises(IllegalTransitionError):
         lc.compile()
     assert compiled_blocks(flux) == []
@@ -113,7 +115,8 @@ def test_a_model_without_repeated_blocks_is_refused_at_construction_and_stays_ea
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 4))
     with pytest.raises(InvalidConfigError, match="no repeated blocks"):
         ModuleLifecycle(
-            model, backend="cpu", policy=LifecyclePolicy(cache_dit=False), compile_options=FAST_COMPILE, compile_plan=BLOCKS
+            model, backend="cpu", policy=LifecyclePolicy(cache_dit=False), compile_options=FAST_COMPILE,
+            compile_plan=BLOCKS,
         )
     assert compiled_blocks(model) == [] and model._compiled_call_impl is None
 
@@ -144,7 +147,8 @@ def test_plain_module_lists_are_found_without_diffusers_metadata():
     x = torch.randn(2, 4)
     expected = model(x)
     lc = ModuleLifecycle(
-        model, backend="cpu", policy=LifecyclePolicy(cache_dit=False), compile_options=FAST_COMPILE, compile_plan=BLOCKS
+        model, backend="cpu", policy=LifecyclePolicy(cache_dit=False), compile_options=FAST_COMPILE,
+            compile_plan=BLOCKS,
     )
     before = dynamo_graph_count()
     lc.prepare(lambda module: module(x))

@@ -190,7 +190,8 @@ _CHILD = textwrap.dedent(
 
     steps = int(sys.argv[1])
     lc = ModuleLifecycle(tiny_flux(), backend="cpu", cache_config=demo_cache_config(steps),
-                         compile_options={"backend": "aot_eager"}, compile_plan=CompilePlan(reproducible=True))
+                         compile_options={"backend": "aot_eager"},
+                         compile_plan=CompilePlan(reproducible=True))
     inputs = flux_inputs()
     with structlog.testing.capture_logs() as logs:
         lc.prepare(denoiser(inputs, 2), num_inference_steps=steps)

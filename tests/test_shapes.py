@@ -22,10 +22,10 @@ from conftest import FAST_COMPILE, SERVING_STEPS
 
 from adapters import dynamo_graph_count
 from lifecycle import (
-    ServingPolicy,
     InvalidConfigError,
     ModuleLifecycle,
     PipelineLifecycle,
+    ServingPolicy,
     State,
     TransitionFailedError,
     UnwarmedShapeError,
@@ -89,7 +89,8 @@ def verify_clean(path: Path) -> None:
 
 def lifecycle(flux: torch.nn.Module, cache_config: Any, **kw: Any) -> ModuleLifecycle:
     kw.setdefault("compile_options", STATIC)
-    serving = {key: kw.pop(key) for key in ("on_unwarmed", "share_bucket_graphs", "measure_paths") if key in kw}
+    keys = ("on_unwarmed", "share_bucket_graphs", "measure_paths")
+    serving = {key: kw.pop(key) for key in keys if key in kw}
     if serving:
         kw["serving"] = ServingPolicy(**serving)
     return ModuleLifecycle(flux, backend="cpu", cache_config=cache_config, **kw)
