@@ -30,6 +30,7 @@ class CacheSummary:
     config: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
+        """The summary as plain data (what ``stats()["cache"]`` shows)."""
         return dataclasses.asdict(self)
 
 
@@ -153,9 +154,11 @@ class CacheDitAdapter:
         return factory(FakeDiffusionPipeline(module), **kwargs)
 
     def version(self) -> str:
+        """The installed cache-dit's version (part of the compile-artifact key)."""
         return str(getattr(_cache_dit(), "__version__", "unknown"))
 
     def default_config(self) -> Any:
+        """``cache_dit.DBCacheConfig()``: the config a lifecycle built with ``cache_config=None`` uses."""
         return _cache_dit().DBCacheConfig()
 
     def make_config(self, **fields: Any) -> Any:
@@ -219,9 +222,16 @@ class CacheDitAdapter:
             ) from exc
 
     def is_mounted(self, module: nn.Module) -> bool:
+        """Whether cache-dit is mounted on ``module`` (by this adapter or by the host)."""
         return bool(getattr(module, "_is_cached", False))
 
     def mount(self, module: nn.Module, config: Any) -> None:
+        """Mount DBCache on ``module`` with a private copy of ``config``; cache-dit replaces
+        ``forward`` on the instance. A mount that fails leaves nothing installed.
+
+        Raises:
+            UnsupportedForCache: cache-dit has no adapter for the module's family.
+        """
         self.check_supported(module)
         prefix, by_module = self._registered(module) or ("", True)
         config = copy.deepcopy(config)
@@ -263,6 +273,8 @@ class CacheDitAdapter:
         _cache_dit().refresh_context(module, cache_config=steered)
 
     def unmount(self, module: nn.Module) -> None:
+        """Remove cache-dit's hooks and restore every ``forward`` it or its patch functors
+        replaced: the module then runs exactly as before the mount."""
         if hasattr(module, "_original_forward") or self.is_mounted(module):
             _cache_dit().disable_cache(module)
         # cache-dit restores forward as an instance attribute; drop it so the class's forward
@@ -304,6 +316,7 @@ class CacheDitAdapter:
         return summary.cached_steps >= 1 and summary.executed_steps >= WARMUP_STEPS_TO_COVER
 
     def describe_config(self, config: Any) -> dict[str, Any]:
+        """``config`` as plain data for the audit (the mount event's ``cache_config``)."""
         return _config_summary(config)
 
 
