@@ -361,7 +361,9 @@ def _directives() -> dict[str, list[str] | None]:
         for match in _DIRECTIVE.finditer(page.read_text()):
             options = match.group("options")
             members = None
-            if re.search(r"^\s+members:\s*$", options, re.M):
+            if re.search(r"^\s+members:\s*(\[\]|false)\s*$", options, re.M):
+                members = []  # the entry shows the class alone
+            elif re.search(r"^\s+members:\s*$", options, re.M):
                 tail = options.split("members:", 1)[1]
                 members = re.findall(r"^\s+-\s+(\w+)\s*$", tail, re.M)
             found[match.group("path")] = members
