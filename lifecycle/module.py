@@ -475,6 +475,7 @@ class ModuleLifecycle:
             "compile_s": self._compile_s,
             "warmup_s": self._warmup_s,
             "recompiles_since_warmup": self._counters.recompiles_since_warmup,
+            "serving_steps": self._context.serving_steps,
             "requests": self._counters.requests,
             "warmup_covered_cached_branch": self._covered,
             "cache": cache_summary,
@@ -746,10 +747,11 @@ class ModuleLifecycle:
         inner: Callable[[], list[MemberWarmup]],
         index: int,
     ) -> list[MemberWarmup]:
-        """This member's part of a (joint) warm-up: the buckets it is asked to warm are part of
-        the plan from now on (cold until the warm-up succeeds); ``inner`` runs the warm-up (or the
-        next member's transition), and its result for this member is applied here."""
-        self._book.declare(plan)
+        """This member's part of a (joint) warm-up: the declared buckets it is asked to warm are
+        part of the plan from now on (cold until a warm-up succeeds; the implicit bucket joins the
+        plan only when its warm-up did); ``inner`` runs the warm-up (or the next member's
+        transition), and its result for this member is applied here."""
+        self._book.declare(shape for shape in plan if shape is not None)
         results = inner()
         self._apply_warmup(results[index], step.extra)
         return results

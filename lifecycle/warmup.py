@@ -158,12 +158,14 @@ class _BucketRun:
         try:
             for member, dims in zip(self.members, self.dims, strict=True):
                 check = False
-                if self.steer and member.policy.cache_dit and member.policy.compile:
-                    # Steering matters only with cache-dit and compile: graphs a warm-up
-                    # misses would compile in the first request.
+                if self.steer and member.policy.cache_dit:
+                    # A warm-up is an earlier request: its context is replaced afterwards.
                     self._steered.append(member)
-                    member._context.steer()
-                    check = True
+                    if member.policy.compile:
+                        # Steering matters only with compile: graphs a warm-up misses would
+                        # compile in the first request.
+                        member._context.steer()
+                        check = True
                 tracker = _Seen(member, dims, check=check, steered=self.steer)
                 guard = guard_calls(member.module, tracker)
                 guard.__enter__()

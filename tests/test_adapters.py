@@ -24,6 +24,7 @@ from adapters.registry import (
     unregister_backend,
 )
 from lifecycle import InvalidConfigError, LifecyclePolicy, ModuleLifecycle
+from lifecycle.config import CompilePlan
 
 PLUGIN_PACKAGE = "dit_lifecycle_test_plugin"
 
@@ -34,9 +35,9 @@ class CountingCpuAdapter(CpuAdapter):
     name = "counting-cpu"
     compiles = 0
 
-    def compile(self, module: nn.Module, options) -> None:
+    def compile(self, module: nn.Module, options, plan) -> None:
         type(self).compiles += 1
-        super().compile(module, options)
+        super().compile(module, options, plan)
 
 
 @pytest.fixture
@@ -211,7 +212,7 @@ def test_cpu_compile_is_in_place_and_counted():
     adapter = CpuAdapter()
     options = adapter.validate_options({"backend": "eager", "fullgraph": True})
     before = dynamo_graph_count()
-    adapter.compile(module, options)
+    adapter.compile(module, options, CompilePlan())
     x = torch.randn(2, 4)
     expected = x * module.weight + 1
     assert torch.equal(module(x), expected)

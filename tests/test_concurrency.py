@@ -228,4 +228,4 @@ def test_pipeline_aprepare_keeps_the_event_loop_running(shape, inputs, cache_con
     assert asyncio.run(main()) >= 5
     assert plc.state is State.WARMED_UP and plc.ready
     assert calls[0] == ["transformer", "transformer_2"]  # one joint call drives both members
-    assert all(m.serving_steps == 4 for m in members.values())
+    assert all(m.stats()["serving_steps"] == 4 for m in members.values())

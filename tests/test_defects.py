@@ -73,9 +73,9 @@ class _SlowBackend(NoopBackend):
         super().__init__()
         self.barrier = barrier
 
-    def compile(self, module: nn.Module, options: Any) -> None:
+    def compile(self, module: nn.Module, options: Any, plan: Any) -> None:
         self.barrier.wait()  # BrokenBarrierError (a failed compile) if the other one is blocked
-        super().compile(module, options)
+        super().compile(module, options, plan)
 
 
 def test_d1_unrelated_lifecycles_compile_at_the_same_time(audited):
@@ -326,7 +326,7 @@ def test_i20_1_another_asyncio_task_cannot_enter_a_running_request(audited):
 
     asyncio.run(main())
     assert seen["steps"] == 8  # the request's context and record were not touched
-    assert lc.state is State.WARMED_UP and lc.serving_steps is None
+    assert lc.state is State.WARMED_UP and lc.stats()["serving_steps"] is None
     outcomes = [(e["request_id"], e["outcome"]) for e in audited.of("lifecycle.request")]
     assert outcomes == [("r-b", "refused"), ("r-a", "ok")] or outcomes == [(None, "refused"), ("r-a", "ok")]
     refused = [e for e in audited.of("lifecycle.transition") if e["outcome"] == "refused"]

@@ -32,11 +32,11 @@ class _FlakyCpu(CpuAdapter):
     def __init__(self) -> None:
         self.failures_left = 1
 
-    def compile(self, module, options):
+    def compile(self, module, options, plan):
         if self.failures_left:
             self.failures_left -= 1
             raise RuntimeError("injected compile failure")
-        super().compile(module, options)
+        super().compile(module, options, plan)
 
 
 def _outcome(fn) -> dict[str, Any]:

@@ -42,11 +42,11 @@ class CrashingCpu(CpuAdapter):
     def __init__(self) -> None:
         self.crashes_left = 1
 
-    def compile(self, module: nn.Module, options: Mapping[str, Any]) -> None:
+    def compile(self, module: nn.Module, options: Mapping[str, Any], plan: Any) -> None:
         if self.crashes_left:
             self.crashes_left -= 1
             raise CompilerCrashed("the compiler crashed")
-        super().compile(module, options)
+        super().compile(module, options, plan)
 
 
 def _crashing_dynamo_backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:

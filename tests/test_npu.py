@@ -20,6 +20,7 @@ from adapters import BackendUnavailable, InvalidOptions, get_backend
 from adapters.npu import REQUIRED_PACKAGES, NpuAdapter, NpuCompilePlan, plan_options
 from adapters.registry import AUTO_ORDER, backend_names
 from lifecycle import BackendUnavailableError, LifecyclePolicy, ModuleLifecycle, State
+from lifecycle.config import CompilePlan
 
 INSTALLED = {name: importlib.util.find_spec(name) is not None for name in REQUIRED_PACKAGES}
 no_npu_stack = pytest.mark.skipif(any(INSTALLED.values()), reason="torch_npu or torchair is installed here")
@@ -213,7 +214,7 @@ def test_compile_goes_through_torchair_with_the_mapped_config(npu_stack):
     eager = module(x)
     options = adapter.validate_options(
         {"mode": "reduce-overhead", "frozen_parameter": True, "dynamic": False})
-    adapter.compile(module, options)
+    adapter.compile(module, options, CompilePlan())
     (config,) = npu_stack.configs
     assert isinstance(config, _CompilerConfig)
     assert config.mode == "reduce-overhead" and config.experimental_config.frozen_parameter is True
@@ -230,7 +231,7 @@ def test_compile_goes_through_torchair_with_the_mapped_config(npu_stack):
 
 def test_torchair_defaults_are_left_alone(npu_stack):
     adapter = get_backend("npu")
-    adapter.compile(_Small(), adapter.validate_options({}))
+    adapter.compile(_Small(), adapter.validate_options({}), CompilePlan())
     (config,) = npu_stack.configs
     assert config.mode == "max-autotune" and config.experimental_config.frozen_parameter is False
 
@@ -238,7 +239,7 @@ def test_torchair_defaults_are_left_alone(npu_stack):
 def test_another_dynamo_backend_skips_torchair(npu_stack):
     adapter = get_backend("npu")
     module = _Small()
-    adapter.compile(module, adapter.validate_options({"backend": "eager"}))
+    adapter.compile(module, adapter.validate_options({"backend": "eager"}), CompilePlan())
     module(torch.randn(2, 4))
     assert npu_stack.configs == [] and npu_stack.graphs == []
 

@@ -22,11 +22,11 @@ from lifecycle.testing.tiny import FluxShape, denoise, denoiser, flux_inputs, ti
 BLOCKS = CompilePlan(scope="blocks")
 
 
-def _prepared(shape: FluxShape, cache_config, options=FAST_COMPILE) -> tuple[ModuleLifecycle, int]:
+def _prepared(shape: FluxShape, cache_config, plan: CompilePlan = BLOCKS) -> tuple[ModuleLifecycle, int]:
     torch._dynamo.reset()
     lc = ModuleLifecycle(
-        tiny_flux(shape), backend="cpu", cache_config=cache_config, compile_options=options,
-        compile_plan=BLOCKS,
+        tiny_flux(shape), backend="cpu", cache_config=cache_config, compile_options=FAST_COMPILE,
+        compile_plan=plan,
     )
     before = dynamo_graph_count()
     lc.prepare(denoiser(flux_inputs(shape), 2))
@@ -55,8 +55,8 @@ def test_identical_blocks_share_graphs_whatever_their_number(cache_config):
     # cache-dit's forward breaks the graph (unittest.mock patching, torch.compiler.disable in
     # the block loop), so dynamo compiles each block's forward as its own frame, reused, plus
     # five graphs of the transformer's own code. Regional saves those five (GPU: bench/).
-    _, whole_small = _prepared(small_shape, cache_config, FAST_COMPILE)
-    _, whole_large = _prepared(large_shape, cache_config, FAST_COMPILE)
+    _, whole_small = _prepared(small_shape, cache_config, CompilePlan())
+    _, whole_large = _prepared(large_shape, cache_config, CompilePlan())
     assert whole_small == whole_large == small + 5
 
 
