@@ -7,12 +7,12 @@ its own process with empty inductor and Triton cache directories, as on a fresh 
 warm scenarios get only the artifact file their cold scenario saved at WarmedUp:
 
   whole-cold     ModuleLifecycle.prepare, whole-model compile     (saves artifacts)
-  regional-cold  ModuleLifecycle.prepare, "regional": True        (saves artifacts)
+  regional-cold  ModuleLifecycle.prepare, CompilePlan(scope="blocks") (saves artifacts)
   whole-warm     as whole-cold, artifacts loaded before compile
   regional-warm  as regional-cold, artifacts loaded before compile
   eager          cache-dit without compile (the steady-state floor compile must beat)
 
-``--reproducible`` adds ``"reproducible": True`` to every compiled scenario's options
+``--reproducible`` compiles every scenario with ``CompilePlan(reproducible=True)``
 (adapters/reproducible.py); each restart's final latents are then compared with those of the
 process that saved its artifacts (``bit_identical_to_saver``).
 
@@ -103,17 +103,17 @@ def run_scenario(args: argparse.Namespace) -> dict[str, Any]:
     sync()
     build_s = time.perf_counter() - started
 
+    from lifecycle import CompilePlan
+
     options: dict[str, Any] = {"backend": args.compile_backend}
-    if spec["regional"]:
-        options["regional"] = True
-    if args.reproducible:
-        options["reproducible"] = True
+    plan = CompilePlan(scope="blocks" if spec["regional"] else "model", reproducible=args.reproducible)
     lc = ModuleLifecycle(
         module,
         backend="cuda" if device.type == "cuda" else "cpu",
         policy=LifecyclePolicy(compile=spec["compile"]),
         cache_config=demo_cache_config(args.steps, threshold=args.threshold),
         compile_options=options if spec["compile"] else None,
+        compile_plan=plan,
         artifact_dir=(Path(args.artifact_root) / spec["artifacts"]) if spec["artifacts"] else None,
     )
     graphs_before = dynamo_graph_count()
@@ -332,7 +332,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--compile-backend", default="inductor")
     parser.add_argument("--fail-fast", action="store_true", help="stop at the first failed scenario")
     parser.add_argument("--reproducible", action="store_true",
-                        help='compile_options {"reproducible": True} in every compiled scenario')
+                        help="CompilePlan(reproducible=True) in every compiled scenario")
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
     parser.add_argument("--out", default=None, help="results JSON (default: bench/results/...)")
     parser.add_argument("--scenario-timeout", type=float, default=None, help="seconds per scenario")

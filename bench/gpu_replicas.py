@@ -10,7 +10,7 @@ saving process wrote at WarmedUp (``artifact_dir=``) and nothing else.
 Settings, interleaved so that slow drifts of the machine hit both alike:
 
   default-N      compile_options {"backend": "inductor"}
-  repro-N        compile_options {"backend": "inductor", "reproducible": True}
+  repro-N        compile_options {"backend": "inductor"}, CompilePlan(reproducible=True)
   <setting>-restart   as <setting>-1, loading <setting>-1's artifacts
   eager-N        cache-dit without compile (the control: expected bit-identical)
 
@@ -100,15 +100,16 @@ def run_process(args: argparse.Namespace) -> dict[str, Any]:
     with device:  # weights made on the device: the same seed gives the same weights everywhere
         module = tiny_flux(shape, seed=0, dtype=dtype)
     inputs = flux_inputs(shape, seed=1, device=device, dtype=dtype)
+    from lifecycle import CompilePlan
+
     options: dict[str, Any] = {"backend": args.compile_backend}
-    if setting == "repro":
-        options["reproducible"] = True
     lc = ModuleLifecycle(
         module,
         backend="cuda" if device.type == "cuda" else "cpu",
         policy=LifecyclePolicy(compile=compiled),
         cache_config=demo_cache_config(args.steps, threshold=args.threshold),
         compile_options=options if compiled else None,
+        compile_plan=CompilePlan(reproducible=setting == "repro"),
         artifact_dir=args.artifact_dir if compiled else None,
     )
     import structlog

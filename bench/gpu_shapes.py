@@ -8,8 +8,8 @@ call at a bucket: ``run(module, {"height": h, "width": w})``.
 
 Each mode runs in its own process with inductor's caches disabled (every one pays its compile):
   static     compile_options {"dynamic": False}: every bucket compiles its own graphs
-  shared     compile_options {"dynamic_buckets": True}: one dynamic compile for all buckets
-  automatic  compile_options {"dynamic_buckets": False}: torch's automatic dynamic (the second
+  shared     ServingPolicy(share_bucket_graphs=True): one dynamic compile for all buckets
+  automatic  ServingPolicy(share_bucket_graphs=False): torch's automatic dynamic (the second
              shape recompiles dynamic); the measured "default" of gpu_shapes_h200.json
   default    compile_options {}: the lifecycle's default (shared, for two or more buckets)
 For each: prepare time, per bucket first request / steady (median of the rest), new graphs,
@@ -56,14 +56,15 @@ from lifecycle.testing.tiny import (  # noqa: E402
 
 BUCKETS = [(1024, 1024), (512, 512), (768, 1344), (768, 768)]
 UNDECLARED = (640, 640)
-MODES = {
-    "static": {"dynamic": False},
-    "shared": {"dynamic_buckets": True},
+# mode -> (compile_options, ServingPolicy(share_bucket_graphs=...))
+MODES: dict[str, tuple[dict[str, Any], bool]] = {
+    "static": ({"dynamic": False}, True),
+    "shared": ({}, True),
     # torch's automatic dynamic: the second shape recompiles with the changed sizes dynamic. This
     # was the lifecycle's default ({}) when bench/results/gpu_shapes_h200.json was measured (mode
-    # "default" there); {} now shares graphs when two or more buckets are declared.
-    "automatic": {"dynamic_buckets": False},
-    "default": {},
+    # "default" there); the default now shares graphs when two or more buckets are declared.
+    "automatic": ({}, False),
+    "default": ({}, True),
 }
 FLUX_SHAPE = flux_architecture(2, 4)
 TINY_SHAPE = FluxShape()
@@ -150,15 +151,18 @@ def summary(records: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def make_lifecycle(bench: Bench, options: dict[str, Any], **kwargs: Any) -> Any:
-    from lifecycle import ModuleLifecycle
+def make_lifecycle(bench: Bench, mode: tuple[dict[str, Any], bool], **kwargs: Any) -> Any:
+    from lifecycle import ModuleLifecycle, ServingPolicy
 
+    options, share = mode
+    on_unwarmed = kwargs.pop("on_unwarmed", "eager")
     return ModuleLifecycle(
         bench.module,
         name="transformer",
         backend=bench.device.type,
         cache_config=demo_cache_config(bench.args.steps, threshold=bench.args.threshold),
         compile_options={"backend": bench.compile_backend, **options},
+        serving=ServingPolicy(on_unwarmed=on_unwarmed, share_bucket_graphs=share),
         **kwargs,
     )
 
@@ -190,7 +194,8 @@ def run_mode(args: argparse.Namespace) -> dict[str, Any]:
     prepare_s = time.perf_counter() - started
     result: dict[str, Any] = {
         "mode": args.mode,
-        "compile_options": MODES[args.mode],
+        "compile_options": MODES[args.mode][0],
+        "share_bucket_graphs": MODES[args.mode][1],
         "prepare_s": prepare_s,
         "graphs_in_prepare": dynamo_graph_count() - graphs,
         "buckets": {},
@@ -257,7 +262,7 @@ def denoise_one(module: Any, inputs: Any, latents: Any) -> Any:
 
 def run_repeat(args: argparse.Namespace) -> dict[str, Any]:
     bench = Bench(args)
-    lc = make_lifecycle(bench, {})
+    lc = make_lifecycle(bench, MODES["default"])
     shape = shape_of(BUCKETS[0])
     bench.sync()
     started = time.perf_counter()
