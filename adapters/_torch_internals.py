@@ -187,19 +187,34 @@ def fxgraph_cache_misses() -> int:
 
 
 # ---------------------------------------------------------------------------- tracing
-@contextmanager
-def tracing(*, duck_shape: bool = True) -> Iterator[None]:
-    """Hold the process's trace lock for a warm-up; with ``duck_shape=False``, duck shaping is
-    off inside and restored before the lock is released."""
-    import torch.fx.experimental._config as fx_config
+class tracing:
+    """``with tracing(duck_shape=...)``: hold the process's trace lock for a warm-up; with
+    ``duck_shape=False``, duck shaping is off inside and restored before the lock is released.
+    A class, and the switch written only when it changes: every warm-up opens one."""
 
-    with TRACE_LOCK:
-        previous = fx_config.use_duck_shape
-        fx_config.use_duck_shape = duck_shape
+    __slots__ = ("_previous", "duck_shape")
+
+    def __init__(self, *, duck_shape: bool = True) -> None:
+        self.duck_shape = duck_shape
+        self._previous: bool | None = None
+
+    def __enter__(self) -> None:
+        TRACE_LOCK.acquire()
+        if not self.duck_shape:
+            import torch.fx.experimental._config as fx_config
+
+            self._previous = bool(fx_config.use_duck_shape)
+            fx_config.use_duck_shape = False
+
+    def __exit__(self, *exc: object) -> None:
         try:
-            yield
+            if self._previous is not None:
+                import torch.fx.experimental._config as fx_config
+
+                fx_config.use_duck_shape = self._previous
+                self._previous = None
         finally:
-            fx_config.use_duck_shape = previous
+            TRACE_LOCK.release()
 
 
 def duck_shape() -> bool:

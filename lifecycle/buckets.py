@@ -20,7 +20,7 @@ import threading
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from lifecycle.errors import InvalidConfigError
 
@@ -99,9 +99,9 @@ def check_shapes(shapes: object, *, module: str | None = None) -> list[dict[str,
 
 
 # ---------------------------------------------------------------------------- the records
-@dataclass(frozen=True)
-class BucketWarmup:
-    """What one warm-up did at one bucket (part of a warm-up's result)."""
+class BucketWarmup(NamedTuple):
+    """What one warm-up did at one bucket (part of a warm-up's result; a NamedTuple, as one is
+    made per bucket and warm-up)."""
 
     key: str
     shape: dict[str, Any] | None

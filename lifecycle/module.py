@@ -751,14 +751,16 @@ class ModuleLifecycle:
         part of the plan from now on (cold until a warm-up succeeds; the implicit bucket joins the
         plan only when its warm-up did); ``inner`` runs the warm-up (or the next member's
         transition), and its result for this member is applied here."""
-        self._book.declare(shape for shape in plan if shape is not None)
+        declared = [shape for shape in plan if shape is not None]
+        if declared:
+            self._book.declare(declared)
         results = inner()
         self._apply_warmup(results[index], step.extra)
         return results
 
     def _apply_warmup(self, result: MemberWarmup, extra: dict[str, Any]) -> None:
         self._book.apply_warmup(result.buckets)
-        self._shared_dims = dict(result.shared_dims)
+        self._shared_dims = result.shared_dims
         self._covered = result.covered
         self._warmup_s += result.seconds
         self._counters.warmed()

@@ -21,10 +21,9 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from functools import partial
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 from adapters import _torch_internals as internals
 from adapters.calls import (
@@ -55,8 +54,7 @@ class WarmupCoverageWarning(UserWarning):
     """Warm-up could not reach cache-dit's cached-step branch: the first real request may compile."""
 
 
-@dataclass(frozen=True)
-class MemberWarmup:
+class MemberWarmup(NamedTuple):
     """What one warm-up did for one member."""
 
     buckets: tuple[BucketWarmup, ...]
@@ -64,11 +62,10 @@ class MemberWarmup:
     covered: bool
     seconds: float
     # Fields for the member's warm_up transition event.
-    fields: dict[str, Any] = field(default_factory=dict)
+    fields: dict[str, Any]
 
 
-@dataclass(frozen=True)
-class WarmupResult:
+class WarmupResult(NamedTuple):
     """One warm-up's outcome, one entry per member (in the members' order)."""
 
     members: tuple[MemberWarmup, ...]
@@ -273,9 +270,11 @@ def run_warmup(
 def _probe(member: Member, call_at: CallAt, members: Sequence[Member]) -> SharedDims:
     """Buckets that share graphs: each declared bucket's first call signature, then the dims
     that differ between them (with their bounds). Nothing of any member runs or compiles."""
+    if not (member._shares_graphs and member.policy.compile):
+        return member._shared_dims
     declared = member._book.declared_shapes()
-    if not (member._shares_graphs and member.policy.compile) or len(declared) < 2:
-        return dict(member._shared_dims)
+    if len(declared) < 2:
+        return member._shared_dims
     modules = [m.module for m in members]
     signatures = []
     for shape in declared:
@@ -367,10 +366,7 @@ def _measure_paths(
         )
         for member, results, target in zip(members, per_bucket, out, strict=True):
             own = results[index]
-            target.append(BucketWarmup(
-                own.key, own.shape, own.graphs, own.seconds, own.covered, own.runs, own.signatures,
-                path, reason, compiled_s, eager_s,
-            ))
+            target.append(own._replace(path=path, path_reason=reason, compiled_s=compiled_s, eager_s=eager_s))
             _emit(WARMUP_PATH_EVENT, "ok", {
                 **member._audit_fields(), "shape_key": own.key, "path": path, "reason": reason,
                 "compiled_s": round(compiled_s, 6), "eager_s": round(eager_s, 6), "graphs": graphs,
