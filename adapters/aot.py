@@ -522,6 +522,16 @@ def _code_digest(block: nn.Module) -> str:
     return _digest(parts)
 
 
+def _cpu_flags() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return _digest(sorted(line.split(":", 1)[1].split()), 16)
+    except OSError:
+        pass
+    return None
+
+
 def device_description(device: torch.device) -> dict[str, Any]:
     """What compiled code depends on: the GPU model and its compute capability, or the CPU's vector
     ISA (code built for AVX-512 dies with SIGILL on a CPU without it)."""
@@ -531,9 +541,10 @@ def device_description(device: torch.device) -> dict[str, Any]:
         return {"type": "cuda", "name": props.name, "capability": [props.major, props.minor],
                 "cuda": torch.version.cuda}
     if device.type == "cpu":
-        from torch._inductor import cpu_vec_isa
-
-        return {"type": "cpu", "isa": str(cpu_vec_isa.pick_vec_isa()), "machine": platform.machine()}
+        # ATen's capability and the CPU's flags, not inductor's ISA pick: that compiles probe programs,
+        # seconds that a restart on a fresh machine should not pay.
+        return {"type": "cpu", "capability": torch.backends.cpu.get_cpu_capability(),
+                "flags": _cpu_flags(), "machine": platform.machine()}
     _check_device(device)
     return {"type": device.type}
 

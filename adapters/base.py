@@ -129,6 +129,7 @@ class TorchCompileAdapter(BackendAdapter):
     modes: ClassVar[tuple[str, ...]] = INDUCTOR_MODES
 
     def accepted_keys(self) -> frozenset[str]:
+        """The compile_options keys this backend takes (torch.compile's own)."""
         return TORCH_COMPILE_KEYS
 
     def validate_options(self, options: Mapping[str, Any]) -> dict[str, Any]:

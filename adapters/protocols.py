@@ -22,10 +22,12 @@ class CompilePlanLike(Protocol):
         """"model" (the whole module) or "blocks" (each repeated block)."""
 
     @property
-    def ahead_of_time(self) -> bool: ...
+    def ahead_of_time(self) -> bool:
+        """Export and AOTInductor-compile each block class once (scope "blocks")."""
 
     @property
-    def reproducible(self) -> bool: ...
+    def reproducible(self) -> bool:
+        """Bit-identical outputs across processes (inductor's deterministic mode)."""
 
 
 @runtime_checkable
@@ -38,7 +40,8 @@ class CacheAdapter(Protocol):
 
     name: str
 
-    def default_config(self) -> Any: ...
+    def default_config(self) -> Any:
+        """The config a lifecycle uses when the host gives none."""
 
     def validate_config(self, config: Any) -> Any:
         """A private copy of ``config``; raises ``adapters.InvalidOptions`` for a bad one."""
@@ -46,9 +49,11 @@ class CacheAdapter(Protocol):
     def check_supported(self, module: nn.Module) -> None:
         """Raises ``adapters.UnsupportedForCache`` when the module cannot be mounted."""
 
-    def is_mounted(self, module: nn.Module) -> bool: ...
+    def is_mounted(self, module: nn.Module) -> bool:
+        """Whether the cache is mounted on ``module`` (by anyone)."""
 
-    def mount(self, module: nn.Module, config: Any) -> None: ...
+    def mount(self, module: nn.Module, config: Any) -> None:
+        """Mount the cache on ``module`` in place; never leaves it half-mounted."""
 
     def refresh(self, module: nn.Module, config: Any, num_inference_steps: int | None = None) -> None:
         """A fresh context from ``config`` (never the cache's own defaults)."""
@@ -56,13 +61,17 @@ class CacheAdapter(Protocol):
     def refresh_for_warmup(self, module: nn.Module, config: Any) -> None:
         """A context steered so that any warm-up reaches the cached-step branch."""
 
-    def unmount(self, module: nn.Module) -> None: ...
+    def unmount(self, module: nn.Module) -> None:
+        """Unmount it: the module's own forward runs again."""
 
-    def summary(self, module: nn.Module) -> CacheSummary: ...
+    def summary(self, module: nn.Module) -> CacheSummary:
+        """Counts of the current context (cached and executed steps, the live config)."""
 
-    def warmup_covered(self, module: nn.Module) -> bool: ...
+    def warmup_covered(self, module: nn.Module) -> bool:
+        """Whether a steered context has run the cached-step branch and computed after it."""
 
-    def describe_config(self, config: Any) -> dict[str, Any]: ...
+    def describe_config(self, config: Any) -> dict[str, Any]:
+        """The config as the audit records it."""
 
 
 __all__ = ["CacheAdapter", "CompilePlanLike"]

@@ -62,6 +62,7 @@ class CompilePlan:
             )
 
     def as_dict(self) -> dict[str, Any]:
+        """The plan as the audit and the artifact key record it."""
         return {"scope": self.scope, "ahead_of_time": self.ahead_of_time, "reproducible": self.reproducible}
 
 
@@ -90,6 +91,7 @@ class ServingPolicy:
         _check_bool("ServingPolicy", "measure_paths", self.measure_paths)
 
     def as_dict(self) -> dict[str, Any]:
+        """The policy as the audit records it."""
         return {
             "on_unwarmed": self.on_unwarmed,
             "share_bucket_graphs": self.share_bucket_graphs,

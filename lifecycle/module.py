@@ -407,6 +407,8 @@ class ModuleLifecycle:
     # ------------------------------------------------------------------ read-only views
     @property
     def state(self) -> State:
+        """Where the module is now (``Loaded``, ``CacheMounted``, ``Compiled``, ``WarmedUp``);
+        read without a lock."""
         return _STATES[self._holder.state]
 
     @property

@@ -112,6 +112,7 @@ class PipelineLifecycle:
 
     @property
     def state(self) -> State:
+        """The least advanced member's state."""
         return min((m.state for m in self.members.values()), key=PROGRESS.__getitem__)
 
     @property
@@ -253,6 +254,7 @@ class PipelineLifecycle:
             yield dict(zip(self.members, records, strict=True))
 
     def stats(self) -> dict[str, dict[str, Any]]:
+        """Each member's ``stats()``, by member name."""
         return {name: member.stats() for name, member in self.members.items()}
 
     def __repr__(self) -> str:
