@@ -15,7 +15,7 @@ import torch
 from conftest import FAST_COMPILE, SERVING_STEPS
 
 from adapters.artifacts import MAGIC, ArtifactKey, ArtifactStore
-from lifecycle import CompilePlan, InvalidConfigError, LifecyclePolicy, ModuleLifecycle, State
+from lifecycle import InvalidConfigError, LifecyclePolicy, ModuleLifecycle, State
 from lifecycle.testing.tiny import denoise, denoiser, tiny_flux
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -37,8 +37,8 @@ from lifecycle import (
 )
 from lifecycle.audit import JsonlSink
 from lifecycle.audit.verify import verify_file
-from lifecycle.module import HISTORY_LIMIT
 from lifecycle.buckets import RECENT_MISSES
+from lifecycle.module import HISTORY_LIMIT
 from lifecycle.testing import AuditEvents, NoopBackend, NoopCache
 
 THREADS = 32

@@ -12,7 +12,7 @@ import pytest
 from conftest import FAST_COMPILE, SERVING_STEPS
 
 from adapters import dynamo_graph_count
-from lifecycle import ServingPolicy, ModuleLifecycle
+from lifecycle import ModuleLifecycle, ServingPolicy
 from lifecycle.testing.tiny import denoise, denoiser
 
 
