@@ -64,6 +64,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch._inductor import config as inductor_config
 from torch.utils import _pytree as pytree
 
 from adapters.errors import AdapterError, InvalidOptions, TorchInternalsMoved
@@ -580,6 +581,15 @@ def inductor_configs(compile_options: Mapping[str, Any] | None = None) -> dict[s
     if options:
         raise InvalidOptions(f"compile options {sorted(options)} have no ahead-of-time meaning")
     configs.pop("triton.cudagraphs", None)
+    if sys.platform.startswith("linux") and hasattr(inductor_config.aot_inductor, "custom_op_libs"):
+        # One C++ runtime per process: the package's library is meant to use the shared libstdc++
+        # that libtorch uses. On the lent H100 (torch 2.11+cu130, g++ 13.3) libraries came out
+        # without it (libstdc++'s own code inside the .so), and the model's constructor died in
+        # std::regex on the other copy's locale facets. Naming it among the libraries links the
+        # shared one first; where it is linked anyway (here) nothing changes. Not yet seen working
+        # there: the child-process check still decides.
+        libs = list(configs.get("aot_inductor.custom_op_libs") or [])
+        configs["aot_inductor.custom_op_libs"] = [*libs, *([] if "stdc++" in libs else ["stdc++"])]
     for name, value in FIXED_INDUCTOR_OPTIONS.items():
         if configs.get(name, value) != value:
             raise InvalidOptions(f"{name} must stay {value!r}: packages leave the weights out")
@@ -1080,6 +1090,45 @@ class AotStats:
     rebinds: int = 0
 
 
+def _flattener(spec: pytree.TreeSpec) -> Callable[[Any, list[Any]], bool]:
+    """A flatten for one fixed structure: appends the leaves, answers whether the value has exactly
+    that structure (dict keys, sequence lengths, container types). Faster than ``tree_flatten`` plus a
+    spec comparison, which every block call would otherwise pay."""
+    if spec.is_leaf():
+        def leaf(value: Any, out: list[Any]) -> bool:
+            out.append(value)
+            return True
+
+        return leaf
+    children = [_flattener(child) for child in spec.children_specs]
+    kind = spec.type
+    if kind is dict:
+        keys = list(spec.context)
+
+        def flat_dict(value: Any, out: list[Any]) -> bool:
+            if type(value) is not dict or len(value) != len(keys):
+                return False
+            return all(
+                key in value and child(value[key], out) for key, child in zip(keys, children, strict=True)
+            )
+
+        return flat_dict
+    if kind in (tuple, list):
+        def flat_sequence(value: Any, out: list[Any]) -> bool:
+            if type(value) is not kind or len(value) != len(children):
+                return False
+            return all(child(item, out) for item, child in zip(value, children, strict=True))
+
+        return flat_sequence
+
+    def general(value: Any, out: list[Any]) -> bool:
+        leaves, found = pytree.tree_flatten(value)
+        out.extend(leaves)
+        return bool(found == spec)
+
+    return general
+
+
 class _AotCall:
     """What a bound block's ``_compiled_call_impl`` holds: check the call, run the package."""
 
@@ -1097,13 +1146,20 @@ class _AotCall:
         self.stats = stats
         self.on_miss = on_miss
         self.signature = _signature(block)
-        self.names = tuple(
-            name for name, p in self.signature.parameters.items()
-            if p.kind is not inspect.Parameter.VAR_KEYWORD
+        params = self.signature.parameters.values()
+        self.names = tuple(p.name for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD)
+        self.positional = tuple(p.name for p in params if p.kind in (
+            inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD))
+        self.keyword_only = frozenset(
+            p.name for p in params if p.kind is not inspect.Parameter.POSITIONAL_ONLY
         )
+        self.defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
         in_spec, out_spec = self.loader.get_call_spec()
         self.in_spec = pytree.treespec_loads(in_spec)
         self.out_spec = pytree.treespec_loads(out_spec)
+        self.flatten = _flattener(self.in_spec)
+        children = self.out_spec.children_specs
+        self.flat_tuple_out = self.out_spec.type is tuple and all(c.is_leaf() for c in children)
         self.constants = dict(spec.constants)
         self.dtypes = tuple(getattr(torch, t.dtype.removeprefix("torch.")) for t in spec.tensors)
         self.bound: list[tuple[dict[str, Any], str, torch.Tensor, int]] = []
@@ -1150,16 +1206,33 @@ class _AotCall:
             tensor.requires_grad for _, _, tensor, _ in self.bound
         )
 
+    def _normalize(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any] | None:
+        """``normalize_call`` without ``inspect``'s binding where the call is plain (positional then
+        keyword arguments of named parameters): a few microseconds on every block call."""
+        if len(args) > len(self.positional):
+            return None
+        given = dict(zip(self.positional[: len(args)], args, strict=True))
+        for name, value in kwargs.items():
+            if name in given or name not in self.keyword_only:
+                return None
+            given[name] = value
+        if len(given) != len(self.names):
+            for name in self.names:
+                if name not in given:
+                    if name not in self.defaults:
+                        return None
+                    given[name] = self.defaults[name]
+        return {name: given[name] for name in self.names}
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if not args and tuple(kwargs) == self.names:
-            normalized = kwargs
-        else:
+        normalized = self._normalize(args, kwargs)
+        if normalized is None:
             try:
                 normalized = normalize_call(self.block_ref(), args, kwargs)  # type: ignore[arg-type]
             except TypeError:
                 return self._miss("signature", args, kwargs)
-        leaves, treespec = pytree.tree_flatten(((), normalized))
-        if treespec != self.in_spec:
+        leaves: list[Any] = []
+        if not self.flatten(((), normalized), leaves):
             return self._miss("structure", args, kwargs)
         tensors: list[torch.Tensor] = []
         for index, leaf in enumerate(leaves):
@@ -1181,7 +1254,8 @@ class _AotCall:
             self.bind_constants()
             self.stats.rebinds += 1
         self.stats.calls += 1
-        return pytree.tree_unflatten(self.loader.boxed_run(tensors), self.out_spec)
+        outputs = self.loader.boxed_run(tensors)
+        return tuple(outputs) if self.flat_tuple_out else pytree.tree_unflatten(outputs, self.out_spec)
 
 
 @dataclass

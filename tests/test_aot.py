@@ -203,6 +203,43 @@ def test_bound_blocks_follow_changed_weights(bound: torch.nn.Module) -> None:
         aot.rebind(bound)
 
 
+_RESTART = """
+import json, sys, torch
+from torch._dynamo.utils import counters
+from adapters import aot
+from lifecycle.testing.tiny import FluxShape, denoise, flux_inputs, tiny_flux
+torch.set_num_threads(int(sys.argv[4]))  # the parent's: kernels may split work by thread count
+model = tiny_flux()
+found = aot.open_packages(model, sys.argv[1])
+binding = aot.bind(model, {kind: status.info for kind, status in found.items()})
+out = denoise(model, flux_inputs(FluxShape(image_tokens=int(sys.argv[2]))), 2)
+torch.save(out, sys.argv[3])
+print(json.dumps({"statuses": sorted(s.status for s in found.values()),
+                  "verified_here": all(s.verified_here for s in found.values()),
+                  "graphs": counters["stats"]["unique_graphs"], "misses": dict(binding.stats.misses),
+                  "calls": binding.stats.calls}))
+"""
+
+
+@pytest.mark.slow
+def test_a_fresh_process_loads_the_packages_and_matches_bit_for_bit(
+    bound: torch.nn.Module, built: Built, tmp_path: Path
+) -> None:
+    # A restart: nothing compiled, nothing traced, no check (it passed on this host at build).
+    import subprocess
+
+    saved = tmp_path / "out.pt"
+    proc = subprocess.run(
+        [sys.executable, "-c", _RESTART, str(built.directory), str(BETWEEN), str(saved),
+         str(torch.get_num_threads())],
+        capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parent.parent, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report == {"statuses": ["ok", "ok"], "verified_here": True, "graphs": 0, "misses": {}, "calls": 8}
+    assert torch.equal(torch.load(saved), denoise(bound, _inputs(BETWEEN), 2))
+
+
 # ------------------------------------------------------------------------- damaged or foreign
 def _copy(built: Built, target: Path) -> dict[str, aot.PackageStatus]:
     shutil.copytree(built.directory, target)
@@ -287,6 +324,10 @@ def test_unsupported_devices_and_options_are_refused() -> None:
     configs = aot.inductor_configs({"mode": "max-autotune", "fullgraph": True})
     assert configs["max_autotune"] and "triton.cudagraphs" not in configs
     assert configs["aot_inductor.package_constants_in_so"] is False
+    if sys.platform.startswith("linux"):  # link the process's shared libstdc++, never a second copy
+        assert configs["aot_inductor.custom_op_libs"] == ["stdc++"]
+        mine = aot.inductor_configs({"options": {"aot_inductor.custom_op_libs": ["mylib", "stdc++"]}})
+        assert mine["aot_inductor.custom_op_libs"] == ["mylib", "stdc++"]
     with pytest.raises(aot.InvalidOptions):
         aot.inductor_configs({"backend": "aot_eager"})
     with pytest.raises(aot.InvalidOptions):
