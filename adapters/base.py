@@ -170,7 +170,17 @@ class TorchCompileAdapter(BackendAdapter):
         return merged
 
     def validate_plan(self, plan: CompilePlanLike, options: Mapping[str, Any]) -> None:
-        super().validate_plan(plan, options)
+        if plan.ahead_of_time:
+            if self.device_type not in ("cpu", "cuda"):
+                raise InvalidOptions(
+                    f"backend {self.name!r} does not compile ahead of time (AOTInductor builds CPU "
+                    "and CUDA code); use CompilePlan(scope='blocks') on this backend"
+                )
+            if options.get("backend", "inductor") != "inductor":
+                raise InvalidOptions(
+                    f"CompilePlan(ahead_of_time=True) compiles with AOTInductor; compile_options "
+                    f"backend={options.get('backend')!r} does not apply: drop it or use 'inductor'"
+                )
         validate_reproducible(plan.reproducible, options)
 
     def validate_for_module(

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from torch import nn
 
 from adapters import BackendAdapter
+from adapters.aot_session import AotSession
 from adapters.calls import SharedDims
 from lifecycle.buckets import BucketBook
 from lifecycle.config import ServingPolicy
@@ -54,6 +55,8 @@ class Member(Protocol):
     _shared_dims: SharedDims
     # The fields every audit event of this lifecycle starts from (never mutate it).
     _base: dict[str, Any]
+    # Ahead-of-time blocks (None: the plan compiles just in time, or not at all).
+    _aot: AotSession | None
 
     def _audit_fields(self) -> dict[str, Any]: ...
 

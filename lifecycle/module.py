@@ -20,8 +20,9 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from functools import partial
 from types import MappingProxyType
 from typing import Any
 
@@ -29,6 +30,7 @@ from torch import nn
 
 from adapters import BackendAdapter, CacheDitAdapter, get_backend
 from adapters import _torch_internals as internals
+from adapters.aot_session import AotReport, AotSession
 from adapters.artifact_session import ArtifactSession
 from adapters.artifacts import ArtifactKey, ArtifactReport, build_key
 from adapters.calls import SharedDims
@@ -56,7 +58,7 @@ from lifecycle.locking import LockConflict, OwnerLock
 from lifecycle.machine import MachineError, StateHolder, events_for, fire
 from lifecycle.record import Outcome, TransitionRecord, emit_checked, warn_unwritten
 from lifecycle.serving import RequestRecord, RequestScope, refuse_trigger_inside_request
-from lifecycle.warmup import MAX_WARMUP_RUNS, MemberWarmup, WarmupCoverageWarning
+from lifecycle.warmup import MAX_WARMUP_RUNS, MemberWarmup, WarmupCoverageWarning, call_at_shape
 from states import LifecyclePolicy, State, Trigger, allowed_triggers, destination, explain_illegal
 
 WarmupRun = Callable[..., object]
@@ -77,6 +79,8 @@ __all__ = [
 ]
 
 
+# The plan an ahead-of-time compile falls back to when no trusted package can serve the blocks.
+_JUST_IN_TIME_BLOCKS = CompilePlan(scope="blocks")
 # Triggers whose work takes the module out of service while it runs (probes answer not ready).
 _UNREADY_WHILE_RUNNING = frozenset({Trigger.RESET, Trigger.INVALIDATE, Trigger.WARM_UP})
 # Read on every trigger: a module constant is a third of the cost of an enum class attribute.
@@ -334,6 +338,9 @@ class ModuleLifecycle:
             self._artifacts = (
                 ArtifactSession(artifact_dir) if artifact_dir is not None and policy.compile else None
             )
+            # Ahead-of-time packages: kept in artifact_dir across restarts, else in a private
+            # temporary directory for this process.
+            self._aot = AotSession(artifact_dir) if compile_plan.ahead_of_time and policy.compile else None
         except AdapterError as exc:
             raise translate_adapter_error(exc, module=name, state=loaded) from exc
         self._base: dict[str, Any] = {
@@ -352,6 +359,7 @@ class ModuleLifecycle:
         # into compile_options), and the dims the latest warm-up marked dynamic.
         self._shares_graphs = False
         self._shared_dims: SharedDims = {}
+        self._aot_report: AotReport | None = None
         self._compiles = 0
         self._compile_s = 0.0
         self._warmup_s = 0.0
@@ -446,8 +454,14 @@ class ModuleLifecycle:
 
     def coverage(self) -> list[dict[str, Any]]:
         """Per bucket: warmed, graphs, seconds, covered, the path serving it (compiled or eager,
-        with the timings that chose it), and the first-request ratio once served."""
-        return self._book.coverage()
+        with the timings that chose it), and the first-request ratio once served; with
+        ahead-of-time blocks, whether they were compiled, loaded or fell back."""
+        rows = self._book.coverage()
+        report = self._aot_report
+        if report is not None:
+            for row in rows:
+                row["ahead_of_time"] = report.outcome
+        return rows
 
     def missed_shapes(self) -> list[dict[str, Any]]:
         """Shapes that requests named and no bucket covers: ``warm_up(run, shapes=...)`` them."""
@@ -482,8 +496,15 @@ class ModuleLifecycle:
             "warmup_covered_cached_branch": self._covered,
             "cache": cache_summary,
             "artifacts": self._artifacts.statuses() if self._artifacts is not None else None,
+            "ahead_of_time": self._aot_stats(),
             "shapes": shapes,
         }
+
+    def _aot_stats(self) -> dict[str, Any] | None:
+        report = self._aot_report
+        if report is None or self._aot is None:
+            return None
+        return {**report.as_dict(), "binding": self._aot.summary(self._module)}
 
     def __repr__(self) -> str:
         return f"ModuleLifecycle({self._name!r}, state={self.state.value}, policy={self._policy})"
@@ -699,22 +720,53 @@ class ModuleLifecycle:
 
     def compile(self) -> None:
         """-> Compiled: compile the (cache-wrapped) module in place on the backend, as the
-        ``CompilePlan`` says. Legal only after ``mount_cache`` while Cache-DiT is on."""
+        ``CompilePlan`` says. Legal only after ``mount_cache`` while Cache-DiT is on.
+
+        Ahead of time, the blocks are exported from real calls: ``prepare(run, ...)`` makes them
+        (one per declared bucket); ``compile()`` alone is refused naming that fix."""
         self._transition(Trigger.COMPILE, self._compile)
+
+    def _compile_for(self, run: WarmupRun, target: object, planned: list[dict[str, Any]] | None) -> None:
+        """The prepare walk's compile: ahead of time, the warm-up callable's calls (one per
+        bucket) are the examples each block kind is exported from."""
+        if not self._plan.ahead_of_time:
+            self.compile()
+            return
+        call_at = call_at_shape(run, target)
+        shapes: list[dict[str, Any] | None] = list(planned or self._book.declared_shapes()) or [None]
+        runs = [partial(call_at, shape) for shape in shapes]
+        self._transition(Trigger.COMPILE, lambda step: self._compile(step, runs))
 
     def _compile_kwargs(self) -> dict[str, Any]:
         """torch.compile's arguments for this compile: the validated options, plus
         ``dynamic=True`` when the buckets share graphs (never written back)."""
         return {**self._torch_options, "dynamic": True} if self._shares_graphs else dict(self._torch_options)
 
-    def _compile(self, step: TransitionStep) -> None:
+    def _compile(self, step: TransitionStep, runs: Sequence[Callable[[], object]] | None = None) -> None:
         started = time.perf_counter()
         kwargs = self._compile_kwargs()
+        aot_session = self._aot
+        if aot_session is not None and runs is None:
+            raise self._invalid(
+                Trigger.COMPILE,
+                "CompilePlan(ahead_of_time=True) exports each block from real calls of the warm-up "
+                "callable; call prepare(run, shapes=[...]) instead of compile()",
+            )
         with self._compiled_hold.acquire(self._module_id) as first:
             if first:
                 if self._artifacts is not None:
                     self._report_artifacts(self._artifacts.before_compile(self._artifact_key), step.extra)
-                self._backend.compile(self._module, kwargs, self._plan)
+                if aot_session is not None and runs is not None:
+                    report = aot_session.compile_blocks(
+                        self._module, runs, kwargs.get("options"),
+                        fallback=partial(self._backend.compile, self._module, kwargs, _JUST_IN_TIME_BLOCKS),
+                    )
+                    # The capture calls ran the host's callable: the next call starts afresh.
+                    self._context.fresh()
+                    self._aot_report = report
+                    step.extra.update(report.as_dict())
+                else:
+                    self._backend.compile(self._module, kwargs, self._plan)
                 self._compiles += 1
             step.extra["reused_compiled"] = not first
         step.on_undo(self._release_compiled)
@@ -756,6 +808,12 @@ class ModuleLifecycle:
         declared = [shape for shape in plan if shape is not None]
         if declared:
             self._book.declare(declared)
+        if self._aot is not None:
+            # Weights replaced since the binding (invalidate after a LoRA fuse, say): the blocks
+            # read the new tensors from here on.
+            rebound = self._aot.rebind(self._module)
+            if rebound:
+                step.extra["aot_rebound_blocks"] = rebound
         results = inner()
         self._apply_warmup(results[index], step.extra)
         return results
@@ -825,6 +883,9 @@ class ModuleLifecycle:
     def _release_compiled(self) -> None:
         with self._compiled_hold.release(self._module_id) as last:
             if last:
+                if self._aot is not None:
+                    self._aot.unbind(self._module)
+                    self._aot_report = None
                 self._backend.decompile(self._module)
 
     def prepare(

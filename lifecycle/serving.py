@@ -117,8 +117,8 @@ class ActiveRequest:
     guard's decision per call. Written by the scope and by its own methods only."""
 
     __slots__ = (
-        "bucket", "dims", "graphs_before", "key", "member", "miss", "policy", "record", "shape",
-        "sizes", "started",
+        "aot_misses", "bucket", "dims", "graphs_before", "key", "member", "miss", "policy", "record",
+        "shape", "sizes", "started",
     )
 
     def __init__(self, member: Member, record: RequestRecord, policy: OnUnwarmed) -> None:
@@ -131,6 +131,10 @@ class ActiveRequest:
         self.miss: str | None = None  # None | "shape" | "signature"
         self.sizes: dict[str, list[int]] | None = None
         self.dims = member._shared_dims
+        # Ahead-of-time blocks decide per block call whether the packages' bounds cover it (and
+        # run that block eagerly when not): the request counts their misses instead.
+        aot_session = member._aot
+        self.aot_misses = aot_session.misses(member.module) if aot_session is not None else None
         self.started = time.perf_counter()
         self.graphs_before = member.backend.graph_count()
 
@@ -159,7 +163,7 @@ class ActiveRequest:
         (decided now, before anything runs). Returns whether it is a miss."""
         self.key, self.shape = key, shape
         self.bucket = self.member._book.lookup(key)
-        if self.bucket is None and compiles:
+        if self.bucket is None and compiles and self.aot_misses is None:
             self.miss = "shape"
         return self.miss is not None
 
@@ -172,6 +176,11 @@ class ActiveRequest:
             cached_steps=cached_steps, cfg_cached_steps=cfg_cached_steps, outcome=outcome,
         )
 
+    def note_aot_miss(self) -> None:
+        """Some block call lay outside the packages' bounds and ran eagerly."""
+        self.miss = "aot_bounds"
+        self.policy = "eager"
+
     def take_back(self) -> None:
         """Started, then refused before its body ran (a peer member could not start)."""
         self.record._refused()
@@ -179,7 +188,10 @@ class ActiveRequest:
     def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> CallDecision | None:
         """In front of each call of the member's module (outside compiled code)."""
         eager = exclusive = False
-        if self.key is not None:
+        if self.aot_misses is not None:
+            if self.sizes is None:
+                self.sizes = signature_sizes(input_signature(args, kwargs))
+        elif self.key is not None:
             # A named shape: the miss was decided when the request started.
             if self.miss is not None:
                 eager, exclusive = self.policy == "eager", self.policy == "compile"
@@ -418,6 +430,10 @@ def _finish(active: ActiveRequest, error: BaseException | None) -> AuditWriteErr
             **member._audit_fields(), "request_id": record.request_id, "new_graphs": record.new_graphs,
             "recompiles_since_warmup": recompiles,
         })
+    aot_session = member._aot
+    if active.aot_misses is not None and aot_session is not None:
+        if aot_session.misses(member.module) > active.aot_misses:
+            active.note_aot_miss()
     if active.miss is not None:
         miss = ShapeMiss(
             record.request_id, active.key, active.shape, active.policy, active.miss,

@@ -53,6 +53,8 @@ class Walker(Member, Protocol):
 
     def _decide_sharing(self, planned: list[dict[str, Any]] | None) -> None: ...
 
+    def _compile_for(self, run: Callable[..., object], target: object, planned: list[dict[str, Any]] | None) -> None: ...
+
     def _warmup_step(
         self, step: Any, plan: Plan, inner: Callable[[], list[MemberWarmup]], index: int
     ) -> list[MemberWarmup]: ...
@@ -108,7 +110,7 @@ def prepare(
                 if trigger is Trigger.MOUNT_CACHE:
                     member.mount_cache()
                 elif trigger is Trigger.COMPILE:
-                    member.compile()
+                    member._compile_for(run, target, planned)
             except LifecycleError as exc:
                 _raise(member, exc, on_member)
     cold_members = [member for member in members if member.state is not State.WARMED_UP]
