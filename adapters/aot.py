@@ -1129,17 +1129,26 @@ def _flattener(spec: pytree.TreeSpec) -> Callable[[Any, list[Any]], bool]:
     return general
 
 
+def load_package(path: Path, device_index: int) -> Any:
+    """Load one package: the loader class itself, as ``aoti_load_package`` does after its first try.
+    That first try (``load_pt2``) reads the device's description, which on a CPU compiles inductor's
+    ISA probe programs: seconds on a fresh machine (about 50 on the lent H100) before any load."""
+    loader_class = getattr(getattr(torch._C, "_aoti", None), "AOTIModelPackageLoader", None)
+    if loader_class is None:
+        return torch._inductor.aoti_load_package(str(path), device_index=device_index).loader
+    return loader_class(str(path), "model", False, 1, device_index)
+
+
 class _AotCall:
     """What a bound block's ``_compiled_call_impl`` holds: check the call, run the package."""
 
     def __init__(
-        self, block: nn.Module, kind: str, runner: Any, spec: CallSpec, guard: _Guard, stats: AotStats,
+        self, block: nn.Module, kind: str, loader: Any, spec: CallSpec, guard: _Guard, stats: AotStats,
         on_miss: Callable[[nn.Module, str], None] | None,
     ) -> None:
         self.block_ref = weakref.ref(block)
         self.kind = kind
-        self.runner = runner
-        self.loader = runner.loader
+        self.loader = loader
         self.device = _device_of(block)
         self.spec = spec
         self.guard = guard
@@ -1178,7 +1187,8 @@ class _AotCall:
         for name, tensor in constants.items():
             if tensor.device != self.device or not tensor.is_contiguous():
                 raise AotBindError(f"{self.kind}: weight {name} is not a contiguous tensor on {self.device}")
-        self.runner.load_constants(constants, check_full_update=True, user_managed=True)
+        # (map, use_inactive, check_full_update, user_managed): bind the tensors themselves, no copy.
+        self.loader.load_constants(constants, False, True, True)
         entries: list[tuple[dict[str, Any], str, torch.Tensor, int]] = []
         owners = dict(block.named_modules(remove_duplicate=False))
         for name, tensor in constants.items():
@@ -1351,12 +1361,12 @@ def bind(
             for block in blocks:
                 device = _device_of(block)
                 load_started = time.perf_counter()
-                runner = torch._inductor.aoti_load_package(
-                    str(info.path), device_index=-1 if device.type == "cpu" else (device.index or 0)
+                loader = load_package(
+                    info.path, device_index=-1 if device.type == "cpu" else (device.index or 0)
                 )
                 if not calls:
                     first_load_s = time.perf_counter() - load_started
-                call = _AotCall(block, kind, runner, spec, guard, stats, on_miss)
+                call = _AotCall(block, kind, loader, spec, guard, stats, on_miss)
                 call.bind_constants()
                 calls[block] = call
         for block, call in calls.items():

@@ -51,13 +51,17 @@ def relative_error(actual: Any, expected: Any) -> float:
 
 def _run_job(index: int, job: dict[str, Any]) -> dict[str, Any]:
     import torch
+    from torch._inductor.package.package import AOTICompiledModel  # type: ignore[attr-defined]
     from torch.utils import _pytree as pytree
 
     started = time.perf_counter()
     _say({"index": index, "stage": "loading"})
-    runner = torch._inductor.aoti_load_package(job["package"], device_index=int(job["device_index"]))
+    # The loader class itself, as the serving process loads it (no device probing first).
+    device_index = int(job["device_index"])
+    loader = torch._C._aoti.AOTIModelPackageLoader(job["package"], "model", False, 1, device_index)
+    runner = AOTICompiledModel(loader)
     weights = {name: tensor for name, tensor in job["weights"].items()}
-    runner.load_constants(weights, check_full_update=True, user_managed=False)
+    loader.load_constants(weights, False, True, False)
     load_s = time.perf_counter() - started
     _say({"index": index, "stage": "running"})
     with torch.no_grad():

@@ -262,6 +262,7 @@ def test_corrupt_or_stale_packages_are_reported_and_never_loaded(
     def no_load(*args: object, **kwargs: object) -> None:
         raise AssertionError("a damaged package was loaded")
 
+    monkeypatch.setattr(aot, "load_package", no_load)
     monkeypatch.setattr(torch._inductor, "aoti_load_package", no_load)
     model = tiny_flux()
     statuses = aot.open_packages(model, tmp_path / "pk")
