@@ -67,7 +67,8 @@ from torch import nn
 from torch._inductor import config as inductor_config
 from torch.utils import _pytree as pytree
 
-from adapters.errors import AdapterError, InvalidOptions, TorchInternalsMoved
+from adapters import _torch_internals as internals
+from adapters.errors import AdapterError, InvalidOptions
 from adapters.regional import repeated_blocks
 
 FORMAT_VERSION = 1
@@ -215,7 +216,7 @@ class BlockCall:
 
 def _eager(block: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
     """The block's own eager call (hooks and forward), whatever its call slot holds."""
-    call_impl: Callable[..., Any] = block._call_impl
+    call_impl: Callable[..., Any] = internals.eager_call(block)
     return call_impl(*args, **kwargs)
 
 
@@ -1331,8 +1332,7 @@ def bind(
     All or nothing: on any failure every block is left eager. Raises ``AotPackageError`` (a package
     missing, stale or corrupt: not loaded), ``AotBindError``, ``AotUnsupported``.
     """
-    if "_compiled_call_impl" not in vars(nn.Module):
-        raise TorchInternalsMoved("nn.Module has no _compiled_call_impl slot in this torch")
+    internals.check()
     if module in _bindings:
         raise AotBindError(f"{type(module).__name__} is already bound: unbind it first")
     kinds = block_kinds(module)
@@ -1345,7 +1345,7 @@ def bind(
             raise AotPackageError(kind, "corrupt", problem)
         for block in blocks:
             _check_manifest_fits(kind, packages[kind], block)
-            if block._compiled_call_impl is not None:
+            if internals.compiled_call(block) is not None:
                 raise AotBindError(f"{kind}: a block is already compiled (its call slot is taken)")
             if block._forward_hooks or block._forward_pre_hooks or block._forward_hooks_with_kwargs:
                 raise AotBindError(f"{kind}: a block has forward hooks, which the AOT call would skip")
@@ -1370,14 +1370,16 @@ def bind(
                 call.bind_constants()
                 calls[block] = call
         for block, call in calls.items():
-            block._compiled_call_impl = call
+            # Behind the module's eager switch, like a just-in-time compile: an eager call of the
+            # module (a miss served eagerly) runs its blocks' eager forwards.
+            internals.install(block, module, call)
     except AotError:
         for block in calls:
-            block._compiled_call_impl = None
+            internals.set_compiled_call(block, None)
         raise
     except Exception as error:
         for block in calls:
-            block._compiled_call_impl = None
+            internals.set_compiled_call(block, None)
         raise AotBindError(f"loading or binding a package failed: {type(error).__name__}: {error}") from error
     result = AotBinding(weakref.ref(module), calls, dict(packages), stats,
                         time.perf_counter() - started, first_load_s)
@@ -1410,14 +1412,20 @@ def unbind(module: nn.Module) -> bool:
     if current is None:
         return False
     for block, call in current.calls.items():
-        if block._compiled_call_impl is call:
-            block._compiled_call_impl = None
+        if _bound_call(block) is call:
+            internals.set_compiled_call(block, None)
     current.calls.clear()
     return True
+
+
+def _bound_call(block: nn.Module) -> object:
+    """What the block's call slot runs, under the eager switch."""
+    slot = internals.compiled_call(block)
+    return slot.compiled if isinstance(slot, internals.EagerSwitch) else slot
 
 
 def aot_blocks(module: nn.Module) -> list[nn.Module]:
     """Submodules whose call slot runs an AOT package (for tests and the audit)."""
     return [
-        sub for sub in module.modules() if isinstance(getattr(sub, "_compiled_call_impl", None), _AotCall)
+        sub for sub in module.modules() if isinstance(_bound_call(sub), _AotCall)
     ]

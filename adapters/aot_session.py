@@ -29,7 +29,6 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from adapters import _torch_internals as internals
 from adapters import aot
 
 AotOutcome = Literal["compiled", "loaded", "fallback"]
@@ -126,15 +125,12 @@ class AotSession:
                         f"{kind}: check {check.outcome} {check.detail}".strip()
                         for kind, check in built.rejected.items()
                     )
-                    return self._fall_back(fallback, started, bounds, statuses, rejected or "incomplete build")
+                    problem = rejected or "incomplete build"
+                    return self._fall_back(fallback, started, bounds, statuses, problem)
                 packages = built.packages
             binding = aot.bind(module, packages)
         except aot.AotError as error:
             return self._fall_back(fallback, started, bounds, statuses, f"{type(error).__name__}: {error}")
-        # Every bound block behind the module's eager switch, like a just-in-time compile: an eager
-        # miss of this module runs its blocks' eager forwards.
-        for block, call in binding.calls.items():
-            internals.install(block, module, call)
         return AotReport(
             outcome, {kind: info.path.name for kind, info in packages.items()}, bounds, statuses,
             time.perf_counter() - started, binding.blocks,
@@ -155,12 +151,6 @@ class AotSession:
     @staticmethod
     def unbind(module: nn.Module) -> bool:
         """Every block back to its eager forward."""
-        current = aot.binding(module)
-        if current is not None:
-            for block, call in current.calls.items():
-                slot = internals.compiled_call(block)
-                if isinstance(slot, internals.EagerSwitch) and slot.compiled is call:
-                    internals.set_compiled_call(block, call)  # as bound, so the unbind clears it
         return aot.unbind(module)
 
     @staticmethod

@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from adapters import _torch_internals as internals
 from adapters.errors import InvalidOptions
 
 FORMAT = 1
@@ -395,6 +396,4 @@ def _describe(info: Any) -> str:
 
 def inductor_cache_misses() -> int:
     """Graphs inductor compiled from scratch in this process (its FX graph cache's misses)."""
-    from torch._dynamo.utils import counters
-
-    return int(counters["inductor"]["fxgraph_cache_miss"])
+    return internals.fxgraph_cache_misses()

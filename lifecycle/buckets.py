@@ -250,6 +250,14 @@ class BucketBook:
             self._recount()
         return keys
 
+    def plan(self) -> tuple[list[tuple[dict[str, Any] | None, bool]], bool]:
+        """The plan as (shape, warm) pairs in order (None: the implicit bucket) and whether any
+        bucket was declared; one look under the lock (a warm-up again reads it)."""
+        with self._lock:
+            rows = [(b.shape, b.warmed) for b in self._buckets.values()]
+        declared = any(shape is not None for shape, _ in rows)
+        return rows, declared
+
     def declared_shapes(self) -> list[dict[str, Any]]:
         """The declared buckets' shapes (the implicit one is not declared), in order."""
         with self._lock:

@@ -53,7 +53,9 @@ class Walker(Member, Protocol):
 
     def _decide_sharing(self, planned: list[dict[str, Any]] | None) -> None: ...
 
-    def _compile_for(self, run: Callable[..., object], target: object, planned: list[dict[str, Any]] | None) -> None: ...
+    def _compile_for(
+        self, run: Callable[..., object], target: object, planned: list[dict[str, Any]] | None
+    ) -> None: ...
 
     def _warmup_step(
         self, step: Any, plan: Plan, inner: Callable[[], list[MemberWarmup]], index: int
@@ -171,12 +173,14 @@ def _rewarm_plan(member: Walker, run: Callable[..., object]) -> Plan:
     none is: warm everything again). A declared bucket is warmed with ``run(target, shape)``, the
     implicit one with ``run(target)``, so the implicit one is left out when ``run`` needs a shape:
     it stays cold and ``ready`` says so, never a warm-up that fails on the callable's arity."""
-    book = member._book
-    declared: Plan = list(book.declared_shapes())
-    plan: Plan = [*declared, None] if book.has_implicit() or not declared else declared
-    cold = [s for s in plan if not (book.is_implicit_warm() if s is None else book.is_warm(s))]
-    plan = cold or plan
-    if None in plan and declared and not _takes(run, 1):
+    rows, declared = member._book.plan()
+    if not declared:
+        return [None]  # a plain warm-up (again)
+    # Declared buckets first, the implicit one after them (the order a plan was built in).
+    rows.sort(key=lambda row: row[0] is None)
+    cold: Plan = [shape for shape, warm in rows if not warm]
+    plan: Plan = cold or [shape for shape, _ in rows]
+    if None in plan and not _takes(run, 1):
         plan = [shape for shape in plan if shape is not None]
     return plan or [None]
 

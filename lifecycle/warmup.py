@@ -199,12 +199,15 @@ def run_warmup(
     """Warm ``members`` together at every bucket of ``plan`` (None: the implicit bucket), then
     settle; return what happened. Raises whatever the warm-up callable raised (the caller's
     transition records it), with every serving context restored."""
-    dims = [_probe(member, call_at, members) for member in members]
+    sharing = False
+    dims: list[SharedDims] = []
+    for member in members:
+        sharing = sharing or member._shares_graphs
+        dims.append(_probe(member, call_at, members) if member._shares_graphs else member._shared_dims)
     started = time.perf_counter()
     total_runs = 0
     compiled = 0
     per_bucket: list[list[BucketWarmup]] = [[] for _ in members]
-    sharing = any(member._shares_graphs for member in members)
     with internals.tracing(duck_shape=not sharing):
         for shape in plan:
             key = IMPLICIT_KEY if shape is None else shape_key(shape)
@@ -242,7 +245,10 @@ def run_warmup(
         settle_started = time.perf_counter()
         # Only a warm-up that compiled graphs settles: one that compiled nothing (again after
         # invalidate, every graph already built) left the first request nothing to pay.
-        if compiled and any(m.policy.compile for m in members):
+        # Ahead-of-time blocks compile no graph, but their packages' first runs still cost: a
+        # warm-up that bound them settles too.
+        bound = any(m._aot is not None and m._aot.bound_blocks(m.module) for m in members)
+        if (compiled or bound) and any(m.policy.compile for m in members):
             if any(m.serving.measure_paths for m in members):
                 per_bucket = _measure_paths(members, call_at, per_bucket, dims)
                 settle_runs = 2 * len(plan)

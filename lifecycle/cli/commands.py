@@ -76,6 +76,11 @@ def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         "--regional", action="store_true", help="compile the repeated blocks one by one (faster cold start)"
     )
     parser.add_argument(
+        "--aot", action="store_true",
+        help="compile the repeated blocks ahead of time (AOTInductor); "
+        "with --artifacts a second run loads them",
+    )
+    parser.add_argument(
         "--artifacts", metavar="DIR",
         help="reuse compile artifacts in DIR (loaded before compile, saved when warm)",
     )
@@ -227,6 +232,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                 warmup_steps=args.warmup_steps,
                 requests=args.requests,
                 regional=args.regional,
+                aot=args.aot,
                 artifact_dir=args.artifacts,
             )
             result = run_demo(options, progress, on_lifecycle=ops.watch if ops is not None else None)
