@@ -253,6 +253,8 @@ class BucketBook:
     def plan(self) -> tuple[list[tuple[dict[str, Any] | None, bool]], bool]:
         """The plan as (shape, warm) pairs in order (None: the implicit bucket) and whether any
         bucket was declared; one look under the lock (a warm-up again reads it)."""
+        if not self._buckets:  # nothing planned yet: no lock needed to say so
+            return [], False
         with self._lock:
             rows = [(b.shape, b.warmed) for b in self._buckets.values()]
         declared = any(shape is not None for shape, _ in rows)

@@ -133,7 +133,9 @@ def warm_together(
     else the implicit bucket."""
     if not members:
         return
-    for member in members:
+    # A joint warm-up enters every member's transition in turn: refuse before entering any.
+    # (One member's own transition refuses by itself.)
+    for member in members if len(members) > 1 else ():
         if not member.can(Trigger.WARM_UP):
             # Refused (and audited) by the machine before any member is entered.
             try:

@@ -153,17 +153,19 @@ class _BucketRun:
     def __enter__(self) -> list[_Seen]:
         seen = []
         try:
-            for member, dims in zip(self.members, self.dims, strict=True):
+            steer = self.steer
+            for index, member in enumerate(self.members):
                 check = False
-                if self.steer and member.policy.cache_dit:
+                policy = member.policy
+                if steer and policy.cache_dit:
                     # A warm-up is an earlier request: its context is replaced afterwards.
                     self._steered.append(member)
-                    if member.policy.compile:
+                    if policy.compile:
                         # Steering matters only with compile: graphs a warm-up misses would
                         # compile in the first request.
                         member._context.steer()
                         check = True
-                tracker = _Seen(member, dims, check=check, steered=self.steer)
+                tracker = _Seen(member, self.dims[index], check=check, steered=steer)
                 guard = guard_calls(member.module, tracker)
                 guard.__enter__()
                 self._guards.append(guard)
@@ -247,8 +249,7 @@ def run_warmup(
         # invalidate, every graph already built) left the first request nothing to pay.
         # Ahead-of-time blocks compile no graph, but their packages' first runs still cost: a
         # warm-up that bound them settles too.
-        bound = any(m._aot is not None and m._aot.bound_blocks(m.module) for m in members)
-        if (compiled or bound) and any(m.policy.compile for m in members):
+        if (compiled or _aot_bound(members)) and any(m.policy.compile for m in members):
             if any(m.serving.measure_paths for m in members):
                 per_bucket = _measure_paths(members, call_at, per_bucket, dims)
                 settle_runs = 2 * len(plan)
@@ -260,7 +261,9 @@ def run_warmup(
     elapsed = time.perf_counter() - started
     out = []
     for results, member_dims in zip(per_bucket, dims, strict=True):
-        covered = all(r.covered for r in results)
+        covered = True
+        for result in results:
+            covered = covered and result.covered
         fields: dict[str, Any] = {"warmup_runs": total_runs + settle_runs, "cached_branch_covered": covered}
         if settle_runs:
             fields["settle_runs"] = settle_runs
@@ -436,6 +439,13 @@ def _emit(event: str, outcome: str, fields: dict[str, Any]) -> None:
     lost = emit_checked(event, outcome, fields)
     if lost is not None:
         warn_unwritten(event, str(fields.get("module")), lost)
+
+
+def _aot_bound(members: Sequence[Member]) -> bool:
+    for member in members:
+        if member._aot is not None and member._aot.bound_blocks(member.module):
+            return True
+    return False
 
 
 def _sync(members: Sequence[Member]) -> None:
