@@ -22,6 +22,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,9 +31,46 @@ import torch
 from torch import nn
 
 from adapters import aot
+from adapters.errors import AdapterError
 
 AotOutcome = Literal["compiled", "loaded", "fallback"]
 SUBDIRECTORY = "aot"
+# Whether a block call the packages cannot serve may run eagerly, for the request running in this
+# thread or task (set by the lifecycle's request scope): "fail" refuses it instead.
+_REFUSE_OUTSIDE: ContextVar[bool] = ContextVar("dit_lifecycle_aot_refuse_outside", default=False)
+
+
+class OutsideBounds(AdapterError):
+    """A block call lies outside what its package was built for, and the request refuses to run
+    it eagerly; ``reason`` says which check failed."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _on_miss(block: nn.Module, reason: str) -> None:
+    if _REFUSE_OUTSIDE.get():
+        raise OutsideBounds(f"{type(block).__name__}: {reason}")
+
+
+class refusing_outside:
+    """``with refusing_outside(True)``: inside, a block call outside its package's bounds raises
+    ``OutsideBounds`` instead of running eagerly (this thread or task only)."""
+
+    __slots__ = ("_token", "refuse")
+
+    def __init__(self, refuse: bool) -> None:
+        self.refuse = refuse
+        self._token: Token[bool] | None = None
+
+    def __enter__(self) -> None:
+        self._token = _REFUSE_OUTSIDE.set(self.refuse)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._token is not None:
+            _REFUSE_OUTSIDE.reset(self._token)
+            self._token = None
 
 
 @dataclass(frozen=True)
@@ -128,7 +166,7 @@ class AotSession:
                     problem = rejected or "incomplete build"
                     return self._fall_back(fallback, started, bounds, statuses, problem)
                 packages = built.packages
-            binding = aot.bind(module, packages)
+            binding = aot.bind(module, packages, on_miss=_on_miss)
         except aot.AotError as error:
             return self._fall_back(fallback, started, bounds, statuses, f"{type(error).__name__}: {error}")
         return AotReport(
@@ -177,4 +215,4 @@ class AotSession:
         return current.summary() if current is not None else None
 
 
-__all__ = ["AotOutcome", "AotReport", "AotSession"]
+__all__ = ["AotOutcome", "AotReport", "AotSession", "OutsideBounds", "refusing_outside"]

@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 import structlog
 
+from adapters.aot_session import OutsideBounds, refusing_outside
 from adapters.calls import CallDecision, guard_calls, input_signature, signature_sizes, with_shared_dims
 from lifecycle import audit
 from lifecycle.buckets import BucketCoverage, ShapeMiss, canonical_shape, shape_key
@@ -177,9 +178,22 @@ class ActiveRequest:
         )
 
     def note_aot_miss(self) -> None:
-        """Some block call lay outside the packages' bounds and ran eagerly."""
+        """Some block call lay outside the packages' bounds (and ran eagerly, or was refused)."""
         self.miss = "aot_bounds"
-        self.policy = "eager"
+        if self.policy == "compile":
+            self.policy = "eager"  # nothing compiles inline outside ahead-of-time packages
+
+    def outside_bounds_error(self, cause: BaseException) -> UnwarmedShapeError:
+        """The request's typed refusal when a block was outside the packages' bounds."""
+        self.miss = "aot_bounds"
+        member = self.member
+        return UnwarmedShapeError(
+            f"{member.name}: request {self.record.request_id!r} at input sizes {self.sizes} lies outside "
+            f"the ahead-of-time packages' bounds ({cause}) and on_unwarmed='fail'; the block was not "
+            "run and the state stays WarmedUp. Declare a bucket at this size and prepare again "
+            "(a new build), or serve it with on_unwarmed='eager' (its blocks run eagerly).",
+            module=member.name, state=member.state, trigger="request",
+        )
 
     def take_back(self) -> None:
         """Started, then refused before its body ran (a peer member could not start)."""
@@ -223,8 +237,8 @@ class RequestScope:
     module docstring). ``records`` holds each member's ``RequestRecord``, in order."""
 
     __slots__ = (
-        "_actives", "_guards", "_locked", "_token", "members", "on_unwarmed", "pipeline", "request_id",
-        "shape", "steps",
+        "_actives", "_guards", "_locked", "_refusing", "_token", "members", "on_unwarmed", "pipeline",
+        "request_id", "shape", "steps",
     )
 
     def __init__(
@@ -247,6 +261,7 @@ class RequestScope:
         self._actives: list[ActiveRequest] = []
         self._guards: list[guard_calls] = []
         self._token: Mapping[str, Token[Any]] | None = None
+        self._refusing: list[refusing_outside] = []
 
     # ------------------------------------------------------------------ entering
     def __enter__(self) -> list[RequestRecord]:
@@ -260,6 +275,12 @@ class RequestScope:
                     guard = guard_calls(active.member.module, active)
                     guard.__enter__()
                     self._guards.append(guard)
+                if active.aot_misses is not None and active.policy == "fail":
+                    # Ahead-of-time blocks decide per call: outside the packages' bounds the
+                    # block is refused rather than run eagerly.
+                    refusing = refusing_outside(True)
+                    refusing.__enter__()
+                    self._refusing.append(refusing)
         except BaseException:
             self._unwind()
             raise
@@ -369,21 +390,33 @@ class RequestScope:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         lost: AuditWriteError | None = None
+        refused: UnwarmedShapeError | None = None
+        if isinstance(exc, OutsideBounds):
+            for active in self._actives:
+                if active.aot_misses is not None and active.policy == "fail":
+                    refused = active.outside_bounds_error(exc)
+                    break
         try:
+            while self._refusing:
+                self._refusing.pop().__exit__(None, None, None)
             while self._guards:
                 self._guards.pop().__exit__(None, None, None)
             if self._token is not None:
                 structlog.contextvars.reset_contextvars(**self._token)
                 self._token = None
             for active in self._actives:
-                lost = _finish(active, exc) or lost
+                lost = _finish(active, refused or exc) or lost
             self._actives = []
         finally:
             self._release()
+        if refused is not None:
+            raise refused from exc
         if lost is not None and exc is None:
             raise lost
 
     def _unwind(self) -> None:
+        while self._refusing:
+            self._refusing.pop().__exit__(None, None, None)
         while self._guards:
             self._guards.pop().__exit__(None, None, None)
         if self._token is not None:

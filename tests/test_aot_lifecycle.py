@@ -164,3 +164,69 @@ def test_compile_alone_is_refused_naming_prepare(tmp_path, audit_events):
 def test_ahead_of_time_needs_inductor(tmp_path):
     with pytest.raises(InvalidConfigError, match="AOTInductor"):
         _lifecycle(tmp_path, compile_options={"backend": "aot_eager"})
+
+
+def test_outside_the_bounds_on_unwarmed_fail_refuses_typed(built, audit_events):
+    from lifecycle import ServingPolicy, UnwarmedShapeError
+
+    directory, _ = built
+    lc = _lifecycle(directory, serving=ServingPolicy(on_unwarmed="fail"))
+    lc.prepare(run, shapes=BUCKETS)
+    req, _ = _serve(lc, 24)  # inside the bounds: served, no miss
+    assert req.outcome == "ok"
+    with pytest.raises(UnwarmedShapeError, match="outside the ahead-of-time packages' bounds"):
+        _serve(lc, 64)
+    assert lc.state is State.WARMED_UP and lc.ready
+    (miss,) = audit_events.of("lifecycle.shape_miss")
+    assert (miss["detected"], miss["policy"], miss["outcome"]) == ("aot_bounds", "fail", "refused")
+    request = audit_events.of("lifecycle.request")[-1]
+    assert request["outcome"] == "refused"
+    req, _ = _serve(lc, 32)  # and it goes on serving
+    assert req.outcome == "ok"
+    lc.reset()
+
+
+_RESTART = """
+import json, sys, torch
+from adapters import dynamo_graph_count
+from lifecycle import CompilePlan, ModuleLifecycle
+from lifecycle.testing import capture_audit
+from lifecycle.testing.tiny import FluxShape, demo_cache_config, denoise, flux_inputs, tiny_flux
+
+def run(module, shape):
+    with torch.no_grad():
+        denoise(module, flux_inputs(FluxShape(image_tokens=shape["tokens"])), 2)
+
+with capture_audit() as events:
+    lc = ModuleLifecycle(tiny_flux(), backend="cpu", cache_config=demo_cache_config(8),
+                         compile_plan=CompilePlan(scope="blocks", ahead_of_time=True), artifact_dir=sys.argv[1])
+    lc.prepare(run, shapes=[{"tokens": 16}, {"tokens": 32}])
+    outputs = {}
+    for tokens in (16, 24, 32):
+        with torch.no_grad(), lc.request(num_inference_steps=8):
+            outputs[tokens] = denoise(lc.module, flux_inputs(FluxShape(image_tokens=tokens)), 8)
+compile_event = next(e for e in events.of("lifecycle.transition") if e["trigger"] == "compile")
+torch.save(outputs, sys.argv[2])
+print(json.dumps({"graphs": dynamo_graph_count(), "aot": compile_event["ahead_of_time"]}))
+"""
+
+
+def test_restarts_in_fresh_processes_compile_nothing_and_agree_bit_for_bit(built, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    directory, _ = built
+    root = Path(__file__).resolve().parents[1]
+    here = tmp_path / "builder.pt"
+    first = subprocess.run([sys.executable, "-c", _RESTART, str(directory), str(here)], cwd=root,
+                           capture_output=True, text=True, timeout=600, check=False)
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = tmp_path / "restart.pt"
+    second = subprocess.run([sys.executable, "-c", _RESTART, str(directory), str(again)], cwd=root,
+                            capture_output=True, text=True, timeout=600, check=False)
+    assert second.returncode == 0, second.stderr[-2000:]
+    result = json.loads(second.stdout.strip().splitlines()[-1])
+    assert result == {"graphs": 0, "aot": "loaded"}  # no dynamo anywhere in the restarted process
+    a, b = torch.load(here), torch.load(again)
+    assert all(torch.equal(a[tokens], b[tokens]) for tokens in (16, 24, 32))
