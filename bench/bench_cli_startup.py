@@ -1,4 +1,4 @@
-"""Start-up cost of the CLI commands that must not import torch (issue 14).
+"""Start-up cost of the CLI commands that must not import torch.
 
 Runs each command as users run it (``python -m lifecycle ...``, a fresh interpreter each time)
 and reports the median wall time and the peak resident memory of the child (``ru_maxrss`` from

@@ -1,4 +1,4 @@
-"""The lifecycle's own costs on the CPU (issue 9): transition overhead, scale, contention.
+"""The lifecycle's own costs on the CPU: transition overhead, scale, contention.
 
     python bench/bench_cpu.py [overhead|scale|contention|all] [--quick]
 

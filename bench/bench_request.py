@@ -1,4 +1,4 @@
-"""The cost of ``ModuleLifecycle.request()`` itself (issue 11), on the CPU.
+"""The cost of ``ModuleLifecycle.request()`` itself, on the CPU.
 
 A real tiny ``FluxTransformer2DModel`` with cache-dit mounted, compiled (aot_eager) and warmed
 up by ``prepare``; then, in one run and interleaved round by round so machine noise hits all
@@ -7,7 +7,7 @@ alike, the median of many:
   - ``request``: ``with lc.request(num_inference_steps=8): pass`` (enter + exit, no-op body),
     its audit event going to a JSONL file as a host would configure it;
   - ``refresh_context``: ``cache_dit.refresh_context(transformer, cache_config=<copy>)`` alone,
-    the call every request needs anyway (FINDINGS.md);
+    the call every request needs anyway;
   - ``adapter_refresh``: our ``CacheDitAdapter.refresh`` (config copy + refresh_context).
 
 Target: request <= 0.5 ms. Results go to bench/results/bench_request-<host>.json.

@@ -1,4 +1,4 @@
-"""Cold start (issue 7): whole-model compile vs regional compile vs warm restart from artifacts.
+"""Cold start: whole-model compile vs regional compile vs warm restart from artifacts.
 
 A Flux-architecture ``FluxTransformer2DModel`` with random weights (hidden 3072 = 24 heads x 128,
 4 double + 8 single blocks, 4096 image + 512 text tokens, bf16), 28 denoising steps, inductor,
@@ -283,7 +283,7 @@ def targets(results: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     whole, regional = get("whole-cold", "prepare_s"), get("regional-cold", "prepare_s")
     if whole and regional:
-        out["regional_cold_speedup"] = whole / regional  # a fact, no target (issue 17)
+        out["regional_cold_speedup"] = whole / regional  # a fact, no target
     whole_ss, regional_ss = get("whole-cold", "steady_median_s"), get("regional-cold", "steady_median_s")
     if whole_ss and regional_ss:
         out["regional_steady_vs_whole"] = regional_ss / whole_ss - 1.0

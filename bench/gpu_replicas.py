@@ -1,4 +1,4 @@
-"""Replicas and restarts: do separate processes serve bit-identical outputs? (issue 17)
+"""Replicas and restarts: do separate processes serve bit-identical outputs?
 
 The ``bench/gpu_trap.py`` model (Flux architecture at FLUX.1 width, 2 double + 4 single blocks,
 4096 image + 512 text tokens, bf16, random weights from one seed), 28 steps, cache-dit DBCache
@@ -66,7 +66,7 @@ _KIND = re.compile(r"@triton_heuristics\.(\w+)")
 
 
 def torch_facts() -> dict[str, Any]:
-    """What this torch offers for reproducibility and restarts (issue 17 asks for 2.11 and 2.13)."""
+    """What this torch offers for reproducibility and restarts."""
     facts: dict[str, Any] = {"torch": torch.__version__}
     try:
         import torch._dynamo.config as dynamo_config

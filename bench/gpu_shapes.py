@@ -1,4 +1,4 @@
-"""Serving shapes on a GPU (issue 15): declared buckets, shared graphs, unwarmed shapes.
+"""Serving shapes on a GPU: declared buckets, shared graphs, unwarmed shapes.
 
 The ``bench/gpu_trap.py`` model: a Flux-architecture ``FluxTransformer2DModel`` with random
 weights (FLUX.1 widths, 2 double + 4 single blocks, bf16), 28 steps, DBCache F1B0 threshold 0.6,

@@ -13,7 +13,7 @@ own process with inductor's caches disabled, so every one pays its own compile:
 
 (a), (b) and (d) refresh cache-dit's context with the serving config before each request, as a
 careful host would by hand, so their steady state does the same work as (c)'s ``request()``.
-Scenario (c) then also serves identical requests without ``request()`` (issue 11): the context
+Scenario (c) then also serves identical requests without ``request()``: the context
 leaks from one request to the next.
 
     python bench/gpu_trap.py                        # all scenarios, CUDA, results to bench/results/

@@ -1,4 +1,4 @@
-"""The per-transition cost of this tree against an earlier commit, measured alike (issue 14).
+"""The per-transition cost of this tree against an earlier commit, measured alike.
 
     python bench/overhead_before_after.py [--before b3db096] [--repeats 3] [--quick]
 
@@ -68,7 +68,9 @@ def summary(run: dict[str, Any]) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--before", default="b3db096", help="the earlier commit (default: before issue 14)")
+    parser.add_argument(
+        "--before", default="b3db096", help="the earlier commit (default: before the per-transition rewrite)"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="bench_cpu.py --quick in each run")
     args = parser.parse_args()

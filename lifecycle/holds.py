@@ -10,7 +10,7 @@ raises ``InvalidConfigError`` naming the other).
 
 Locks: each module has its own lock for its hold bookkeeping and the work done under it; the
 registry lock guards only the registry's dictionaries, never any work, so unrelated lifecycles
-never wait on each other (issue 14, defect 1). Weak keys: no registry keeps a module alive.
+never wait on each other. Weak keys: no registry keeps a module alive.
 """
 
 from __future__ import annotations

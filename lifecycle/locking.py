@@ -2,7 +2,7 @@
 pair, not a thread.
 
 A ``threading.RLock`` counts every asyncio task on the loop's thread as its owner, so a task
-could enter a lifecycle while another task's request was suspended at an ``await`` (issue 20).
+could enter a lifecycle while another task's request was suspended at an ``await``.
 Here a second task on the owner's thread cannot wait (it would block the loop that must resume
 the owner), so it is refused at once with ``LockConflict``; a task or thread elsewhere waits.
 """

@@ -15,7 +15,7 @@ from lifecycle.testing.tiny import FluxInputs, FluxShape, demo_cache_config, flu
 logging.getLogger("CACHE_DIT").setLevel(logging.WARNING)
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
-# Fast compile backend for tests; graph counts are the same as inductor's (FINDINGS.md).
+# Fast compile backend for tests; graph counts are the same as inductor's.
 FAST_COMPILE = {"backend": "aot_eager"}
 SERVING_STEPS = 8
 

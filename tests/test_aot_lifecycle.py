@@ -199,7 +199,8 @@ def run(module, shape):
 
 with capture_audit() as events:
     lc = ModuleLifecycle(tiny_flux(), backend="cpu", cache_config=demo_cache_config(8),
-                         compile_plan=CompilePlan(scope="blocks", ahead_of_time=True), artifact_dir=sys.argv[1])
+                         compile_plan=CompilePlan(scope="blocks", ahead_of_time=True),
+                         artifact_dir=sys.argv[1])
     lc.prepare(run, shapes=[{"tokens": 16}, {"tokens": 32}])
     outputs = {}
     for tokens in (16, 24, 32):

@@ -174,7 +174,7 @@ def test_warm_up_argument_not_callable(run: Any, audit_events: AuditEvents) -> N
     with pytest.raises(InvalidConfigError, match="callable"):
         lc.prepare(run)
     assert lc.state is State.COMPILED
-    # prepare's refusal is audited too (issue 20, item 2).
+    # prepare's refusal is audited too.
     assert [r.outcome for r in lc.history] == ["ok", "ok", "refused", "refused"]
 
 

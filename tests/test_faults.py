@@ -80,7 +80,7 @@ def _assert_pristine(module: nn.Module, inputs: FluxInputs, reference: torch.Ten
 
 # ----------------------------------------------------------------------------- compile raising
 # (An unknown inductor option, which torch refuses only when asked to compile, is now refused at
-# construction: tests/test_defects.py, issue 20 item 4.)
+# construction: tests/test_defects.py.)
 def test_compile_raising_keeps_state_and_module_usable(flux, inputs, cache_config, audit_events):
     reference = _eager_reference(flux, inputs)
     lc = ModuleLifecycle(flux, backend=CrashingCpu(), cache_config=cache_config,

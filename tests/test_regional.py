@@ -111,7 +111,7 @@ def test_the_scope_must_be_model_or_blocks_and_regional_is_no_compile_option(flu
 
 
 def test_a_model_without_repeated_blocks_is_refused_at_construction_and_stays_eager():
-    # A bad argument, refused before any work (issue 20, item 4), not a failed compile.
+    # A bad argument, refused before any work, not a failed compile.
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 4))
     with pytest.raises(InvalidConfigError, match="no repeated blocks"):
         ModuleLifecycle(

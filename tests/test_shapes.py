@@ -1,6 +1,6 @@
-"""Serving shapes (issue 15): declared buckets on a tiny real Flux (aot_eager) and the tiny Wan 2.2
+"""Serving shapes: declared buckets on a tiny real Flux (aot_eager) and the tiny Wan 2.2
 pipeline; each ``on_unwarmed`` policy at an undeclared shape; ``missed_shapes()`` warmed later;
-buckets that share graphs; a plain warm-up that calls several sizes (issue 20 item 5). Every
+buckets that share graphs; a plain warm-up that calls several sizes. Every
 scenario's audit goes through a real JSONL file that ``python -m lifecycle audit verify`` reads."""
 
 from __future__ import annotations
@@ -285,7 +285,7 @@ def test_measured_paths_are_audited_and_served(flux, cache_config, audit_file):
     verify_clean(audit_file)
 
 
-# ---------------------------------------------------------------------------- issue 20 item 5
+# ---------------------------------------------------------------------------- plain warm-ups at several sizes
 def test_a_plain_warmup_that_calls_two_sizes_in_one_call_prepares(flux, cache_config, audit_file):
     lc = lifecycle(flux, cache_config, compile_options=QUICK)
     # Three steps at each size: each size's own (steered) context reaches the cached branch.

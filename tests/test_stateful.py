@@ -320,7 +320,7 @@ class LifecycleMachine(RuleBasedStateMachine):
     @rule()
     def prepare_not_callable(self) -> None:
         # A bad argument is refused before any trigger fires, and audited as a refused warm_up
-        # (issue 20, item 2: every refusal is recorded).
+        # (every refusal is recorded).
         LifecycleMachine.steps += 1
         if self.model.state == W:
             self.lc.prepare(None)  # type: ignore[arg-type]  # nothing to do, nothing called

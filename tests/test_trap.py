@@ -1,7 +1,7 @@
 """The trap the library exists to prevent, shown both ways on a tiny real Flux transformer.
 
 Graphs are counted from torch's own counter (dynamo's ``unique_graphs``); ``aot_eager`` compiles
-the same graphs as inductor (FINDINGS.md), only faster."""
+the same graphs as inductor , only faster."""
 
 from __future__ import annotations
 
