@@ -36,6 +36,7 @@ from typing import Any
 import torch.distributed as dist
 from torch import nn
 
+from lifecycle import walk
 from lifecycle.errors import (
     DistributedTransitionError,
     IllegalTransitionError,
@@ -201,16 +202,7 @@ class DistributedLifecycle(ModuleLifecycle):
     def prepare(self, run: WarmupRun, num_inference_steps: int | None = None, shapes: Any = None) -> None:
         """``ModuleLifecycle.prepare`` on every rank, after the ranks agree on where they start."""
         with self._hold(Trigger.WARM_UP):
-            error: BaseException | None = None
-            try:
-                if self.state is not State.WARMED_UP:
-                    self._check_callable(Trigger.WARM_UP, run)
-                self._check_steps(Trigger.REFRESH, num_inference_steps)
-            except InvalidConfigError as exc:
-                trigger = exc.trigger if isinstance(exc.trigger, Trigger) else Trigger.WARM_UP
-                error = self._refuse(exc, trigger)
-            except LifecycleError as exc:
-                error = exc
+            error: BaseException | None = walk.check_prepare_arguments(self, run, num_inference_steps)
             verdict = self.vote.gather(self.name, "prepare", self.state, error)
             if error is not None:
                 raise error

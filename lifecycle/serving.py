@@ -397,13 +397,7 @@ class RequestScope:
                     refused = active.outside_bounds_error(exc)
                     break
         try:
-            while self._refusing:
-                self._refusing.pop().__exit__(None, None, None)
-            while self._guards:
-                self._guards.pop().__exit__(None, None, None)
-            if self._token is not None:
-                structlog.contextvars.reset_contextvars(**self._token)
-                self._token = None
+            self._close_scope()
             for active in self._actives:
                 lost = _finish(active, refused or exc) or lost
             self._actives = []
@@ -414,7 +408,8 @@ class RequestScope:
         if lost is not None and exc is None:
             raise lost
 
-    def _unwind(self) -> None:
+    def _close_scope(self) -> None:
+        """Everything the scope put around the block, taken back in reverse."""
         while self._refusing:
             self._refusing.pop().__exit__(None, None, None)
         while self._guards:
@@ -422,6 +417,9 @@ class RequestScope:
         if self._token is not None:
             structlog.contextvars.reset_contextvars(**self._token)
             self._token = None
+
+    def _unwind(self) -> None:
+        self._close_scope()
         self._release()
 
     def _release(self) -> None:

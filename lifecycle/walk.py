@@ -67,6 +67,18 @@ def call_target(run: Callable[..., object], target: object) -> CallAt:
     return call_at_shape(run, target)
 
 
+def check_prepare_arguments(member: Walker, run: object, steps: object) -> LifecycleError | None:
+    """``prepare``'s own arguments for one member: the refusal (audited), or None when fine."""
+    try:
+        if member.state is not State.WARMED_UP:
+            member._check_callable(Trigger.WARM_UP, run)
+        member._check_steps(Trigger.REFRESH, steps)
+    except InvalidConfigError as exc:
+        trigger = exc.trigger if isinstance(exc.trigger, Trigger) else Trigger.WARM_UP
+        return member._refuse(exc, trigger)
+    return None
+
+
 def check_shapes_audited(members: Sequence[Walker], shapes: object) -> list[dict[str, Any]] | None:
     """``shapes`` as declared buckets (None: none given); a bad one is refused, audited."""
     if shapes is None:
@@ -89,13 +101,9 @@ def prepare(
 ) -> None:
     """Take every member to WarmedUp (see the module docstring)."""
     for member in members:
-        try:
-            if member.state is not State.WARMED_UP:
-                member._check_callable(Trigger.WARM_UP, run)
-            member._check_steps(Trigger.REFRESH, steps)
-        except InvalidConfigError as exc:
-            trigger = exc.trigger if isinstance(exc.trigger, Trigger) else Trigger.WARM_UP
-            _raise(member, member._refuse(exc, trigger), on_member)
+        refusal = check_prepare_arguments(member, run, steps)
+        if refusal is not None:
+            _raise(member, refusal, on_member)
     planned = check_shapes_audited(members, shapes)
     for member in members:
         member._context.set_serving_steps(steps)
@@ -204,4 +212,6 @@ def _raise(member: Member, error: LifecycleError, on_member: OnMember | None) ->
     raise on_member(member, error) from error
 
 
-__all__ = ["Walker", "call_target", "check_shapes_audited", "prepare", "warm_together"]
+__all__ = [
+    "Walker", "call_target", "check_prepare_arguments", "check_shapes_audited", "prepare", "warm_together",
+]
