@@ -236,7 +236,12 @@ class BucketBook:
     def _recount(self) -> None:
         # Every bucket of the plan warm, the implicit one too once it is part of the plan: a
         # warm-up again after invalidate that skips a bucket served before leaves it cold.
-        self.all_warm = all(b.warmed for b in self._buckets.values())
+        warm = True
+        for bucket in self._buckets.values():
+            if not bucket.warmed:
+                warm = False
+                break
+        self.all_warm = warm
 
     # the plan
     def declare(self, shapes: Iterable[dict[str, Any] | None]) -> list[str]:
@@ -245,7 +250,8 @@ class BucketBook:
         with self._lock:
             for shape in shapes:
                 key = IMPLICIT_KEY if shape is None else shape_key(shape)
-                self._buckets.setdefault(key, BucketCoverage(key, None if shape is None else dict(shape)))
+                if key not in self._buckets:
+                    self._buckets[key] = BucketCoverage(key, None if shape is None else dict(shape))
                 keys.append(key)
             self._recount()
         return keys
@@ -304,7 +310,9 @@ class BucketBook:
         """A warm-up that succeeded: its buckets are warm."""
         with self._lock:
             for result in results:
-                bucket = self._buckets.setdefault(result.key, BucketCoverage(result.key, result.shape))
+                bucket = self._buckets.get(result.key)
+                if bucket is None:  # built only when new: a record holds a deque and a set
+                    bucket = self._buckets[result.key] = BucketCoverage(result.key, result.shape)
                 bucket.note_warm(result)
                 for signature in result.signatures:
                     self._signatures.setdefault(signature, result.key)
