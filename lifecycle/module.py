@@ -790,13 +790,13 @@ class ModuleLifecycle:
 
         A warm-up that fails leaves the state as it was and the buckets it was asked to warm
         cold (``ready`` is False until they are warmed)."""
-        # The lock by hand, not ``_hold``: a warm-up is on the per-transition cost's hot path.
-        self._acquire(Trigger.WARM_UP)
-        try:
-            planned = walk.check_shapes_audited([self], shapes) if shapes is not None else None
-            walk.warm_together([self], run, self._module, planned)
-        finally:
-            self._lock.release()
+        if shapes is None:
+            # The transition takes the lock itself: a warm-up is on the per-transition cost's
+            # hot path, and a plain one has no argument to refuse before it.
+            walk.warm_together([self], run, self._module, None)
+            return
+        with self._hold(Trigger.WARM_UP):
+            walk.warm_together([self], run, self._module, walk.check_shapes_audited([self], shapes))
 
     def _warmup_step(
         self,
