@@ -44,7 +44,19 @@ class CompilePlan:
     - ``reproducible``: bit-identical outputs across processes and restarts (inductor's
       deterministic mode, for this module's compile only).
 
-    A bad value raises ``InvalidConfigError`` here, at construction.
+    Args:
+        scope: ``"model"`` or ``"blocks"``.
+        ahead_of_time: export and AOTInductor-compile the blocks (needs ``scope="blocks"``).
+        reproducible: bit-identical outputs across processes and restarts.
+
+    Raises:
+        InvalidConfigError: a bad value, here at construction.
+
+    Example::
+
+        plan = CompilePlan(scope="blocks", ahead_of_time=True)
+        lc = ModuleLifecycle(transformer, compile_plan=plan, artifact_dir="/var/cache/dit")
+        lc.prepare(run, shapes=[{"height": 1024, "width": 1024}])
     """
 
     scope: Scope = "model"
@@ -79,6 +91,19 @@ class ServingPolicy:
       graphs (one compile for all of them), unless ``compile_options`` sets ``dynamic`` itself.
     - ``measure_paths``: after warm-up, time each bucket compiled and eager, and serve it on
       the faster path.
+
+    Args:
+        on_unwarmed: ``"eager"``, ``"fail"`` or ``"compile"``.
+        share_bucket_graphs: share dynamic graphs between buckets declared before the compile.
+        measure_paths: time each bucket compiled and eager, and serve the faster.
+
+    Raises:
+        InvalidConfigError: a bad value, here at construction.
+
+    Example::
+
+        lc = ModuleLifecycle(transformer, serving=ServingPolicy(on_unwarmed="fail"))
+        lc.prepare(run, shapes=[{"height": 1024, "width": 1024}])
     """
 
     on_unwarmed: OnUnwarmed = "eager"

@@ -156,6 +156,24 @@ class DistributedLifecycle(ModuleLifecycle):
     Construct it on every rank with the same arguments (and the rank's own module): every
     ``ModuleLifecycle`` argument is accepted (``artifact_dir`` too) and passed through unchanged.
     Requests stay per rank: they need no agreement.
+
+    Args:
+        module: this rank's transformer.
+        *args: ``ModuleLifecycle``'s positional arguments.
+        group: the process group that agrees (default: the world).
+        **kwargs: ``ModuleLifecycle``'s keyword arguments (not ``commit``).
+
+    Raises:
+        InvalidConfigError: no initialised process group, ``commit`` given, or a rank could
+            not build its lifecycle.
+        DistributedTransitionError: a transition failed on some rank.
+        RankDivergenceError: the ranks are in different states.
+
+    Example::
+
+        torch.distributed.init_process_group("nccl")
+        lc = DistributedLifecycle(transformer, name="transformer", backend="cuda")
+        lc.prepare(run)   # on every rank
     """
 
     def __init__(self, module: nn.Module, *args: Any, group: Any = None, **kwargs: Any) -> None:
@@ -200,7 +218,22 @@ class DistributedLifecycle(ModuleLifecycle):
         )
 
     def prepare(self, run: WarmupRun, num_inference_steps: int | None = None, shapes: Any = None) -> None:
-        """``ModuleLifecycle.prepare`` on every rank, after the ranks agree on where they start."""
+        """``ModuleLifecycle.prepare`` on every rank, after the ranks agree on where they start.
+
+        Args:
+            run: the warm-up callable, as for ``ModuleLifecycle.prepare``.
+            num_inference_steps: the serving step count of the cache context.
+            shapes: the declared serving buckets.
+
+        Raises:
+            InvalidConfigError: a bad argument on this rank (nothing done on any rank).
+            DistributedTransitionError: a bad argument on another rank, or a transition failed.
+            RankDivergenceError: the ranks start from different states (``reset()`` on every rank).
+
+        Example::
+
+            lc.prepare(lambda module: module(x), num_inference_steps=28)   # on every rank
+        """
         with self._hold(Trigger.WARM_UP):
             error: BaseException | None = walk.check_prepare_arguments(self, run, num_inference_steps)
             verdict = self.vote.gather(self.name, "prepare", self.state, error)

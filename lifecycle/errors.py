@@ -8,7 +8,21 @@ from states import State, Trigger
 
 
 class LifecycleError(RuntimeError):
-    """Base of every error the lifecycle raises."""
+    """Base of every error the lifecycle raises.
+
+    Args:
+        message: the text, naming the module and the fix.
+        module: the lifecycle's name.
+        state: the state when it was raised.
+        trigger: the trigger refused or failed.
+
+    Example::
+
+        try:
+            lc.prepare(run)
+        except LifecycleError as exc:
+            log.error("%s in %s at %s", exc.module, exc.state, exc.trigger)
+    """
 
     def __init__(
         self,
@@ -25,7 +39,17 @@ class LifecycleError(RuntimeError):
 
 
 class IllegalTransitionError(LifecycleError):
-    """The trigger is not legal in the current state; the state is unchanged."""
+    """The trigger is not legal in the current state; the state is unchanged.
+
+    ``reason`` says why; ``allowed`` lists the triggers legal now.
+
+    Example::
+
+        try:
+            lc.compile()
+        except IllegalTransitionError as exc:
+            print(exc.reason, exc.allowed)
+    """
 
     def __init__(
         self,
@@ -50,20 +74,52 @@ class IllegalTransitionError(LifecycleError):
 
 
 class TransitionFailedError(LifecycleError):
-    """The work of a legal transition raised; the original is ``__cause__``, the state is unchanged."""
+    """The work of a legal transition raised; the original is ``__cause__``, the state is unchanged.
+
+    Example::
+
+        try:
+            lc.warm_up(run)
+        except TransitionFailedError as exc:
+            print(exc.state, repr(exc.__cause__))
+    """
 
 
 class BackendUnavailableError(LifecycleError):
-    """The chosen backend's runtime or device is missing; the message says how to get it."""
+    """The chosen backend's runtime or device is missing; the message says how to get it.
+
+    Example::
+
+        try:
+            lc = ModuleLifecycle(module, backend="npu")
+        except BackendUnavailableError:
+            lc = ModuleLifecycle(module, backend="cpu")
+    """
 
 
 class UnsupportedModuleError(LifecycleError):
-    """Not an ``nn.Module``, or cache-dit cannot wrap it."""
+    """Not an ``nn.Module``, or cache-dit cannot wrap it.
+
+    Example::
+
+        try:
+            ModuleLifecycle("not a module", name="transformer")
+        except UnsupportedModuleError as exc:
+            print(exc)
+    """
 
 
 class InvalidConfigError(LifecycleError, ValueError):
     """A bad argument (compile options, cache config, step count, warm-up callable), refused
-    before any work; the state is unchanged."""
+    before any work; the state is unchanged. Also a ``ValueError``.
+
+    Example::
+
+        try:
+            lc.refresh(num_inference_steps=0)
+        except InvalidConfigError as exc:
+            print(exc)   # names the argument and the fix
+    """
 
 
 class AuditWriteError(LifecycleError):
@@ -72,17 +128,39 @@ class AuditWriteError(LifecycleError):
     The work was done and the state moved: ``state`` is the new state, as the message says. The
     lifecycle keeps working; fix the audit sink. (When a refused or failed trigger's event cannot
     be written, the trigger's own typed error is raised instead, with an ``AuditWriteWarning`` and a
-    note naming the sink failure.)"""
+    note naming the sink failure.)
+
+    Example::
+
+        try:
+            lc.prepare(run)
+        except AuditWriteError as exc:
+            assert lc.state is exc.state   # the work was done; fix the sink
+    """
 
 
 class AuditWriteWarning(UserWarning):
-    """An audit event could not be written; the warning names the event and the sink's error."""
+    """An audit event could not be written; the warning names the event and the sink's error.
+
+    Example::
+
+        warnings.simplefilter("error", AuditWriteWarning)   # make a lost event fatal
+    """
 
 
 class UnwarmedShapeError(LifecycleError):
     """A request at a shape no warm-up covered, under ``on_unwarmed="fail"``; raised before the
     transformer runs, the state stays WarmedUp. ``shape_key`` is the shape's key when the request
-    named one."""
+    named one.
+
+    Example::
+
+        try:
+            with lc.request(shape={"height": 768, "width": 768}, on_unwarmed="fail"):
+                lc.module(x)
+        except UnwarmedShapeError as exc:
+            lc.warm_up(run, shapes=lc.missed_shapes())
+    """
 
     def __init__(
         self,
@@ -103,6 +181,13 @@ class PipelineError(LifecycleError):
     ``members`` names every member the failure concerns: one for a member's own transition,
     all of them for a joint warm-up (one pipeline call drives them all, so the failure cannot
     be pinned on one) or for a reset where several failed.
+
+    Example::
+
+        try:
+            plc.prepare(run)
+        except PipelineError as exc:
+            print(exc.member, exc.members, repr(exc.__cause__))
     """
 
     def __init__(
@@ -115,7 +200,15 @@ class PipelineError(LifecycleError):
 
 class DistributedTransitionError(TransitionFailedError):
     """A transition failed on at least one rank; every rank raises it and stays in its previous
-    state (see ``reset`` in the module docstring). ``failed_ranks`` maps rank -> error text."""
+    state (see ``reset`` in the module docstring). ``failed_ranks`` maps rank -> error text.
+
+    Example::
+
+        try:
+            lc.prepare(run)
+        except DistributedTransitionError as exc:
+            print(exc.rank, exc.failed_ranks)
+    """
 
     def __init__(
         self, message: str, *, module: str, state: State, trigger: Trigger | str,
@@ -127,12 +220,34 @@ class DistributedTransitionError(TransitionFailedError):
 
 
 class RankDivergenceError(LifecycleError):
-    """Ranks disagree on where the module is, or called different triggers at the same point."""
+    """Ranks disagree on where the module is, or called different triggers at the same point.
+
+    Example::
+
+        try:
+            lc.prepare(run)
+        except RankDivergenceError:
+            lc.reset()        # on every rank, then prepare again
+            lc.prepare(run)
+    """
 
 
 class PeerFailedError(LifecycleError):
     """The cause recorded on a rank whose own work succeeded while a peer's failed: this rank's
-    work was undone and its state did not move."""
+    work was undone and its state did not move.
+
+    Args:
+        message: the text, naming the ranks that failed.
+        failed_ranks: rank -> error text.
+
+    Example::
+
+        try:
+            lc.prepare(run)
+        except DistributedTransitionError as exc:
+            if isinstance(exc.__cause__, PeerFailedError):
+                print("failed elsewhere:", exc.__cause__.failed_ranks)
+    """
 
     def __init__(self, message: str, failed_ranks: Mapping[int, str]) -> None:
         super().__init__(message)

@@ -238,6 +238,13 @@ class ModuleLifecycle:
         UnsupportedModuleError: not an ``nn.Module``, or one the host compiled itself.
         InvalidConfigError: a bad argument (the message names it and the fix).
         BackendUnavailableError: the backend's runtime or device is missing.
+
+    Example::
+
+        lc = ModuleLifecycle(torch.nn.Linear(8, 8), name="head", backend="cpu")
+        lc.prepare(lambda module: module(torch.zeros(1, 8)))
+        with lc.request(request_id="r-1"):
+            lc.module(torch.zeros(1, 8))
     """
 
     def __init__(
@@ -416,14 +423,25 @@ class ModuleLifecycle:
     @property
     def state(self) -> State:
         """Where the module is now (``Loaded``, ``CacheMounted``, ``Compiled``, ``WarmedUp``);
-        read without a lock."""
+        read without a lock.
+
+        Example::
+
+            if lc.state is State.LOADED:
+                lc.prepare(run)
+        """
         return _STATES[self._holder.state]
 
     @property
     def ready(self) -> bool:
         """True only while WarmedUp, serving from the lifecycle's own cache context, with every
         bucket of the plan warm: a readiness probe's answer. Reads single values, takes no lock,
-        never raises; liveness must not depend on it."""
+        never raises; liveness must not depend on it.
+
+        Example::
+
+            status = 200 if lc.ready else 503   # a readiness probe
+        """
         return (
             self._holder.state == _WARMED_UP
             and self._unready_for is None
@@ -434,28 +452,60 @@ class ModuleLifecycle:
     @property
     def module(self) -> nn.Module:
         """The module to call now. Mounting and compiling happen in place, so this is always the
-        object passed in: a pipeline that holds it keeps working."""
+        object passed in: a pipeline that holds it keeps working.
+
+        Example::
+
+            with lc.request():
+                out = lc.module(x)
+        """
         return self._module
 
     @property
     def history(self) -> tuple[TransitionRecord, ...]:
-        """The latest ``HISTORY_LIMIT`` trigger attempts, oldest first."""
+        """The latest ``HISTORY_LIMIT`` trigger attempts, oldest first.
+
+        Example::
+
+            for record in lc.history:
+                print(record.trigger, record.outcome, record.dest)
+        """
         with self._history_lock:
             records = tuple(self._history)
         return tuple(TransitionRecord._make(record) for record in records)
 
     def allowed_triggers(self) -> tuple[Trigger, ...]:
-        """The triggers the table makes legal in the current state."""
+        """The triggers the table makes legal in the current state.
+
+        Example::
+
+            if Trigger.COMPILE in lc.allowed_triggers():
+                lc.compile()
+        """
         return allowed_triggers(self._policy, self.state)
 
     def can(self, trigger: Trigger) -> bool:
-        """Whether the table makes ``trigger`` legal now."""
+        """Whether the table makes ``trigger`` legal now.
+
+        Args:
+            trigger: the ``Trigger`` to check.
+
+        Example::
+
+            if lc.can(Trigger.INVALIDATE):
+                lc.invalidate()
+        """
         return destination(self._policy, self.state, trigger) is not None
 
     def coverage(self) -> list[dict[str, Any]]:
         """Per bucket: warmed, graphs, seconds, covered, the path serving it (compiled or eager,
         with the timings that chose it), and the first-request ratio once served; with
-        ahead-of-time blocks, whether they were compiled, loaded or fell back."""
+        ahead-of-time blocks, whether they were compiled, loaded or fell back.
+
+        Example::
+
+            cold = [row for row in lc.coverage() if not row["warmed"]]
+        """
         rows = self._book.coverage()
         report = self._aot_report
         if report is not None:
@@ -464,11 +514,23 @@ class ModuleLifecycle:
         return rows
 
     def missed_shapes(self) -> list[dict[str, Any]]:
-        """Shapes that requests named and no bucket covers: ``warm_up(run, shapes=...)`` them."""
+        """Shapes that requests named and no bucket covers: ``warm_up(run, shapes=...)`` them.
+
+        Example::
+
+            if lc.missed_shapes():
+                lc.warm_up(run, shapes=lc.missed_shapes())
+        """
         return self._book.missed_shapes()
 
     def stats(self) -> dict[str, Any]:
-        """Compiles, seconds, recompiles since warm-up, requests, cache, artifacts, buckets."""
+        """Compiles, seconds, recompiles since warm-up, requests, cache, artifacts, buckets.
+
+        Example::
+
+            stats = lc.stats()
+            print(stats["state"], stats["compiles"], stats["recompiles_since_warmup"])
+        """
         state = self.state
         cache_summary = None
         if self._policy.cache_dit and state is not State.LOADED:
@@ -690,8 +752,16 @@ class ModuleLifecycle:
     def mount_cache(self) -> None:
         """Loaded -> CacheMounted: wrap the module with cache-dit (before any compile).
 
-        Raises ``IllegalTransitionError`` outside Loaded or with Cache-DiT off,
-        ``UnsupportedModuleError`` when cache-dit cannot wrap the module."""
+        Raises:
+            IllegalTransitionError: outside Loaded, or with Cache-DiT off.
+            UnsupportedModuleError: cache-dit cannot wrap the module.
+            TransitionFailedError: the mount failed (the state stays Loaded).
+
+        Example::
+
+            lc.mount_cache()
+            assert lc.state is State.CACHE_MOUNTED
+        """
         self._transition(Trigger.MOUNT_CACHE, self._mount)
 
     def _mount(self, step: TransitionStep) -> None:
@@ -723,7 +793,19 @@ class ModuleLifecycle:
         ``CompilePlan`` says. Legal only after ``mount_cache`` while Cache-DiT is on.
 
         Ahead of time, the blocks are exported from real calls: ``prepare(run, ...)`` makes them
-        (one per declared bucket); ``compile()`` alone is refused naming that fix."""
+        (one per declared bucket); ``compile()`` alone is refused naming that fix.
+
+        Raises:
+            IllegalTransitionError: the table does not allow ``compile`` in this state.
+            InvalidConfigError: ahead of time without ``prepare(run, ...)``.
+            TransitionFailedError: the backend's compile failed (the state is unchanged).
+
+        Example::
+
+            lc.mount_cache()
+            lc.compile()
+            lc.warm_up(run)
+        """
         self._transition(Trigger.COMPILE, self._compile)
 
     def _compile_for(self, run: WarmupRun, target: object, planned: list[dict[str, Any]] | None) -> None:
@@ -789,7 +871,21 @@ class ModuleLifecycle:
         lifecycle with declared buckets warms them all again (after ``invalidate``).
 
         A warm-up that fails leaves the state as it was and the buckets it was asked to warm
-        cold (``ready`` is False until they are warmed)."""
+        cold (``ready`` is False until they are warmed).
+
+        Args:
+            run: the warm-up callable, ``run(module)`` (or ``run(module, shape)`` with ``shapes``).
+            shapes: the serving buckets to warm, e.g. ``[{"height": 1024, "width": 1024}]``.
+
+        Raises:
+            IllegalTransitionError: the table does not allow ``warm_up`` in this state.
+            InvalidConfigError: ``run`` is not callable, or ``shapes`` is malformed.
+            TransitionFailedError: the warm-up call raised (the state is unchanged).
+
+        Example::
+
+            lc.warm_up(run, shapes=[{"height": 512, "width": 512}, {"height": 1024, "width": 1024}])
+        """
         if shapes is None:
             # The transition takes the lock itself: a warm-up is on the per-transition cost's
             # hot path, and a plain one has no argument to refuse before it.
@@ -836,7 +932,20 @@ class ModuleLifecycle:
 
     def refresh(self, num_inference_steps: int | None = None) -> None:
         """Same state, a fresh cache-dit context from this lifecycle's config (and step count).
-        Inside one's own request: the rest of that request runs in the new context."""
+        Inside one's own request: the rest of that request runs in the new context.
+
+        Args:
+            num_inference_steps: the step count of the new context (default: as before).
+
+        Raises:
+            IllegalTransitionError: the table does not allow ``refresh`` in this state.
+            InvalidConfigError: ``num_inference_steps`` is not a positive int.
+
+        Example::
+
+            with lc.request(num_inference_steps=28):
+                lc.refresh(num_inference_steps=50)   # the rest runs 50 steps
+        """
 
         def work(step: TransitionStep) -> None:
             self._check_steps(Trigger.REFRESH, num_inference_steps)
@@ -853,7 +962,16 @@ class ModuleLifecycle:
 
     def invalidate(self) -> None:
         """WarmedUp -> the state before it: weights changed, so warm up again before serving.
-        Every bucket of the plan must be warmed again; compiled code is kept."""
+        Every bucket of the plan must be warmed again; compiled code is kept.
+
+        Raises:
+            IllegalTransitionError: not WarmedUp, or inside a request.
+
+        Example::
+
+            lc.invalidate()          # after loading new weights (a LoRA fuse, say)
+            lc.prepare(run)          # warms every bucket again
+        """
 
         def work(step: TransitionStep) -> None:
             self._covered = None
@@ -862,7 +980,18 @@ class ModuleLifecycle:
         self._transition(Trigger.INVALIDATE, work)
 
     def reset(self) -> None:
-        """-> Loaded: unmount cache-dit and drop compiled code; the original forward runs again."""
+        """-> Loaded: unmount cache-dit and drop compiled code; the original forward runs again.
+
+        Raises:
+            IllegalTransitionError: the table does not allow ``reset`` in this state (or inside
+                a request).
+            TransitionFailedError: the unmount failed (nothing changed).
+
+        Example::
+
+            lc.reset()
+            assert lc.state is State.LOADED
+        """
 
         def work(step: TransitionStep) -> None:
             # Unmount first: it is the step that can fail, and nothing has changed yet if it does.
@@ -902,15 +1031,35 @@ class ModuleLifecycle:
         ``run(module, shape)`` then makes one warm-up call at a shape. Already WarmedUp, the
         buckets not warm yet are warmed (WarmedUp -> WarmedUp).
 
-        Raises ``InvalidConfigError`` for a bad argument (audited, nothing moved) and the typed
-        error of the first transition that failed (the state is where that one started)."""
+        Args:
+            run: the warm-up callable, ``run(module)`` (or ``run(module, shape)`` with ``shapes``).
+            num_inference_steps: the serving step count of the cache context.
+            shapes: the declared serving buckets.
+
+        Raises:
+            InvalidConfigError: a bad argument (audited, nothing moved).
+            IllegalTransitionError: a trigger the table refuses on the way.
+            TransitionFailedError: a transition failed (the state is where that one started).
+
+        Example::
+
+            lc.prepare(lambda module: module(torch.zeros(1, 8)), num_inference_steps=28)
+            assert lc.ready
+        """
         with self._hold(Trigger.WARM_UP):
             walk.prepare([self], run, self._module, num_inference_steps, shapes)
 
     async def aprepare(
         self, run: WarmupRun, num_inference_steps: int | None = None, shapes: Any = None
     ) -> None:
-        """``prepare`` in a worker thread, so an event loop keeps serving meanwhile."""
+        """``prepare`` in a worker thread, so an event loop keeps serving meanwhile.
+
+        Takes ``prepare``'s arguments and raises its errors.
+
+        Example::
+
+            await lc.aprepare(lambda module: module(torch.zeros(1, 8)))
+        """
         import asyncio
 
         await asyncio.to_thread(self.prepare, run, num_inference_steps, shapes)
@@ -961,6 +1110,17 @@ class ModuleLifecycle:
           covered is a ``lifecycle.shape_miss``, handled by ``on_unwarmed`` (this request) or the
           ``ServingPolicy``: ``"eager"`` runs this module's eager path, ``"fail"`` raises
           ``UnwarmedShapeError`` before the transformer runs, ``"compile"`` compiles inline.
+
+        Args:
+            num_inference_steps: this request's step count (default: the lifecycle's).
+            request_id: the id in the audit and the record (default: a generated one).
+            shape: the request's shape, e.g. ``{"height": 1024, "width": 1024}``.
+            on_unwarmed: ``"eager"``, ``"fail"`` or ``"compile"`` for this request.
+
+        Raises:
+            IllegalTransitionError: not WarmedUp, or a nested request.
+            InvalidConfigError: a bad argument.
+            UnwarmedShapeError: ``shape`` is not warm and ``on_unwarmed`` is ``"fail"``.
 
         Example::
 

@@ -35,6 +35,20 @@ class PipelineLifecycle:
       one would refuse.
     - ``reset`` is the way back from anything: it resets every member even when one fails, then
       names the ones that failed.
+
+    Args:
+        members: member name -> ``ModuleLifecycle``, in the order they are driven.
+        pipeline: the object the warm-up callable is given (default: the dict of modules).
+
+    Raises:
+        InvalidConfigError: not a mapping, empty, a bad member name, or one lifecycle twice.
+
+    Example::
+
+        plc = PipelineLifecycle({"transformer": lc1, "transformer_2": lc2}, pipeline=pipe)
+        plc.prepare(lambda pipe: pipe(prompt="warm-up", num_inference_steps=4))
+        with plc.request(num_inference_steps=28) as records:
+            image = pipe(prompt="a cat", num_inference_steps=28)
     """
 
     def __init__(self, members: Mapping[str, ModuleLifecycle], *, pipeline: Any = None) -> None:
@@ -92,6 +106,22 @@ class PipelineLifecycle:
         None), and every request starts on a cond call. Without guidance (``guidance_scale``
         <= 1) pass a ``cache_config`` with ``enable_separate_cfg=False``, or the context
         would count two steps as one.
+
+        Args:
+            pipe: a diffusers pipeline with a ``transformer`` (and maybe ``transformer_2``).
+            **lifecycle_kwargs: ``ModuleLifecycle``'s keyword arguments, for every member.
+
+        Raises:
+            InvalidConfigError: the pipeline has no transformer, or a bad lifecycle argument.
+            UnsupportedModuleError: a transformer the lifecycle cannot manage.
+            BackendUnavailableError: the backend's runtime or device is missing.
+
+        Example::
+
+            plc = PipelineLifecycle.from_diffusers(pipe, backend="cuda")
+            plc.prepare(lambda pipe: pipe(prompt="warm-up", num_inference_steps=28))
+            with plc.request(num_inference_steps=28):
+                image = pipe(prompt="a cat", num_inference_steps=28).images[0]
         """
         if "cache_adapter" not in lifecycle_kwargs:
             # The pipeline's class name lets the cache adapter mount families cache-dit
@@ -112,12 +142,22 @@ class PipelineLifecycle:
 
     @property
     def state(self) -> State:
-        """The least advanced member's state."""
+        """The least advanced member's state.
+
+        Example::
+
+            print(plc.state)   # State.LOADED until every member is further
+        """
         return min((m.state for m in self.members.values()), key=PROGRESS.__getitem__)
 
     @property
     def ready(self) -> bool:
-        """True only while every member is ready to serve (see ``ModuleLifecycle.ready``)."""
+        """True only while every member is ready to serve (see ``ModuleLifecycle.ready``).
+
+        Example::
+
+            status = 200 if plc.ready else 503   # a readiness probe
+        """
         return all(m.ready for m in self.members.values())
 
     def _warmup_target(self) -> Any:
@@ -142,11 +182,22 @@ class PipelineLifecycle:
             raise _member_error(member, exc) from exc
 
     def coverage(self) -> dict[str, list[dict[str, Any]]]:
-        """Each member's ``coverage()``, by member name."""
+        """Each member's ``coverage()``, by member name.
+
+        Example::
+
+            rows = plc.coverage()["transformer"]
+        """
         return {name: member.coverage() for name, member in self.members.items()}
 
     def missed_shapes(self) -> list[dict[str, Any]]:
-        """The shapes any member missed and no bucket covers, de-duplicated."""
+        """The shapes any member missed and no bucket covers, de-duplicated.
+
+        Example::
+
+            if plc.missed_shapes():
+                plc.warm_up(run, shapes=plc.missed_shapes())
+        """
         found: dict[str, dict[str, Any]] = {}
         for member in self.members.values():
             for shape in member.missed_shapes():
@@ -155,7 +206,21 @@ class PipelineLifecycle:
 
     def warm_up(self, run: Callable[..., object], shapes: Any = None) -> None:
         """Every member WarmedUp -> WarmedUp together: warm (more) buckets with
-        ``run(pipeline, shape)``, e.g. ``plc.warm_up(run, shapes=plc.missed_shapes())``."""
+        ``run(pipeline, shape)``, e.g. ``plc.warm_up(run, shapes=plc.missed_shapes())``.
+
+        Args:
+            run: the warm-up callable, ``run(pipeline, shape)``.
+            shapes: the serving buckets to warm.
+
+        Raises:
+            InvalidConfigError: ``run`` is not callable, or ``shapes`` is malformed.
+            PipelineError: a member refused or failed (its typed error is the ``__cause__``).
+
+        Example::
+
+            plc.warm_up(lambda pipe, shape: pipe(prompt="warm-up", **shape),
+                        shapes=[{"height": 1024, "width": 1024}])
+        """
         members = list(self.members.values())
         with self._locked(Trigger.WARM_UP):
             planned = walk.check_shapes_audited(members, shapes)
@@ -170,7 +235,22 @@ class PipelineLifecycle:
         ``run(pipeline)`` (``run(dict of modules)`` when built without a pipeline).
 
         Idempotent and thread-safe like ``ModuleLifecycle.prepare`` (the same walk): concurrent
-        callers wait, and all but the first find every member WarmedUp."""
+        callers wait, and all but the first find every member WarmedUp.
+
+        Args:
+            run: the warm-up callable, ``run(pipeline)`` (or ``run(pipeline, shape)`` with ``shapes``).
+            num_inference_steps: the serving step count of every member's cache context.
+            shapes: the declared serving buckets.
+
+        Raises:
+            InvalidConfigError: a bad argument (nothing moved).
+            PipelineError: a member refused or failed (its typed error is the ``__cause__``).
+
+        Example::
+
+            plc.prepare(lambda pipe: pipe(prompt="warm-up", num_inference_steps=28),
+                        num_inference_steps=28)
+        """
         with self._locked(Trigger.WARM_UP):
             walk.prepare(
                 list(self.members.values()), run, self._warmup_target(), num_inference_steps, shapes,
@@ -180,7 +260,14 @@ class PipelineLifecycle:
     async def aprepare(
         self, run: Callable[..., object], num_inference_steps: int | None = None, shapes: Any = None
     ) -> None:
-        """``prepare`` in a worker thread, so an event loop keeps serving meanwhile."""
+        """``prepare`` in a worker thread, so an event loop keeps serving meanwhile.
+
+        Takes ``prepare``'s arguments and raises its errors.
+
+        Example::
+
+            await plc.aprepare(lambda pipe: pipe(prompt="warm-up", num_inference_steps=28))
+        """
         import asyncio
 
         await asyncio.to_thread(self.prepare, run, num_inference_steps, shapes)
@@ -189,7 +276,18 @@ class PipelineLifecycle:
         """A fresh cache context for every member with cache-dit, each staying in its state.
 
         All or none: a member that would refuse (not mounted yet, bad step count) raises
-        before any member is refreshed. A refresh compiles nothing."""
+        before any member is refreshed. A refresh compiles nothing.
+
+        Args:
+            num_inference_steps: the step count of the new contexts (default: as before).
+
+        Raises:
+            PipelineError: a member refused (its typed error is the ``__cause__``); none moved.
+
+        Example::
+
+            plc.refresh(num_inference_steps=50)
+        """
         with self._locked(Trigger.REFRESH):
             cached = [m for m in self.members.values() if m.policy.cache_dit]
             for member in cached:
@@ -206,13 +304,32 @@ class PipelineLifecycle:
 
     def invalidate(self) -> None:
         """Weights changed: every WarmedUp member steps back so the next ``prepare`` warms it
-        again (compiled code is kept). Members that are not warm have nothing to invalidate."""
+        again (compiled code is kept). Members that are not warm have nothing to invalidate.
+
+        Raises:
+            PipelineError: a member refused (inside a request, say).
+
+        Example::
+
+            pipe.fuse_lora()
+            plc.invalidate()
+            plc.prepare(run)
+        """
         with self._locked(Trigger.INVALIDATE):
             self._each(lambda m: m.invalidate() if m.state is State.WARMED_UP else None)
 
     def reset(self) -> None:
         """Every member back to Loaded (unmounted, compiled code dropped), in order. A member
-        that fails does not stop the others; the error names every member that failed."""
+        that fails does not stop the others; the error names every member that failed.
+
+        Raises:
+            PipelineError: one or more members failed (``members`` names them all).
+
+        Example::
+
+            plc.reset()
+            assert plc.state is State.LOADED
+        """
         with self._locked(Trigger.RESET):
             failures: list[tuple[ModuleLifecycle, LifecycleError]] = []
             for member in self.members.values():
@@ -246,6 +363,23 @@ class PipelineLifecycle:
         asked for every member: a pipeline request is served by all members or refused before
         any of them starts one. A member whose start fails takes back the members already
         started (audited ``refused``; it ``failed``), and no body runs.
+
+        Args:
+            num_inference_steps: this request's step count (default: each member's).
+            request_id: the id shared by every member's record (default: a generated one).
+            shape: the request's shape, e.g. ``{"height": 1024, "width": 1024}``.
+            on_unwarmed: ``"eager"``, ``"fail"`` or ``"compile"`` for this request.
+
+        Raises:
+            IllegalTransitionError: a member is not WarmedUp, or a nested request.
+            InvalidConfigError: a bad argument.
+            UnwarmedShapeError: ``shape`` is not warm and ``on_unwarmed`` is ``"fail"``.
+
+        Example::
+
+            with plc.request(num_inference_steps=28, request_id="r-1") as records:
+                image = pipe(prompt="a cat", num_inference_steps=28).images[0]
+            print(records["transformer"].cached_steps)
         """
         with RequestScope(
             list(self.members.values()), steps=num_inference_steps, request_id=request_id, shape=shape,
@@ -254,7 +388,12 @@ class PipelineLifecycle:
             yield dict(zip(self.members, records, strict=True))
 
     def stats(self) -> dict[str, dict[str, Any]]:
-        """Each member's ``stats()``, by member name."""
+        """Each member's ``stats()``, by member name.
+
+        Example::
+
+            print(plc.stats()["transformer"]["compiles"])
+        """
         return {name: member.stats() for name, member in self.members.items()}
 
     def __repr__(self) -> str:

@@ -13,7 +13,12 @@ from functools import cache
 
 
 class State(str, Enum):
-    """Where a module is in its life. Values are the names written to audit logs."""
+    """Where a module is in its life. Values are the names written to audit logs.
+
+    Example:
+        >>> State("WarmedUp") is State.WARMED_UP, str(State.CACHE_MOUNTED)
+        (True, 'CacheMounted')
+    """
 
     LOADED = "Loaded"
     CACHE_MOUNTED = "CacheMounted"
@@ -25,7 +30,12 @@ class State(str, Enum):
 
 
 class Trigger(str, Enum):
-    """What a caller asks for. Values are the method names on ``ModuleLifecycle``."""
+    """What a caller asks for. Values are the method names on ``ModuleLifecycle``.
+
+    Example:
+        >>> Trigger("mount_cache") is Trigger.MOUNT_CACHE, str(Trigger.WARM_UP)
+        (True, 'warm_up')
+    """
 
     MOUNT_CACHE = "mount_cache"
     COMPILE = "compile"
@@ -106,7 +116,13 @@ class LifecyclePolicy:
 
 @dataclass(frozen=True)
 class Transition:
-    """One legal edge of the table: ``trigger`` moves a module from ``source`` to ``dest``."""
+    """One legal edge of the table: ``trigger`` moves a module from ``source`` to ``dest``.
+
+    Example:
+        >>> edge = transitions_for(LifecyclePolicy())[0]
+        >>> edge.trigger.value, edge.source.value, edge.dest.value
+        ('mount_cache', 'Loaded', 'CacheMounted')
+    """
 
     trigger: Trigger
     source: State
@@ -168,6 +184,9 @@ def destination(policy: LifecyclePolicy, source: State, trigger: Trigger) -> Sta
         source: the state the module is in (a ``State`` or its name).
         trigger: the trigger asked for (a ``Trigger`` or its name).
 
+    Raises:
+        ValueError: ``source`` or ``trigger`` is not a state or trigger name.
+
     Example:
         >>> destination(LifecyclePolicy(), State.LOADED, Trigger.COMPILE) is None   # mount first
         True
@@ -187,6 +206,13 @@ def allowed_triggers(policy: LifecyclePolicy, state: State) -> tuple[Trigger, ..
     """Triggers legal in ``state``, in declaration order (what ``ModuleLifecycle.allowed_triggers``
     and every ``IllegalTransitionError`` message list).
 
+    Args:
+        policy: which accelerations apply.
+        state: the state the module is in (a ``State`` or its name).
+
+    Raises:
+        ValueError: ``state`` is not a state name.
+
     Example:
         >>> [t.value for t in allowed_triggers(LifecyclePolicy(), State.LOADED)]
         ['mount_cache', 'reset']
@@ -198,6 +224,11 @@ def allowed_triggers(policy: LifecyclePolicy, state: State) -> tuple[Trigger, ..
 def explain_illegal(policy: LifecyclePolicy, state: State, trigger: Trigger) -> str:
     """Why ``trigger`` is illegal in ``state`` and what to call instead: the reason an
     ``IllegalTransitionError`` gives.
+
+    Args:
+        policy: which accelerations apply.
+        state: the state the module is in.
+        trigger: the illegal trigger.
 
     Example:
         >>> explain_illegal(LifecyclePolicy(), State.WARMED_UP, Trigger.MOUNT_CACHE)[:40]
