@@ -241,10 +241,11 @@ class ModuleLifecycle:
 
     Example::
 
-        lc = ModuleLifecycle(torch.nn.Linear(8, 8), name="head", backend="cpu")
-        lc.prepare(lambda module: module(torch.zeros(1, 8)))
-        with lc.request(request_id="r-1"):
-            lc.module(torch.zeros(1, 8))
+        lc = ModuleLifecycle(pipe.transformer, name="transformer", backend="cuda",
+                             cache_config=cache_dit.DBCacheConfig(), compile_plan=CompilePlan())
+        lc.prepare(lambda module: denoise(module, warmup_inputs, steps=2), num_inference_steps=28)
+        with lc.request(num_inference_steps=28, request_id="r-1"):
+            latents = denoise(lc.module, inputs, steps=28)
     """
 
     def __init__(
