@@ -15,7 +15,13 @@ Outcome = Literal["ok", "refused", "failed"]
 
 class TransitionRecord(NamedTuple):
     """One trigger attempt, as kept in ``ModuleLifecycle.history``. Immutable; a named tuple
-    because one is built per transition (a frozen dataclass costs 3x to construct)."""
+    because one is built per transition (a frozen dataclass costs 3x to construct).
+
+    Example::
+
+        for record in lc.history:
+            print(record.seq, record.trigger, record.source, record.dest, record.outcome)
+    """
 
     seq: int
     trigger: Trigger

@@ -81,7 +81,14 @@ new_request_id = _RequestIds().new
 
 @dataclass
 class RequestRecord:
-    """Yielded by ``request()``; filled in when the block exits."""
+    """Yielded by ``request()``; filled in when the block exits.
+
+    Example::
+
+        with lc.request(num_inference_steps=8) as record:
+            out = pipe(**call)
+        print(record.outcome, record.cached_steps, record.new_graphs, record.duration_ms)
+    """
 
     request_id: str
     num_inference_steps: int | None

@@ -51,7 +51,13 @@ CallAt = Callable[[dict[str, Any] | None], object]
 
 
 class WarmupCoverageWarning(UserWarning):
-    """Warm-up could not reach cache-dit's cached-step branch: the first real request may compile."""
+    """Warm-up could not reach cache-dit's cached-step branch: the first real request may compile.
+
+    Example::
+
+        import warnings
+        warnings.simplefilter("error", WarmupCoverageWarning)  # fail a deploy instead
+    """
 
 
 class MemberWarmup(NamedTuple):

@@ -18,7 +18,16 @@ INITIAL = State.LOADED
 
 def edges(policy: LifecyclePolicy) -> list[tuple[State, State, tuple[str, ...]]]:
     """``(source, dest, triggers)`` for each pair of states joined by a legal transition,
-    in table order, keeping only states a module can reach from Loaded under ``policy``."""
+    in table order, keeping only states a module can reach from Loaded under ``policy``.
+
+    Args:
+        policy: the policy whose table is drawn.
+
+    Example::
+
+        for source, dest, triggers in edges(LifecyclePolicy()):
+            print(source.value, "->", dest.value, triggers)
+    """
     table = transitions_for(policy)
     reachable = _reachable(table)
     grouped: dict[tuple[State, State], list[str]] = {}
@@ -47,6 +56,9 @@ def mermaid(policy: LifecyclePolicy) -> str:
     """A Mermaid ``stateDiagram-v2`` of ``policy``'s legal transitions: what ``python -m
     lifecycle graph`` prints, and the diagram on the docs' concepts page.
 
+    Args:
+        policy: the policy whose table is drawn.
+
     Example:
         >>> print(mermaid(LifecyclePolicy()).splitlines()[4])
             Loaded --> CacheMounted: mount_cache
@@ -64,7 +76,15 @@ def mermaid(policy: LifecyclePolicy) -> str:
 
 def dot(policy: LifecyclePolicy) -> str:
     """A Graphviz DOT digraph of ``policy``'s legal transitions (``graph --format dot``); render it
-    with ``dot -Tsvg``."""
+    with ``dot -Tsvg``.
+
+    Args:
+        policy: the policy whose table is drawn.
+
+    Example::
+
+        Path("lifecycle.dot").write_text(dot(LifecyclePolicy(compile=False)))
+    """
     lines = [
         "digraph lifecycle {",
         f'    label="dit-lifecycle legal transitions, policy {policy}";',
@@ -82,8 +102,16 @@ def dot(policy: LifecyclePolicy) -> str:
 def render(policy: LifecyclePolicy, fmt: str = "mermaid") -> str:
     """The diagram of ``policy`` in ``fmt`` (one of ``FORMATS``: ``"mermaid"``, ``"dot"``).
 
+    Args:
+        policy: the policy whose table is drawn.
+        fmt: ``"mermaid"`` or ``"dot"``.
+
     Raises:
         ValueError: an unknown format.
+
+    Example::
+
+        text = render(LifecyclePolicy(), fmt="dot")
     """
     if fmt == "mermaid":
         return mermaid(policy)

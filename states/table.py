@@ -57,6 +57,13 @@ PROGRESS: dict[State, int] = {
     State.COMPILED: 2,
     State.WARMED_UP: 3,
 }
+"""How far along the path each state is (Loaded 0 ... WarmedUp 3); orders pipeline members.
+
+Example::
+
+    least = min(states, key=PROGRESS.__getitem__)
+    behind = PROGRESS[State.COMPILED] < PROGRESS[State.WARMED_UP]
+"""
 
 
 @dataclass(frozen=True)

@@ -71,7 +71,12 @@ _LOGGER: Any = None
 
 
 def logger() -> Any:
-    """The library's structlog logger (a lazy proxy named ``LOGGER_NAME``)."""
+    """The library's structlog logger (a lazy proxy named ``LOGGER_NAME``).
+
+    Example::
+
+        logger().info("lifecycle.note", module="transformer")
+    """
     global _LOGGER
     if _LOGGER is None:
         import structlog
@@ -82,13 +87,27 @@ def logger() -> Any:
 
 def debug_enabled() -> bool:
     """Whether a debug event would be written, so a caller can skip building one. Loggers
-    without ``is_enabled_for`` (structlog's unfiltered ``BoundLogger``) are taken to write it."""
+    without ``is_enabled_for`` (structlog's unfiltered ``BoundLogger``) are taken to write it.
+
+    Example::
+
+        if debug_enabled():
+            logger().debug(CACHE_REFRESH_EVENT, module="transformer")
+    """
     check = getattr(logger(), "is_enabled_for", None)
     return bool(check(logging.DEBUG)) if callable(check) else True
 
 
 def level_for(outcome: str) -> str:
-    """The log level an event of ``outcome`` is emitted at (unknown outcomes: warning)."""
+    """The log level an event of ``outcome`` is emitted at (unknown outcomes: warning).
+
+    Args:
+        outcome: ``"ok"``, ``"refused"`` or ``"failed"``.
+
+    Example::
+
+        assert level_for("ok") == "info" and level_for("failed") == "error"
+    """
     return _LEVEL_BY_OUTCOME.get(outcome, "warning")
 
 
@@ -96,7 +115,14 @@ def level_for(outcome: str) -> str:
 # fed without a place in the host's structlog chain. A tuple replaced whole on each change, so
 # that ``emit`` reads it without a lock.
 Listener = Callable[[str, Mapping[str, Any]], None]
-"""``listener(event, fields)``: called for every audit event (see ``add_listener``)."""
+"""``listener(event, fields)``: called for every audit event (see ``add_listener``).
+
+Example::
+
+    def count(event: str, fields: Mapping[str, Any]) -> None:
+        counts[event] += 1
+    add_listener(count)
+"""
 _LISTENERS: tuple[Listener, ...] = ()
 _LISTENERS_LOCK = threading.Lock()
 
@@ -107,11 +133,14 @@ def add_listener(listener: Listener) -> None:
     read-only view of the fields, must be quick, and what it raises is ignored (the audit goes
     on).
 
+    Args:
+        listener: called as ``listener(event, fields)``.
+
     Raises:
         TypeError: ``listener`` is not callable.
 
-    Example:
-        ```python
+    Example::
+
         from lifecycle.audit import add_listener, remove_listener
 
         def on_recompile(event, fields):
@@ -121,7 +150,6 @@ def add_listener(listener: Listener) -> None:
         add_listener(on_recompile)
         ...
         remove_listener(on_recompile)
-        ```
     """
     global _LISTENERS
     if not callable(listener):
@@ -132,7 +160,15 @@ def add_listener(listener: Listener) -> None:
 
 
 def remove_listener(listener: Listener) -> None:
-    """Stop calling ``listener`` (idempotent)."""
+    """Stop calling ``listener`` (idempotent).
+
+    Args:
+        listener: a listener given to ``add_listener`` (one never added is ignored).
+
+    Example::
+
+        remove_listener(on_recompile)
+    """
     global _LISTENERS
     with _LISTENERS_LOCK:
         _LISTENERS = tuple(known for known in _LISTENERS if known != listener)
@@ -149,7 +185,20 @@ def _tell_listeners(listeners: tuple[Listener, ...], event: str, fields: dict[st
 
 def emit(event: str, outcome: str, fields: dict[str, Any]) -> None:
     """Send one audit event at the level its outcome deserves, then to the listeners (even when
-    the write raised: the transition it records happened)."""
+    the write raised: the transition it records happened).
+
+    Args:
+        event: the event name, e.g. ``TRANSITION_EVENT``.
+        outcome: ``"ok"``, ``"refused"`` or ``"failed"``; it picks the level (see ``level_for``).
+        fields: the event's keys and values.
+
+    Raises:
+        Exception: whatever the host's structlog processors raise (e.g. ``AuditSinkError``).
+
+    Example::
+
+        emit("lifecycle.note", "ok", {"module": "transformer"})  # an info-level event
+    """
     log = _LOGGER if _LOGGER is not None else logger()
     listeners = _LISTENERS
     try:

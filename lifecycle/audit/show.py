@@ -135,6 +135,18 @@ def write_timeline(path: str | os.PathLike[str], out: TextIO) -> VerifyResult:
     """Write the timeline of ``path`` to ``out``, then the verifier's verdict; return it.
 
     Reads what it can: a bad line stops the timeline there, and the verdict names it.
+
+    Args:
+        path: the JSONL audit file.
+        out: where the text goes.
+
+    Raises:
+        OSError: ``out`` cannot be written (a bad or unreadable audit file is in the verdict).
+
+    Example::
+
+        verdict = write_timeline("audit.jsonl", sys.stdout)
+        sys.exit(0 if verdict.ok else 1)
     """
     blocks: dict[str, _Block] = {}
     try:
@@ -168,7 +180,15 @@ def write_timeline(path: str | os.PathLike[str], out: TextIO) -> VerifyResult:
 
 
 def render_timeline(path: str | os.PathLike[str]) -> str:
-    """The timeline text, then the verifier's verdict on the file (see ``write_timeline``)."""
+    """The timeline text, then the verifier's verdict on the file (see ``write_timeline``).
+
+    Args:
+        path: the JSONL audit file (a bad or unreadable one is named in the verdict).
+
+    Example::
+
+        print(render_timeline("audit.jsonl"))
+    """
     buffer = io.StringIO()
     write_timeline(path, buffer)
     return buffer.getvalue()

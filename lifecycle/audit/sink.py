@@ -22,7 +22,16 @@ _TAIL_SCAN = 1 << 16
 
 
 class AuditSinkError(OSError):
-    """The audit file cannot be opened or written; raised at set-up, not at the first event."""
+    """The audit file cannot be opened or written; raised at set-up, not at the first event.
+    An ``OSError``, so a host's existing handlers catch it.
+
+    Example::
+
+        try:
+            sink = JsonlSink("/read-only/audit.jsonl")
+        except AuditSinkError as exc:
+            sys.exit(f"no audit: {exc}")
+    """
 
 
 def _torn_tail(fd: int) -> int | None:
@@ -65,13 +74,12 @@ class JsonlSink:
         AuditSinkError: the file cannot be opened (at once, so no event is lost later) or,
             later, written.
 
-    Example:
-        ```python
+    Example::
+
         sink = JsonlSink("audit.jsonl")
         structlog.configure(processors=[structlog.contextvars.merge_contextvars,
                                         structlog.processors.TimeStamper(fmt="iso", utc=True),
                                         sink, structlog.processors.JSONRenderer()])
-        ```
     """
 
     def __init__(self, path: str | os.PathLike[str], *, fsync: bool = False, drop: bool = False) -> None:
@@ -214,12 +222,11 @@ def configure_default(
         AuditSinkError: the file cannot be opened (at once, so that no event is lost later).
         ValueError: an unknown level name.
 
-    Example:
-        ```python
+    Example::
+
         sink = configure_default("audit.jsonl", echo=False)
         lc.prepare(run)
         sink.close()
-        ```
     """
     numeric_level = logging.getLevelName(level.upper()) if isinstance(level, str) else level
     if not isinstance(numeric_level, int):

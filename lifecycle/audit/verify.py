@@ -49,7 +49,14 @@ class AuditFormatError(ValueError):
 class VerifyResult:
     """The outcome of replaying one audit file. ``line`` and ``reason`` name the first problem
     (``line`` is 0 when the file itself cannot be read); both are None when the file is clean.
-    ``repaired`` lists torn lines that a later writer's ``lifecycle.audit_resumed`` follows."""
+    ``repaired`` lists torn lines that a later writer's ``lifecycle.audit_resumed`` follows.
+
+    Example::
+
+        result = verify_file("audit.jsonl")
+        if not result.ok:
+            print(result.line, result.reason, result.as_dict())
+    """
 
     file: str
     line: int | None = None
@@ -406,7 +413,19 @@ def _outcome(line: int, event: Mapping[str, Any]) -> audit.Outcome:
 
 # ---------------------------------------------------------------------------- entry points
 def verify_file(path: str | os.PathLike[str]) -> VerifyResult:
-    """Replay one JSONL audit file, streaming; never raises for a bad or unreadable file."""
+    """Replay one JSONL audit file, streaming; never raises for a bad or unreadable file.
+
+    Args:
+        path: the JSONL audit file.
+
+    Returns:
+        The verdict: ``ok``, or the first problem's ``line`` and ``reason`` (line 0: unreadable).
+
+    Example::
+
+        result = verify_file("audit.jsonl")
+        print(result)  # audit.jsonl: OK (12 lifecycle events: ...)
+    """
     name = os.fspath(path)
     replay = Replay()
     repaired: list[int] = []
@@ -433,7 +452,16 @@ def verify_file(path: str | os.PathLike[str]) -> VerifyResult:
 
 
 def verify_files(paths: list[str | os.PathLike[str]]) -> list[VerifyResult]:
-    """``verify_file`` for each path (each replayed on its own)."""
+    """``verify_file`` for each path (each replayed on its own); never raises for a bad file.
+
+    Args:
+        paths: the JSONL audit files, e.g. one per rank.
+
+    Example::
+
+        results = verify_files(["rank0.jsonl", "rank1.jsonl"])
+        assert all(result.ok for result in results)
+    """
     return [verify_file(path) for path in paths]
 
 

@@ -25,13 +25,29 @@ def capture_audit() -> Iterator[AuditEvents]:
 
     Like ``structlog.testing.capture_logs``, it replaces the processors for the duration, so
     events are captured whatever the host configured.
+
+    Example::
+
+        with capture_audit() as events:
+            lc.prepare(run)
+        assert all(e["outcome"] == "ok" for e in events.of("lifecycle.transition"))
     """
     with capture_logs() as logs:
         yield AuditEvents(logs)
 
 
 class AuditEvents(Sequence[MutableMapping[str, Any]]):
-    """A live, read-only view of the captured ``lifecycle.*`` events, oldest first."""
+    """A live, read-only view of the captured ``lifecycle.*`` events, oldest first.
+
+    Args:
+        logs: the list ``structlog.testing.capture_logs`` fills (``capture_audit`` passes it).
+
+    Example::
+
+        with capture_audit() as events:
+            lc.prepare(run)
+        print(len(events), events[0]["event"], events[:2])
+    """
 
     def __init__(self, logs: list[MutableMapping[str, Any]]) -> None:
         self._logs = logs
@@ -52,7 +68,16 @@ class AuditEvents(Sequence[MutableMapping[str, Any]]):
         return len(self._events())
 
     def of(self, event: str, module: str | None = None) -> list[MutableMapping[str, Any]]:
-        """Events named ``event`` (e.g. "lifecycle.transition"), optionally of one module."""
+        """Events named ``event`` (e.g. "lifecycle.transition"), optionally of one module.
+
+        Args:
+            event: the event name.
+            module: the module name to keep; None keeps every module's events.
+
+        Example::
+
+            requests = events.of("lifecycle.request", module="transformer")
+        """
         return [
             e for e in self._events()
             if e["event"] == event and (module is None or e.get("module") == module)
@@ -60,7 +85,15 @@ class AuditEvents(Sequence[MutableMapping[str, Any]]):
 
 
 class NoopBackend(BackendAdapter):
-    """A backend that compiles nothing and counts calls: the lifecycle's own cost, isolated."""
+    """A backend that compiles nothing and counts calls: the lifecycle's own cost, isolated.
+
+    Example::
+
+        backend = NoopBackend()
+        lc = ModuleLifecycle(tiny_flux(), backend=backend, cache_adapter=NoopCache())
+        lc.prepare(denoiser(flux_inputs(), steps=4))
+        print(backend.compiles, backend.decompiles)
+    """
 
     name = "noop"
     device_type = "cpu"
@@ -97,7 +130,15 @@ class NoopBackend(BackendAdapter):
 
 class NoopCache:
     """A cache adapter that mounts nothing but keeps the mounted flag and counts refreshes.
-    Implements ``adapters.protocols.CacheAdapter`` structurally (no base class)."""
+    Implements ``adapters.protocols.CacheAdapter`` structurally (no base class).
+
+    Example::
+
+        cache = NoopCache()
+        lc = ModuleLifecycle(tiny_flux(), backend=NoopBackend(), cache_adapter=cache)
+        lc.prepare(denoiser(flux_inputs(), steps=4))
+        print(cache.refreshes, cache.mounted)
+    """
 
     name = "noop-cache"
 

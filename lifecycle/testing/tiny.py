@@ -13,7 +13,13 @@ from torch import nn
 
 @dataclass(frozen=True)
 class FluxShape:
-    """A Flux-architecture transformer's size and one request's token counts."""
+    """A Flux-architecture transformer's size and one request's token counts.
+
+    Example::
+
+        shape = FluxShape(num_layers=1, num_single_layers=1)
+        module = tiny_flux(shape)
+    """
 
     num_layers: int = 2
     num_single_layers: int = 2
@@ -28,7 +34,17 @@ class FluxShape:
 
 def flux_architecture(double_blocks: int, single_blocks: int) -> FluxShape:
     """FLUX.1's widths (hidden 3072 = 24 heads x 128, T5 4096, CLIP 768, 64 latent channels,
-    4096 image + 512 text tokens) with fewer blocks: the GPU benchmarks' model."""
+    4096 image + 512 text tokens) with fewer blocks: the GPU benchmarks' model.
+
+    Args:
+        double_blocks: the number of double-stream (joint) blocks.
+        single_blocks: the number of single-stream blocks.
+
+    Example::
+
+        shape = flux_architecture(2, 4)
+        module = tiny_flux(shape, dtype=torch.bfloat16).to("cuda")
+    """
     return FluxShape(
         num_layers=double_blocks,
         num_single_layers=single_blocks,
@@ -53,7 +69,21 @@ def _rope_axes(head_dim: int) -> tuple[int, int, int]:
 def tiny_flux(
     shape: FluxShape = FluxShape(), *, seed: int = 0, dtype: torch.dtype = torch.float32
 ) -> nn.Module:
-    """A ``diffusers.FluxTransformer2DModel`` with random weights, in eval mode."""
+    """A ``diffusers.FluxTransformer2DModel`` with random weights, in eval mode.
+
+    Args:
+        shape: the transformer's size.
+        seed: the ``torch.manual_seed`` the weights are drawn under.
+        dtype: the weights' dtype.
+
+    Raises:
+        ImportError: diffusers is not installed.
+
+    Example::
+
+        module = tiny_flux()
+        out = denoise(module, flux_inputs(), steps=4)
+    """
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(seed)
@@ -73,7 +103,13 @@ def tiny_flux(
 
 @dataclass
 class FluxInputs:
-    """One request's conditioning and starting latents."""
+    """One request's conditioning and starting latents (made by ``flux_inputs``).
+
+    Example::
+
+        inputs = flux_inputs(seed=3)
+        latents = denoise(tiny_flux(), inputs, steps=4)
+    """
 
     latents: torch.Tensor
     text: torch.Tensor
@@ -86,6 +122,19 @@ def flux_inputs(
     shape: FluxShape = FluxShape(), *, seed: int = 1, device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> FluxInputs:
+    """Seeded random conditioning and latents for one request of a transformer of ``shape``.
+
+    Args:
+        shape: the transformer's size and the request's token counts.
+        seed: the seed of the generator the tensors are drawn from.
+        device: where the tensors go.
+        dtype: the tensors' dtype.
+
+    Example::
+
+        inputs = flux_inputs(FluxShape(), seed=1)
+        latents = denoise(tiny_flux(), inputs, steps=4)
+    """
     generator = torch.Generator().manual_seed(seed)
 
     def randn(*size: int) -> torch.Tensor:
@@ -101,7 +150,20 @@ def flux_inputs(
 
 
 def denoise(module: nn.Module, inputs: FluxInputs, steps: int) -> torch.Tensor:
-    """A flow-matching Euler loop: ``steps`` transformer calls, as a sampler would make them."""
+    """A flow-matching Euler loop: ``steps`` transformer calls, as a sampler would make them.
+
+    Args:
+        module: the transformer (a ``FluxTransformer2DModel`` or the lifecycle's ``module``).
+        inputs: the request's conditioning and starting latents.
+        steps: the number of transformer calls.
+
+    Returns:
+        The final latents.
+
+    Example::
+
+        latents = denoise(tiny_flux(), flux_inputs(), steps=8)
+    """
     latents = inputs.latents.clone()
     with torch.no_grad():
         for index in range(steps):
@@ -121,12 +183,35 @@ def denoise(module: nn.Module, inputs: FluxInputs, steps: int) -> torch.Tensor:
 
 
 def denoiser(inputs: FluxInputs, steps: int) -> Callable[[nn.Module], Any]:
-    """``run(module)`` for ``warm_up``/``prepare``: one ``steps``-step request."""
+    """``run(module)`` for ``warm_up``/``prepare``: one ``steps``-step request.
+
+    Args:
+        inputs: the request's conditioning and starting latents.
+        steps: the number of transformer calls per run.
+
+    Example::
+
+        run = denoiser(flux_inputs(), steps=8)
+        lc.prepare(run)
+    """
     return lambda module: denoise(module, inputs, steps)
 
 
 def demo_cache_config(num_inference_steps: int | None = None, threshold: float = 0.3) -> Any:
-    """A DBCache config under which a tiny Flux caches some steps (F1B0, short warm-up)."""
+    """A DBCache config under which a tiny Flux caches some steps (F1B0, short warm-up).
+
+    Args:
+        num_inference_steps: the steps per request, when known (for a step-aware schedule).
+        threshold: the residual-difference threshold below which a step is cached.
+
+    Raises:
+        ImportError: cache-dit is not installed.
+
+    Example::
+
+        config = demo_cache_config(num_inference_steps=8)
+        print(CacheDitAdapter().describe_config(config))
+    """
     from adapters import CacheDitAdapter
 
     return CacheDitAdapter().make_config(

@@ -25,7 +25,13 @@ _FLUX_SHAPE = FluxShape()
 
 @dataclass(frozen=True)
 class WanShape:
-    """A tiny Wan transformer and one request's video size."""
+    """A tiny Wan transformer and one request's video size.
+
+    Example::
+
+        shape = WanShape(num_layers=1, frames=9)
+        pipe = tiny_wan22_pipeline(shape)
+    """
 
     num_layers: int = 2
     num_attention_heads: int = 2
@@ -41,6 +47,19 @@ def tiny_flux_pipeline(shape: FluxShape = _FLUX_SHAPE, *, seed: int = 0) -> Any:
     """A ``diffusers.FluxPipeline``: tiny Flux transformer, tiny VAE, no text encoders.
 
     The VAE packs 2x2 latent patches of 4 channels, so the transformer's in_channels must be 16.
+
+    Args:
+        shape: the transformer's size.
+        seed: the seed of the transformer's weights (the VAE's is ``seed + 1``).
+
+    Raises:
+        ValueError: ``shape.in_channels`` is not 16.
+        ImportError: diffusers is not installed.
+
+    Example::
+
+        pipe = tiny_flux_pipeline()
+        images = pipeline_output(pipe(**flux_call(steps=4)))
     """
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
 
@@ -82,6 +101,20 @@ def flux_call(
     """Keyword arguments of one ``FluxPipeline`` call: fixed embeddings and a seeded generator.
 
     ``size`` 32 with the tiny VAE (scale 2) gives 16x16 latents, packed into 64 image tokens.
+
+    Args:
+        shape: the transformer's size (the embeddings' widths and text length).
+        steps: ``num_inference_steps``.
+        seed: the seed of the embeddings (the call's generator gets ``seed + 1``).
+        size: the image's height and width in pixels.
+        output_type: the pipeline's ``output_type``.
+        device: where the embeddings go.
+        dtype: the embeddings' dtype.
+
+    Example::
+
+        pipe = tiny_flux_pipeline()
+        images = pipeline_output(pipe(**flux_call(steps=4, seed=2)))
     """
     generator = torch.Generator().manual_seed(seed)
     return {
@@ -99,7 +132,19 @@ def flux_call(
 
 
 def tiny_wan_transformer(shape: WanShape = WanShape(), *, seed: int = 0) -> torch.nn.Module:
-    """A ``diffusers.WanTransformer3DModel`` with random weights, in eval mode."""
+    """A ``diffusers.WanTransformer3DModel`` with random weights, in eval mode.
+
+    Args:
+        shape: the transformer's size.
+        seed: the ``torch.manual_seed`` the weights are drawn under.
+
+    Raises:
+        ImportError: diffusers is not installed.
+
+    Example::
+
+        module = tiny_wan_transformer(WanShape(num_layers=1))
+    """
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(seed)
@@ -122,7 +167,20 @@ def tiny_wan_transformer(shape: WanShape = WanShape(), *, seed: int = 0) -> torc
 
 def tiny_wan22_pipeline(shape: WanShape = WanShape(), *, seed: int = 0) -> Any:
     """A Wan 2.2-style ``diffusers.WanPipeline``: two tiny transformers (different weights),
-    ``boundary_ratio=0.875``, a tiny ``AutoencoderKLWan``, no text encoder."""
+    ``boundary_ratio=0.875``, a tiny ``AutoencoderKLWan``, no text encoder.
+
+    Args:
+        shape: the transformers' size.
+        seed: the first transformer's seed (the second's is ``seed + 1``, the VAE's ``seed + 2``).
+
+    Raises:
+        ImportError: diffusers is not installed.
+
+    Example::
+
+        pipe = tiny_wan22_pipeline()
+        frames = pipeline_output(pipe(**wan_call(steps=4)))
+    """
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
 
     transformer = tiny_wan_transformer(shape, seed=seed)
@@ -153,7 +211,22 @@ def wan_call(
     output_type: str = "pt", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
 ) -> dict[str, Any]:
     """Keyword arguments of one ``WanPipeline`` call. With ``guidance_scale > 1`` (classifier-free
-    guidance) each step calls the step's transformer twice: conditional, then unconditional."""
+    guidance) each step calls the step's transformer twice: conditional, then unconditional.
+
+    Args:
+        shape: the transformer's text width and length, and the video's size.
+        steps: ``num_inference_steps``.
+        seed: the seed of the embeddings (the call's generator gets ``seed + 1``).
+        guidance_scale: the classifier-free guidance scale.
+        output_type: the pipeline's ``output_type``.
+        device: where the embeddings go.
+        dtype: the embeddings' dtype.
+
+    Example::
+
+        pipe = tiny_wan22_pipeline()
+        frames = pipeline_output(pipe(**wan_call(steps=4, guidance_scale=1.0)))
+    """
     generator = torch.Generator().manual_seed(seed)
     text = (1, shape.text_tokens, shape.text_dim)
     return {
@@ -170,6 +243,17 @@ def wan_call(
 
 
 def pipeline_output(result: Any) -> torch.Tensor:
-    """The images (Flux) or frames (Wan) of a pipeline call, as one tensor."""
+    """The images (Flux) or frames (Wan) of a pipeline call, as one tensor.
+
+    Args:
+        result: what the pipeline call returned (a ``FluxPipelineOutput`` or ``WanPipelineOutput``).
+
+    Raises:
+        AttributeError: ``result`` has neither ``images`` nor ``frames``.
+
+    Example::
+
+        images = pipeline_output(tiny_flux_pipeline()(**flux_call(steps=4)))
+    """
     output = result.images if hasattr(result, "images") else result.frames
     return output if isinstance(output, torch.Tensor) else torch.as_tensor(output)
