@@ -19,7 +19,14 @@ from adapters.reproducible import audit_fields, torch_compile_kwargs, validate_r
 
 
 def dynamo_graph_count() -> int:
-    """Graphs dynamo has compiled in this process (torch's own counter, shared by all backends)."""
+    """Graphs dynamo has compiled in this process (torch's own counter, shared by all backends).
+
+    Example::
+
+        before = dynamo_graph_count()
+        compiled(x)
+        new_graphs = dynamo_graph_count() - before     # 0 once warm
+    """
     return internals.graph_count()
 
 
@@ -39,6 +46,13 @@ class BackendAdapter(ABC):
     ``options`` are torch.compile's own keyword arguments (never rewritten: an adapter applies
     its defaults to a copy); how to compile (whole model or blocks, ahead of time, reproducible)
     comes as a ``CompilePlanLike``.
+
+    Example::
+
+        adapter = get_backend("cpu")
+        options = adapter.validate_options({"backend": "aot_eager"})
+        adapter.compile(module, options, CompilePlan())
+        adapter.decompile(module)      # eager again
     """
 
     name: ClassVar[str]
@@ -47,23 +61,57 @@ class BackendAdapter(ABC):
     @classmethod
     @abstractmethod
     def is_available(cls) -> bool:
-        """Whether the runtime and a device are present (cheap, never raises)."""
+        """Whether the runtime and a device are present (cheap, never raises).
+
+        Example::
+
+            CudaAdapter.is_available()     # False on a machine without a GPU
+        """
 
     @abstractmethod
     def ensure_available(self) -> None:
-        """Raise ``BackendUnavailable`` saying what to install or attach, if not available."""
+        """Raise ``BackendUnavailable`` saying what to install or attach, if not available.
+
+        Raises:
+            BackendUnavailable: the runtime or the device is missing.
+
+        Example::
+
+            CudaAdapter().ensure_available()     # raises on a CPU build of torch
+        """
 
     @abstractmethod
     def validate_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         """Check torch.compile's arguments before any work; return them as the adapter will
         use them (a copy, its defaults applied; the caller's mapping is never changed).
 
-        Raises ``InvalidOptions`` naming the bad key and the accepted ones.
+        Args:
+            options: torch.compile's keyword arguments (``mode``, ``fullgraph``, ``backend``, ...).
+
+        Raises:
+            InvalidOptions: an unknown key or a bad value; names the accepted ones.
+
+        Example::
+
+            CpuAdapter().validate_options({"fullgraph": True})
+            # {"backend": "inductor", "fullgraph": True}
         """
 
     def validate_plan(self, plan: CompilePlanLike, options: Mapping[str, Any]) -> None:
         """Refuse a plan this backend cannot run (``InvalidOptions`` naming the fix). The
-        default runs whole-model and per-block compiles, not ahead-of-time ones."""
+        default runs whole-model and per-block compiles, not ahead-of-time ones.
+
+        Args:
+            plan: how to compile (``lifecycle.CompilePlan``).
+            options: the validated options.
+
+        Raises:
+            InvalidOptions: the plan needs what this backend lacks.
+
+        Example::
+
+            NpuAdapter().validate_plan(CompilePlan(scope="blocks", ahead_of_time=True), {})  # raises
+        """
         if plan.ahead_of_time:
             raise InvalidOptions(
                 f"backend {self.name!r} does not compile ahead of time; use "
@@ -72,35 +120,94 @@ class BackendAdapter(ABC):
 
     @abstractmethod
     def compile(self, module: nn.Module, options: Mapping[str, Any], plan: CompilePlanLike) -> None:
-        """Compile ``module`` in place with validated ``options``, as ``plan`` says."""
+        """Compile ``module`` in place with validated ``options``, as ``plan`` says.
+
+        Args:
+            module: the ``nn.Module`` to compile; the host's reference stays valid.
+            options: what ``validate_options`` returned.
+            plan: how to compile (``lifecycle.CompilePlan``).
+
+        Example::
+
+            adapter.compile(module, adapter.validate_options({}), CompilePlan(scope="blocks"))
+        """
 
     @abstractmethod
     def decompile(self, module: nn.Module) -> None:
-        """Drop what ``compile`` installed; the module runs eagerly again."""
+        """Drop what ``compile`` installed; the module runs eagerly again.
+
+        Args:
+            module: a module ``compile`` compiled (anything else is left as it is).
+
+        Example::
+
+            adapter.decompile(module)
+        """
 
     @abstractmethod
     def synchronize(self) -> None:
-        """Wait for queued device work, so that timings mean something."""
+        """Wait for queued device work, so that timings mean something.
+
+        Example::
+
+            start = time.perf_counter()
+            module(x)
+            adapter.synchronize()
+            seconds = time.perf_counter() - start
+        """
 
     def validate_for_module(
         self, module: nn.Module, options: Mapping[str, Any], plan: CompilePlanLike
     ) -> None:
         """Check validated ``options`` and ``plan`` against the module itself, at construction
-        (e.g. compiling blocks needs repeated blocks). Raises ``InvalidOptions``; the default
-        accepts all."""
+        (e.g. compiling blocks needs repeated blocks). The default accepts all.
+
+        Args:
+            module: the module the lifecycle will compile.
+            options: the validated options.
+            plan: how to compile (``lifecycle.CompilePlan``).
+
+        Raises:
+            InvalidOptions: the module cannot be compiled as asked.
+
+        Example::
+
+            adapter.validate_for_module(transformer, options, CompilePlan(scope="blocks"))
+        """
         return None
 
     def graph_count(self) -> int:
-        """Monotonic count of graphs compiled in this process; its deltas count recompiles."""
+        """Monotonic count of graphs compiled in this process; its deltas count recompiles.
+
+        Example::
+
+            before = adapter.graph_count()
+            module(x)
+            recompiled = adapter.graph_count() > before
+        """
         return dynamo_graph_count()
 
     def describe(self) -> dict[str, Any]:
-        """What the audit records about this backend."""
+        """What the audit records about this backend.
+
+        Example::
+
+            get_backend("cpu").describe()["backend"]     # "cpu"
+        """
         return {"backend": self.name, "device_type": self.device_type}
 
     def reproducibility(self, plan: CompilePlanLike, options: Mapping[str, Any]) -> dict[str, Any] | None:
         """What the compile transition's audit records about ``reproducible=True`` (None: off or
-        not supported by this backend)."""
+        not supported by this backend).
+
+        Args:
+            plan: how to compile (``lifecycle.CompilePlan``).
+            options: the validated options.
+
+        Example::
+
+            adapter.reproducibility(CompilePlan(reproducible=True), options)
+        """
         return None
 
 
@@ -123,13 +230,27 @@ class TorchCompileAdapter(BackendAdapter):
     ``decompile`` (``_compiled_call_impl = None``) returns exactly the eager module. A
     ``torch.compile(module)`` wrapper would be a new object the pipeline does not reference, and
     compiling ``module.forward`` would capture the forward of the moment, missing cache-dit's.
+
+    Subclasses set ``name`` and ``device_type`` and implement ``is_available`` and
+    ``synchronize``.
+
+    Example::
+
+        adapter = CpuAdapter()      # a TorchCompileAdapter
+        adapter.compile(module, adapter.validate_options({"backend": "aot_eager"}), CompilePlan())
+        module(x)                   # the host's own object, compiled in place
     """
 
     default_backend: ClassVar[str] = "inductor"
     modes: ClassVar[tuple[str, ...]] = INDUCTOR_MODES
 
     def accepted_keys(self) -> frozenset[str]:
-        """The compile_options keys this backend takes (torch.compile's own)."""
+        """The compile_options keys this backend takes (torch.compile's own).
+
+        Example::
+
+            "fullgraph" in CpuAdapter().accepted_keys()     # True
+        """
         return TORCH_COMPILE_KEYS
 
     def validate_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
@@ -190,7 +311,16 @@ class TorchCompileAdapter(BackendAdapter):
             check_regional_module(module)
 
     def torch_options(self, options: Mapping[str, Any], plan: CompilePlanLike) -> dict[str, Any]:
-        """torch.compile's keyword arguments for this compile (a new dict)."""
+        """torch.compile's keyword arguments for this compile (a new dict).
+
+        Args:
+            options: the validated options.
+            plan: how to compile; ``reproducible`` adds inductor's deterministic settings.
+
+        Example::
+
+            adapter.torch_options(adapter.validate_options({}), CompilePlan())
+        """
         return torch_compile_kwargs(options, reproducible=plan.reproducible)
 
     def compile(self, module: nn.Module, options: Mapping[str, Any], plan: CompilePlanLike) -> None:

@@ -20,7 +20,21 @@ from adapters.errors import InvalidOptions, UnsupportedForCache
 
 @dataclass(frozen=True)
 class CacheSummary:
-    """What cache-dit did in the current context."""
+    """What cache-dit did in the current context.
+
+    Args:
+        cached_steps: steps served from the cache.
+        executed_steps: steps the transformer computed.
+        cached_step_indices: which steps were served from the cache.
+        cfg_cached_steps: cached steps of the separate CFG branch.
+        contexts: how many cache contexts the module has.
+        config: the live config, as plain data.
+
+    Example::
+
+        summary = CacheDitAdapter().summary(pipe.transformer)
+        print(summary.cached_steps, summary.executed_steps)
+    """
 
     cached_steps: int = 0
     executed_steps: int = 0
@@ -30,7 +44,12 @@ class CacheSummary:
     config: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        """The summary as plain data (what ``stats()["cache"]`` shows)."""
+        """The summary as plain data (what ``stats()["cache"]`` shows).
+
+        Example::
+
+            CacheSummary(cached_steps=3).as_dict()["cached_steps"]     # 3
+        """
         return dataclasses.asdict(self)
 
 
@@ -117,6 +136,15 @@ class CacheDitAdapter:
     name (StableDiffusion3 for ``SD3Transformer2DModel``), so a transformer no adapter matches by
     its own class name is mounted through the adapter registered for its pipeline.
     ``PipelineLifecycle.from_diffusers`` passes it.
+
+    Args:
+        pipeline_class: the diffusers pipeline's class name; None to match by the module alone.
+
+    Example::
+
+        cache = CacheDitAdapter(pipeline_class="StableDiffusion3Pipeline")
+        config = cache.validate_config(cache.make_config(residual_diff_threshold=0.12))
+        lc = ModuleLifecycle(pipe.transformer, cache_adapter=cache, cache_config=config)
     """
 
     name = "cache-dit"
@@ -154,19 +182,51 @@ class CacheDitAdapter:
         return factory(FakeDiffusionPipeline(module), **kwargs)
 
     def version(self) -> str:
-        """The installed cache-dit's version (part of the compile-artifact key)."""
+        """The installed cache-dit's version (part of the compile-artifact key).
+
+        Example::
+
+            CacheDitAdapter().version()     # cache_dit.__version__
+        """
         return str(getattr(_cache_dit(), "__version__", "unknown"))
 
     def default_config(self) -> Any:
-        """``cache_dit.DBCacheConfig()``: the config a lifecycle built with ``cache_config=None`` uses."""
+        """``cache_dit.DBCacheConfig()``: the config a lifecycle built with ``cache_config=None`` uses.
+
+        Example::
+
+            config = CacheDitAdapter().default_config()
+        """
         return _cache_dit().DBCacheConfig()
 
     def make_config(self, **fields: Any) -> Any:
-        """A ``cache_dit.DBCacheConfig`` with ``fields`` (for hosts that do not import cache-dit)."""
+        """A ``cache_dit.DBCacheConfig`` with ``fields`` (for hosts that do not import cache-dit).
+
+        Args:
+            **fields: ``DBCacheConfig``'s own fields (``Fn_compute_blocks``, ...).
+
+        Raises:
+            TypeError: a field ``DBCacheConfig`` does not have.
+
+        Example::
+
+            config = CacheDitAdapter().make_config(Fn_compute_blocks=8, residual_diff_threshold=0.12)
+        """
         return _cache_dit().DBCacheConfig(**fields)
 
     def validate_config(self, config: Any) -> Any:
-        """Return a private copy of ``config``; refuse anything that is not a DBCacheConfig."""
+        """Return a private copy of ``config``; refuse anything that is not a DBCacheConfig.
+
+        Args:
+            config: a ``cache_dit.DBCacheConfig``; None for ``default_config()``.
+
+        Raises:
+            InvalidOptions: not a cache-dit config, a field of the wrong type, or a bad step count.
+
+        Example::
+
+            config = CacheDitAdapter().validate_config(cache_dit.DBCacheConfig())
+        """
         cache_dit = _cache_dit()
         if config is None:
             return self.default_config()
@@ -184,7 +244,19 @@ class CacheDitAdapter:
 
     def validate_for_module(self, module: nn.Module, config: Any) -> None:
         """Refuse, at construction, a config whose ``Fn_compute_blocks + Bn_compute_blocks``
-        exceed a block list of the module (cache-dit asserts only during the first call)."""
+        exceed a block list of the module (cache-dit asserts only during the first call).
+
+        Args:
+            module: the transformer.
+            config: the validated config.
+
+        Raises:
+            InvalidOptions: ``Fn_compute_blocks + Bn_compute_blocks`` exceed a block list.
+
+        Example::
+
+            cache.validate_for_module(pipe.transformer, cache.make_config(Fn_compute_blocks=8))
+        """
         fn = getattr(config, "Fn_compute_blocks", 0) or 0
         bn = getattr(config, "Bn_compute_blocks", 0) or 0
         lists = {
@@ -202,7 +274,18 @@ class CacheDitAdapter:
 
     def check_supported(self, module: nn.Module) -> None:
         """Refuse, before anything is installed, a module cache-dit cannot wrap: no registered
-        adapter matches it (nor its pipeline), or the matching adapter rejects its structure."""
+        adapter matches it (nor its pipeline), or the matching adapter rejects its structure.
+
+        Args:
+            module: the transformer.
+
+        Raises:
+            UnsupportedForCache: cache-dit cannot wrap it; the message names the way out.
+
+        Example::
+
+            CacheDitAdapter().check_supported(pipe.transformer)
+        """
         way_out = (
             "describe its blocks with cache_dit.BlockAdapter(transformer=..., blocks=..., "
             "forward_pattern=...) and mount that, or use LifecyclePolicy(cache_dit=False)"
@@ -222,15 +305,32 @@ class CacheDitAdapter:
             ) from exc
 
     def is_mounted(self, module: nn.Module) -> bool:
-        """Whether cache-dit is mounted on ``module`` (by this adapter or by the host)."""
+        """Whether cache-dit is mounted on ``module`` (by this adapter or by the host).
+
+        Args:
+            module: the transformer.
+
+        Example::
+
+            CacheDitAdapter().is_mounted(pipe.transformer)     # False before mount()
+        """
         return bool(getattr(module, "_is_cached", False))
 
     def mount(self, module: nn.Module, config: Any) -> None:
         """Mount DBCache on ``module`` with a private copy of ``config``; cache-dit replaces
         ``forward`` on the instance. A mount that fails leaves nothing installed.
 
+        Args:
+            module: the transformer.
+            config: a validated ``DBCacheConfig`` (copied).
+
         Raises:
             UnsupportedForCache: cache-dit has no adapter for the module's family.
+
+        Example::
+
+            cache = CacheDitAdapter()
+            cache.mount(pipe.transformer, cache.default_config())
         """
         self.check_supported(module)
         prefix, by_module = self._registered(module) or ("", True)
@@ -249,7 +349,17 @@ class CacheDitAdapter:
             raise
 
     def refresh(self, module: nn.Module, config: Any, num_inference_steps: int | None = None) -> None:
-        """A fresh context from ``config`` (never cache-dit's defaults), optionally re-stepped."""
+        """A fresh context from ``config`` (never cache-dit's defaults), optionally re-stepped.
+
+        Args:
+            module: a mounted transformer.
+            config: the config the context takes (copied).
+            num_inference_steps: the request's step count; None keeps the config's.
+
+        Example::
+
+            cache.refresh(pipe.transformer, config, num_inference_steps=28)
+        """
         fresh = copy.deepcopy(config)
         if num_inference_steps is not None:
             fresh.num_inference_steps = num_inference_steps
@@ -261,7 +371,18 @@ class CacheDitAdapter:
         _cache_dit().refresh_context(module, cache_config=fresh)
 
     def refresh_for_warmup(self, module: nn.Module, config: Any) -> None:
-        """A context steered so that any warm-up reaches the cached-step branch."""
+        """A context steered so that any warm-up reaches the cached-step branch.
+
+        Args:
+            module: a mounted transformer.
+            config: the user's config; its ``Fn``/``Bn`` blocks are kept.
+
+        Example::
+
+            cache.refresh_for_warmup(pipe.transformer, config)
+            pipe(prompt, num_inference_steps=4)
+            cache.warmup_covered(pipe.transformer)     # True
+        """
         steered = copy.deepcopy(config)
         for key, value in _WARMUP_STEERING.items():
             if hasattr(steered, key):
@@ -274,7 +395,15 @@ class CacheDitAdapter:
 
     def unmount(self, module: nn.Module) -> None:
         """Remove cache-dit's hooks and restore every ``forward`` it or its patch functors
-        replaced: the module then runs exactly as before the mount."""
+        replaced: the module then runs exactly as before the mount.
+
+        Args:
+            module: the transformer (not mounted: nothing happens).
+
+        Example::
+
+            cache.unmount(pipe.transformer)
+        """
         if hasattr(module, "_original_forward") or self.is_mounted(module):
             _cache_dit().disable_cache(module)
         # cache-dit restores forward as an instance attribute; drop it so the class's forward
@@ -296,6 +425,13 @@ class CacheDitAdapter:
         cache-dit's own ``summary()`` shows stats it copies onto the module only when an
         inference of ``num_inference_steps`` ends; a request of another length, or a steered
         warm-up, never gets there. The live contexts always know.
+
+        Args:
+            module: the transformer; not mounted: an empty ``CacheSummary``.
+
+        Example::
+
+            cache.summary(pipe.transformer).cached_steps
         """
         contexts = self._contexts(module) if self.is_mounted(module) else []
         if not contexts:
@@ -311,12 +447,28 @@ class CacheDitAdapter:
         )
 
     def warmup_covered(self, module: nn.Module) -> bool:
-        """Whether the steered context has run the cached branch and computed after it."""
+        """Whether the steered context has run the cached branch and computed after it.
+
+        Args:
+            module: the transformer, after a warm-up under ``refresh_for_warmup``.
+
+        Example::
+
+            covered = cache.warmup_covered(pipe.transformer)
+        """
         summary = self.summary(module)
         return summary.cached_steps >= 1 and summary.executed_steps >= WARMUP_STEPS_TO_COVER
 
     def describe_config(self, config: Any) -> dict[str, Any]:
-        """``config`` as plain data for the audit (the mount event's ``cache_config``)."""
+        """``config`` as plain data for the audit (the mount event's ``cache_config``).
+
+        Args:
+            config: a ``DBCacheConfig``.
+
+        Example::
+
+            cache.describe_config(cache.default_config())["residual_diff_threshold"]
+        """
         return _config_summary(config)
 
 

@@ -14,7 +14,13 @@ from adapters.base import TorchCompileAdapter
 class CpuAdapter(TorchCompileAdapter):
     """``backend="cpu"``: torch.compile on the host CPU. Always available. Inductor compiles C++
     here, slowly on a small machine; ``compile_options={"backend": "aot_eager"}`` compiles the same
-    graphs in seconds (what the tests, the demo and the docs' examples use)."""
+    graphs in seconds (what the tests, the demo and the docs' examples use).
+
+    Example::
+
+        lc = ModuleLifecycle(transformer, backend="cpu", compile_options={"backend": "aot_eager"})
+        CpuAdapter().describe()     # {"backend": "cpu", "device_type": "cpu", "torch": ..., "threads": ...}
+    """
 
     name = "cpu"
     device_type = "cpu"

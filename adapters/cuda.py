@@ -26,7 +26,13 @@ from adapters.errors import BackendUnavailable
 class CudaAdapter(TorchCompileAdapter):
     """``backend="cuda"``: torch.compile with inductor on an NVIDIA GPU (``compile_options`` as the
     module docstring lists). ``ensure_available`` raises ``BackendUnavailable`` naming what is
-    missing: a CUDA build of torch, or a visible GPU."""
+    missing: a CUDA build of torch, or a visible GPU.
+
+    Example::
+
+        lc = ModuleLifecycle(pipe.transformer, backend="cuda",
+                             compile_options={"mode": "max-autotune-no-cudagraphs", "fullgraph": True})
+    """
 
     name = "cuda"
     device_type = "cuda"

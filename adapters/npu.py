@@ -104,7 +104,14 @@ class NpuAdapter(TorchCompileAdapter):
     """``backend="npu"``: torch.compile through torchair's NPU backend on an Ascend NPU
     (torch_npu and torchair, from Ascend's CANN stack, imported only when this backend is used).
     ``ensure_available`` raises ``BackendUnavailable`` naming the missing packages.
-    ``CompilePlan(ahead_of_time=True)`` is refused here."""
+    ``CompilePlan(ahead_of_time=True)`` is refused here.
+
+    Example::
+
+        if NpuAdapter.is_available():
+            lc = ModuleLifecycle(pipe.transformer, backend="npu")
+        NpuAdapter.missing_packages()     # e.g. ["torch_npu", "torchair"] off Ascend
+    """
 
     name = "npu"
     device_type = "npu"
@@ -112,6 +119,12 @@ class NpuAdapter(TorchCompileAdapter):
 
     @classmethod
     def missing_packages(cls) -> list[str]:
+        """The packages of ``REQUIRED_PACKAGES`` (torch_npu, torchair) not installed here.
+
+        Example::
+
+            NpuAdapter.missing_packages()     # [] on an Ascend host with CANN's stack
+        """
         missing = []
         for name in REQUIRED_PACKAGES:
             try:

@@ -57,19 +57,22 @@ def register_backend(name: str, factory: AdapterFactory, *, replace: bool = Fals
     """Make ``factory`` (a ``BackendAdapter`` subclass or a callable returning an instance)
     available as ``backend=name``. ``replace=True`` overrides an existing name, built-ins too.
 
+    Args:
+        name: the name ``backend=`` will take; not ``"auto"``.
+        factory: a ``BackendAdapter`` subclass, or a callable returning an instance.
+        replace: override a name already registered (built-ins included).
+
     Raises:
         ValueError: an empty name, ``"auto"``, or a name already registered without ``replace``.
         TypeError: ``factory`` is not callable.
 
-    Example:
-        ```python
-        class MyAdapter(TorchCompileAdapter):
+    Example::
+
+        class MyAdapter(CudaAdapter):
             name = "mine"
-            device_type = "cuda"
 
         register_backend("mine", MyAdapter)
         lc = ModuleLifecycle(transformer, backend="mine")
-        ```
     """
     if not isinstance(name, str) or not name or name == "auto":
         raise ValueError(f"backend name must be a non-empty str other than 'auto', got {name!r}")
@@ -139,7 +142,13 @@ def _load_entry_points() -> None:
 
 
 def backend_names() -> list[str]:
-    """Every name ``get_backend`` accepts, besides "auto"."""
+    """Every name ``get_backend`` accepts, besides "auto" (sorted; entry points are read on the
+    first call).
+
+    Example::
+
+        backend_names()     # ["cpu", "cuda", "npu"], plus any registered or plugged in
+    """
     _load_entry_points()
     with _lock:
         return sorted(set(_BUILTINS) | set(_factories) | set(_entry_point_factories))
@@ -175,10 +184,10 @@ def get_backend(backend: str | BackendAdapter = "auto") -> BackendAdapter:
         BackendUnavailable: the named backend's runtime or device is missing; says what to install.
         InvalidOptions: an unknown name, or an object that is not a ``BackendAdapter``.
 
-    Example:
-        ```python
+    Example::
+
         get_backend("auto").name     # "cuda" on a GPU machine, "cpu" elsewhere
-        ```
+        get_backend("cpu").describe()
     """
     if isinstance(backend, BackendAdapter):
         backend.ensure_available()

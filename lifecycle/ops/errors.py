@@ -6,7 +6,15 @@ from lifecycle.errors import InvalidConfigError, LifecycleError
 
 
 class OpsError(LifecycleError):
-    """Base of the errors of ``lifecycle.ops`` (metrics and the HTTP endpoint)."""
+    """Base of the errors of ``lifecycle.ops`` (metrics and the HTTP endpoint).
+
+    Example::
+
+        try:
+            handle = serve(lc, port=9464)
+        except OpsError as exc:   # PortInUseError, or an address it may not bind
+            print(f"no probes: {exc}")
+    """
 
 
 class MetricsAlreadyRegisteredError(OpsError, ValueError):
@@ -14,15 +22,37 @@ class MetricsAlreadyRegisteredError(OpsError, ValueError):
 
     Reuse the ``LifecycleMetrics`` already attached to it, pass a fresh
     ``prometheus_client.CollectorRegistry()``, or call ``.unregister()`` on the old one first.
+
+    Example::
+
+        registry = prometheus_client.CollectorRegistry()
+        metrics = LifecycleMetrics(registry)
+        LifecycleMetrics(registry)     # raises MetricsAlreadyRegisteredError
+        metrics.unregister()           # now another one may register
     """
 
 
 class PortInUseError(OpsError, OSError):
-    """The HTTP endpoint cannot listen on the address asked for (another process holds it)."""
+    """The HTTP endpoint cannot listen on the address asked for (another process holds it).
+
+    Example::
+
+        try:
+            handle = serve(lc, port=9464)
+        except PortInUseError:
+            handle = serve(lc, port=0)     # any free port; handle.port says which
+    """
 
 
 class ServerStoppedError(OpsError):
-    """The handle's server was stopped; call ``serve(...)`` again for a new one."""
+    """The handle's server was stopped; call ``serve(...)`` again for a new one.
+
+    Example::
+
+        handle = serve(lc, port=0)
+        handle.stop()
+        handle.watch(other_lc)     # raises ServerStoppedError
+    """
 
 
 __all__ = [

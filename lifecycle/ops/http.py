@@ -72,6 +72,19 @@ class Lifecycles:
     Built from one lifecycle, a sequence of them (named by ``.name``; a pipeline is
     ``"pipeline"``), or a mapping of name to lifecycle. Two with one name raise
     ``InvalidConfigError``: pass a mapping to name them.
+
+    Args:
+        lifecycles: a lifecycle or pipeline, a list of them, a mapping of name to lifecycle, or
+            another ``Lifecycles`` (copied).
+
+    Raises:
+        InvalidConfigError: something that is not a lifecycle, or two lifecycles with one name.
+
+    Example::
+
+        probes = Lifecycles({"flux": flux_lc, "sd3": sd3_lc})
+        probes.add(vae_lc, name="vae")
+        sorted(probes)     # ["flux", "sd3", "vae"]
     """
 
     def __init__(self, lifecycles: Any = ()) -> None:
@@ -91,6 +104,15 @@ class Lifecycles:
     def add(self, lifecycle: Any, name: str | None = None) -> None:
         """Answer for ``lifecycle`` too, under ``name`` (default: its own name).
 
+        Args:
+            lifecycle: a ``ModuleLifecycle`` or ``PipelineLifecycle``.
+            name: the name the probes use; None for ``lifecycle.name``.
+
+        Example::
+
+            probes.add(lc)                    # under lc.name
+            probes.add(other, name="refiner")
+
         Raises:
             InvalidConfigError: not a lifecycle, an empty name, or a name another lifecycle has.
         """
@@ -107,7 +129,13 @@ class Lifecycles:
             self._by_name[key] = lifecycle
 
     def snapshot(self) -> dict[str, Any]:
-        """The lifecycles by name, as of now (a copy)."""
+        """The lifecycles by name, as of now (a copy).
+
+        Example::
+
+            for name, lc in probes.snapshot().items():
+                print(name, lc.state)
+        """
         with self._lock:
             return dict(self._by_name)
 
@@ -128,18 +156,39 @@ def _as_lifecycles(lifecycles: Any) -> Lifecycles:
 # ---------------------------------------------------------------------------- plain functions
 @dataclass(frozen=True)
 class Health:
-    """A probe's answer: HTTP status and JSON body."""
+    """A probe's answer: HTTP status and JSON body.
+
+    Args:
+        status: the HTTP status (200, 503 or 404).
+        body: the JSON body, as a dict.
+
+    Example::
+
+        health = health_ready(lc)
+        if not health.ok:
+            print(health.status, health.body["models"])
+    """
 
     status: int
     body: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        """Whether the probe passed (status 200)."""
+        """Whether the probe passed (status 200).
+
+        Example::
+
+            assert health_live().ok
+        """
         return self.status == 200
 
     def json(self) -> bytes:
-        """The body as the HTTP response sends it: sorted-key JSON and a newline."""
+        """The body as the HTTP response sends it: sorted-key JSON and a newline.
+
+        Example::
+
+            health_live().json()     # b'{"live": true}\\n'
+        """
         return json.dumps(self.body, sort_keys=True).encode() + b"\n"
 
 
@@ -158,13 +207,33 @@ def _describe(lifecycle: Any) -> dict[str, Any]:
 
 
 def health_live() -> Health:
-    """Liveness: 200 while the process answers; it never looks at any lifecycle."""
+    """Liveness: 200 while the process answers; it never looks at any lifecycle.
+
+    Example::
+
+        health = health_live()
+        assert health.status == 200 and health.body == {"live": True}
+    """
     return Health(200, {"live": True})
 
 
 def health_ready(lifecycles: Any) -> Health:
     """Readiness: 200 when every lifecycle is ready, else 503; the body has every state.
-    With no lifecycle at all it is 503 (nothing warm to serve yet)."""
+    With no lifecycle at all it is 503 (nothing warm to serve yet).
+
+    Args:
+        lifecycles: a lifecycle or pipeline, a list of them, a mapping of name to lifecycle, or a
+            ``Lifecycles``.
+
+    Raises:
+        InvalidConfigError: something that is not a lifecycle, or two lifecycles with one name.
+
+    Example::
+
+        health = health_ready([flux_lc, sd3_lc])
+        health.status                         # 200 once both are warm, else 503
+        health.body["models"]["flux"]["state"]
+    """
     models = {name: _describe(lc) for name, lc in _as_lifecycles(lifecycles).snapshot().items()}
     ready = bool(models) and all(entry["ready"] for entry in models.values())
     body: dict[str, Any] = {"ready": ready, "models": models}
@@ -174,7 +243,20 @@ def health_ready(lifecycles: Any) -> Health:
 
 
 def model_ready(lifecycles: Any, name: str) -> Health:
-    """One lifecycle's readiness by name (or one pipeline member's); 404 for a name not served."""
+    """One lifecycle's readiness by name (or one pipeline member's); 404 for a name not served.
+
+    Args:
+        lifecycles: what the probes answer for, as ``health_ready`` takes it.
+        name: a lifecycle's name, or the name of a pipeline's member.
+
+    Raises:
+        InvalidConfigError: something that is not a lifecycle, or two lifecycles with one name.
+
+    Example::
+
+        model_ready(plc, "transformer").status     # 200 ready, 503 not yet
+        model_ready(plc, "nope").status            # 404
+    """
     snapshot = _as_lifecycles(lifecycles).snapshot()
     found = snapshot.get(name)
     if found is None:
@@ -204,7 +286,19 @@ def _health(health: Health) -> Response:
 
 
 def metrics_text(registry: CollectorRegistry | None = None) -> tuple[bytes, str]:
-    """The Prometheus text exposition of ``registry`` (default: the global one) and its type."""
+    """The Prometheus text exposition of ``registry`` (default: the global one) and its type.
+
+    Args:
+        registry: a ``prometheus_client.CollectorRegistry``; None for the global ``REGISTRY``.
+
+    Raises:
+        ImportError: ``prometheus_client`` is not installed (the ``ops`` extra).
+
+    Example::
+
+        body, content_type = metrics_text(registry)
+        assert b"dit_lifecycle_state" in body     # once a LifecycleMetrics is on registry
+    """
     from prometheus_client import REGISTRY, generate_latest
     from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -214,7 +308,21 @@ def metrics_text(registry: CollectorRegistry | None = None) -> tuple[bytes, str]
 class OpsApp:
     """The routes, independent of any server: ``handle(method, target)`` -> ``Response`` for a
     raw request target, ``route(method, path)`` for a path already percent-decoded (what WSGI
-    and ASGI servers pass)."""
+    and ASGI servers pass).
+
+    Args:
+        lifecycles: what the probes answer for, as ``Lifecycles`` takes it.
+        registry: the registry ``/metrics`` exposes; None for the global one.
+
+    Raises:
+        InvalidConfigError: ``registry`` is not a ``CollectorRegistry``, or a bad ``lifecycles``.
+
+    Example::
+
+        app = OpsApp(lc)
+        response = app.handle("GET", "/v2/models/transformer/ready")
+        response.status, response.body     # 503 and the JSON body until lc is warm
+    """
 
     def __init__(self, lifecycles: Any = (), registry: CollectorRegistry | None = None) -> None:
         if registry is not None:
@@ -228,11 +336,30 @@ class OpsApp:
         self.registry = registry
 
     def handle(self, method: str, target: str) -> Response:
-        """Answer a raw request target (``/v2/models/flux%20dev/ready?x=1``)."""
+        """Answer a raw request target (``/v2/models/flux%20dev/ready?x=1``).
+
+        Args:
+            method: the HTTP method; GET and HEAD are answered, others get 405.
+            target: the request target as sent: percent-encoded, query and fragment ignored.
+
+        Example::
+
+            app.handle("GET", "/v2/models/flux%20dev/ready").status
+        """
         return self.route(method, unquote(target.split("?", 1)[0].split("#", 1)[0]))
 
     def route(self, method: str, path: str) -> Response:
-        """Answer a decoded path (a model name may hold any character, ``?`` included)."""
+        """Answer a decoded path (a model name may hold any character, ``?`` included).
+
+        Args:
+            method: the HTTP method; GET and HEAD are answered, others get 405.
+            path: the percent-decoded path; an unknown one gets 404.
+
+        Example::
+
+            app.route("GET", "/health/ready").status     # 200 or 503
+            app.route("POST", "/health/live").status     # 405
+        """
         if len(path) > 1:
             path = path.rstrip("/")
         if method not in ("GET", "HEAD"):
@@ -259,7 +386,17 @@ class OpsApp:
 
     # -- WSGI (PEP 3333)
     def wsgi(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        """The app as a WSGI callable (PEP 3333); ``make_wsgi_app`` returns it."""
+        """The app as a WSGI callable (PEP 3333); ``make_wsgi_app`` returns it.
+
+        Args:
+            environ: the WSGI environ (``REQUEST_METHOD`` and ``PATH_INFO`` are read).
+            start_response: the server's ``start_response``.
+
+        Example::
+
+            from wsgiref.simple_server import make_server
+            make_server("127.0.0.1", 9464, OpsApp(lc).wsgi).serve_forever()
+        """
         method = str(environ.get("REQUEST_METHOD", "GET"))
         response = self.route(method, str(environ.get("PATH_INFO", "/")) or "/")
         status = f"{response.status} {HTTPStatus(response.status).phrase}"
@@ -276,6 +413,16 @@ class OpsApp:
         send: Callable[[dict[str, Any]], Awaitable[None]],
     ) -> None:
         """The app as an ASGI 3 callable (HTTP and lifespan); ``make_asgi_app`` returns it.
+
+        Args:
+            scope: the ASGI connection scope.
+            receive: the server's ``receive`` awaitable.
+            send: the server's ``send`` awaitable.
+
+        Example::
+
+            import uvicorn
+            uvicorn.run(OpsApp(lc).asgi, port=9464)
 
         Raises:
             ValueError: a scope other than ``http`` or ``lifespan`` (a websocket).
@@ -300,12 +447,38 @@ class OpsApp:
 
 
 def make_wsgi_app(lifecycles: Any = (), registry: CollectorRegistry | None = None) -> Callable[..., Any]:
-    """A WSGI app with the routes above, to mount in a host's own server."""
+    """A WSGI app with the routes above, to mount in a host's own server.
+
+    Args:
+        lifecycles: what the probes answer for, as ``Lifecycles`` takes it.
+        registry: the registry ``/metrics`` exposes; None for the global one.
+
+    Raises:
+        InvalidConfigError: ``registry`` is not a ``CollectorRegistry``, or a bad ``lifecycles``.
+
+    Example::
+
+        from wsgiref.simple_server import make_server
+        make_server("0.0.0.0", 9464, make_wsgi_app(plc)).serve_forever()
+    """
     return OpsApp(lifecycles, registry).wsgi
 
 
 def make_asgi_app(lifecycles: Any = (), registry: CollectorRegistry | None = None) -> Callable[..., Any]:
-    """An ASGI 3 app with the routes above (e.g. ``app.mount("/", make_asgi_app(plc))``)."""
+    """An ASGI 3 app with the routes above (e.g. ``app.mount("/", make_asgi_app(plc))``).
+
+    Args:
+        lifecycles: what the probes answer for, as ``Lifecycles`` takes it.
+        registry: the registry ``/metrics`` exposes; None for the global one.
+
+    Raises:
+        InvalidConfigError: ``registry`` is not a ``CollectorRegistry``, or a bad ``lifecycles``.
+
+    Example::
+
+        import uvicorn
+        uvicorn.run(make_asgi_app(plc), host="0.0.0.0", port=9464)
+    """
     return OpsApp(lifecycles, registry).asgi
 
 
@@ -396,7 +569,15 @@ class _Server(ThreadingHTTPServer):
 
 class OpsServer:
     """A running endpoint: ``url``, ``host``, ``port`` (the real one when 0 was asked for),
-    ``thread``; ``stop()`` shuts it down and joins the thread. A context manager too."""
+    ``thread``; ``stop()`` shuts it down and joins the thread. A context manager too.
+    ``serve(...)`` builds it; it is not built directly.
+
+    Example::
+
+        with serve(lc, port=0) as handle:
+            print(handle.urls()["ready"])
+            handle.watch(other_lc)
+    """
 
     def __init__(self, server: _Server, thread: threading.Thread) -> None:
         self._server = server
@@ -409,22 +590,42 @@ class OpsServer:
 
     @property
     def app(self) -> OpsApp:
-        """The routes this server answers with."""
+        """The routes this server answers with.
+
+        Example::
+
+            handle.app.route("GET", "/health/live").status     # 200
+        """
         return self._server.app
 
     @property
     def lifecycles(self) -> Lifecycles:
-        """The lifecycles the probes answer for (``watch`` adds one)."""
+        """The lifecycles the probes answer for (``watch`` adds one).
+
+        Example::
+
+            sorted(handle.lifecycles)     # ["transformer"]
+        """
         return self._server.app.lifecycles
 
     @property
     def url(self) -> str:
-        """``http://host:port``, with the real port when 0 was asked for."""
+        """``http://host:port``, with the real port when 0 was asked for.
+
+        Example::
+
+            serve(lc, port=0).url     # e.g. "http://127.0.0.1:40123"
+        """
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
     def urls(self) -> dict[str, str]:
-        """The probe and metrics URLs, for printing."""
+        """The probe and metrics URLs, for printing.
+
+        Example::
+
+            handle.urls()["metrics"]     # "http://127.0.0.1:9464/metrics"
+        """
         return {
             "live": self.url + LIVE_PATHS[0],
             "ready": self.url + READY_PATHS[0],
@@ -433,18 +634,51 @@ class OpsServer:
 
     @property
     def running(self) -> bool:
-        """Whether the server still answers (``stop()`` not called, its thread alive)."""
+        """Whether the server still answers (``stop()`` not called, its thread alive).
+
+        Example::
+
+            handle.stop()
+            assert not handle.running
+        """
         return not self._stopped and self.thread.is_alive()
 
     def watch(self, lifecycle: Any, name: str | None = None) -> None:
-        """Answer for one more lifecycle from now on (e.g. one built after the server started)."""
+        """Answer for one more lifecycle from now on (e.g. one built after the server started).
+
+        Args:
+            lifecycle: a ``ModuleLifecycle`` or ``PipelineLifecycle``.
+            name: the name the probes use; None for ``lifecycle.name``.
+
+        Raises:
+            ServerStoppedError: ``stop()`` was called.
+            InvalidConfigError: not a lifecycle, or a name another lifecycle has.
+
+        Example::
+
+            handle = serve(port=9464)      # up before any model is loaded
+            handle.watch(lc)               # ready once lc is warm
+        """
         if self._stopped:
             raise ServerStoppedError(f"the server at {self.url} is stopped; call serve(...) again")
         self.lifecycles.add(lifecycle, name=name)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop serving, cut the open connections, close the socket and join the threads, all
-        within about ``timeout`` seconds (idempotent)."""
+        within about ``timeout`` seconds (idempotent).
+
+        Args:
+            timeout: seconds to wait for the server's threads.
+
+        Raises:
+            OpsError: the server's thread did not end within ``timeout``.
+
+        Example::
+
+            handle = serve(lc, port=0)
+            handle.stop()
+            assert not handle.running
+        """
         deadline = time.monotonic() + timeout
         with self._stop_lock:
             if self._stopped:
@@ -526,12 +760,11 @@ def serve(
         OpsError: the address cannot be bound for another reason (a privileged port).
         InvalidConfigError: a bad argument.
 
-    Example:
-        ```python
+    Example::
+
         handle = serve(plc, port=9464, host="0.0.0.0")
         print(handle.urls())     # live, ready, metrics
         handle.stop()
-        ```
     """
     port = _check_port(port)
     host = _check_host(host)

@@ -52,7 +52,17 @@ _STATES: Final = tuple(state.value for state in State)
 
 def policy_label(policy: Any) -> str:
     """A LifecyclePolicy (or its audit dict) as one bounded label: ``cache_dit+compile``,
-    ``cache_dit``, ``compile`` or ``none``."""
+    ``cache_dit``, ``compile`` or ``none`` (``unknown`` for anything else; it never raises).
+
+    Args:
+        policy: a ``LifecyclePolicy``, or a mapping with ``cache_dit`` and ``compile`` keys.
+
+    Example::
+
+        policy_label(LifecyclePolicy(cache_dit=True, compile=True))   # "cache_dit+compile"
+        policy_label({"cache_dit": False, "compile": True})           # "compile"
+        policy_label(None)                                            # "unknown"
+    """
     if isinstance(policy, Mapping):
         cache_dit, compiled = bool(policy.get("cache_dit")), bool(policy.get("compile"))
     elif hasattr(policy, "cache_dit") and hasattr(policy, "compile"):
@@ -97,14 +107,13 @@ class LifecycleMetrics:
         MetricsAlreadyRegisteredError: the registry already has the ``dit_lifecycle_*`` metrics.
         InvalidConfigError: ``registry`` is not a ``CollectorRegistry``.
 
-    Example:
-        ```python
+    Example::
+
         from lifecycle.ops import LifecycleMetrics, serve
 
         metrics = LifecycleMetrics().attach()   # every audit event from now on
         metrics.watch(lc)                       # show the module before its first event
         handle = serve(lc, port=9464)           # /metrics, /health/live, /health/ready
-        ```
     """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
@@ -198,7 +207,13 @@ class LifecycleMetrics:
             done.append(collector)
 
     def unregister(self) -> None:
-        """Take the metrics off the registry (idempotent); the processor keeps counting privately."""
+        """Take the metrics off the registry (idempotent); the processor keeps counting privately.
+
+        Example::
+
+            metrics.detach()
+            metrics.unregister()     # a new LifecycleMetrics may register on the registry now
+        """
         for collector in self._collectors:
             try:
                 self.registry.unregister(collector)
@@ -230,6 +245,13 @@ class LifecycleMetrics:
         The metrics listen to the library's audit (``audit.add_listener``): the host's logging,
         structlog's configuration included, stays as the host set it. Hosts that build their own
         structlog chain may put the instance in it instead.
+
+        Returns:
+            This instance, for chaining.
+
+        Example::
+
+            metrics = LifecycleMetrics(registry).attach()
         """
         with self._lock:
             self._attached = True
@@ -237,14 +259,34 @@ class LifecycleMetrics:
         return self
 
     def detach(self) -> None:
-        """Stop listening to the audit (idempotent)."""
+        """Stop listening to the audit (idempotent); the metrics stay on the registry.
+
+        Example::
+
+            metrics = LifecycleMetrics().attach()
+            metrics.detach()     # events from now on are not counted
+        """
         remove_listener(self._listen)
         with self._lock:
             self._attached = False
 
     def watch(self, *lifecycles: Any) -> LifecycleMetrics:
         """Show modules that have had no event yet: their current state and info. A
-        ``PipelineLifecycle`` (anything with ``members``) counts as its members."""
+        ``PipelineLifecycle`` (anything with ``members``) counts as its members.
+
+        Args:
+            *lifecycles: ``ModuleLifecycle`` or ``PipelineLifecycle`` instances.
+
+        Returns:
+            This instance, for chaining.
+
+        Raises:
+            InvalidConfigError: an argument that is neither.
+
+        Example::
+
+            metrics = LifecycleMetrics().attach().watch(plc)
+        """
         for lc in _modules(lifecycles):
             name = str(lc.name)
             self._set_state(name, State(lc.state).value)
@@ -269,7 +311,18 @@ class LifecycleMetrics:
 
     # ------------------------------------------------------------------ events
     def observe(self, event: str, fields: Mapping[str, Any]) -> None:
-        """Account for one audit event (what the processor does; public for a host's own hook)."""
+        """Account for one audit event (what the processor does; public for a host's own hook).
+
+        Args:
+            event: the audit event's name (``"lifecycle.request"``, ``"lifecycle.transition"``, ...);
+                other names are ignored.
+            fields: the event's fields (``module``, ``outcome``, ``duration_ms``, ...).
+
+        Example::
+
+            metrics.observe("lifecycle.request",
+                            {"module": "transformer", "outcome": "ok", "duration_ms": 840})
+        """
         module = str(fields.get("module", "unknown"))
         if event == TRANSITION_EVENT:
             self._transition(module, fields)
