@@ -157,10 +157,10 @@ def compile_in_place(target: nn.Module, owner: nn.Module, torch_options: dict[st
 
 
 @contextmanager
-def eager_for(owner: nn.Module) -> Iterator[None]:
-    """Inside the block, ``owner``'s compiled calls (its own and its blocks') run eagerly, in
-    this thread or task only."""
-    token = _EAGER.set(_EAGER.get() | {id(owner)})
+def eager_for(*owners: nn.Module) -> Iterator[None]:
+    """Inside the block, the ``owners``' compiled calls (their own and their blocks') run
+    eagerly, in this thread or task only."""
+    token = _EAGER.set(_EAGER.get() | {id(owner) for owner in owners})
     try:
         yield
     finally:

@@ -135,29 +135,11 @@ def probe_signature(
         raise _Probed(input_signature(args, kwargs))
 
     try:
-        with guard_calls(module, stop), _all_eager(eager):
+        with guard_calls(module, stop), internals.eager_for(*eager):
             call()
     except _Probed as probed:
         return probed.signature
     return None
-
-
-class _all_eager:
-    __slots__ = ("_contexts", "modules")
-
-    def __init__(self, modules: list[nn.Module]) -> None:
-        self.modules = modules
-        self._contexts: list[Any] = []
-
-    def __enter__(self) -> None:
-        for module in self.modules:
-            context = internals.eager_for(module)
-            context.__enter__()
-            self._contexts.append(context)
-
-    def __exit__(self, *exc: object) -> None:
-        while self._contexts:
-            self._contexts.pop().__exit__(None, None, None)
 
 
 def shared_dims(signatures: list[Signature]) -> SharedDims:

@@ -321,7 +321,7 @@ def _timed_call(
     started = time.perf_counter()
     with _BucketRun(members, dims, steer=False):
         if eager:
-            with _EagerAll(members):
+            with internals.eager_for(*(member.module for member in members)):
                 call()
         else:
             call()
@@ -331,24 +331,6 @@ def _timed_call(
     for member in members:
         member._context.fresh()
     return seconds, graphs
-
-
-class _EagerAll:
-    __slots__ = ("_contexts", "members")
-
-    def __init__(self, members: Sequence[Member]) -> None:
-        self.members = members
-        self._contexts: list[Any] = []
-
-    def __enter__(self) -> None:
-        for member in self.members:
-            context = internals.eager_for(member.module)
-            context.__enter__()
-            self._contexts.append(context)
-
-    def __exit__(self, *exc: object) -> None:
-        while self._contexts:
-            self._contexts.pop().__exit__(None, None, None)
 
 
 def _settle(
