@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from functools import cache
 from typing import Any
@@ -115,6 +115,24 @@ def eager_call(module: nn.Module) -> Callable[..., Any]:
     return call
 
 
+def wrap_call(module: nn.Module, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> tuple[
+    Callable[..., Any] | None, Callable[..., Any]
+]:
+    """Make ``wrap(inner)`` what ``module`` runs, where ``inner`` is what it runs now (its compiled
+    call, else its eager one). Returns (the slot's previous value, the wrapper) for
+    ``unwrap_call``. One call: every request and warm-up bucket wraps its modules."""
+    previous: Callable[..., Any] | None = getattr(module, SLOT, None)
+    wrapper = wrap(previous if previous is not None else module._call_impl)
+    object.__setattr__(module, SLOT, wrapper)
+    return previous, wrapper
+
+
+def unwrap_call(module: nn.Module, wrapper: Callable[..., Any], previous: Callable[..., Any] | None) -> None:
+    """Undo ``wrap_call``, unless something replaced ``wrapper`` meanwhile (then that stays)."""
+    if getattr(module, SLOT, None) is wrapper:
+        object.__setattr__(module, SLOT, previous)
+
+
 def is_compiled(module: nn.Module) -> bool:
     """Whether the module or any submodule runs a compiled call."""
     return any(compiled_call(sub) is not None for sub in module.modules())
@@ -187,24 +205,24 @@ def fxgraph_cache_misses() -> int:
 
 
 # ---------------------------------------------------------------------------- tracing
-class tracing:
-    """``with tracing(duck_shape=...)``: hold the process's trace lock for a warm-up; with
-    ``duck_shape=False``, duck shaping is off inside and restored before the lock is released.
-    A class, and the switch written only when it changes: every warm-up opens one."""
+class _NoDuckShape:
+    """The trace lock held, duck shaping off inside, restored before the lock is released."""
 
-    __slots__ = ("_previous", "duck_shape")
+    __slots__ = ("_previous",)
 
-    def __init__(self, *, duck_shape: bool = True) -> None:
-        self.duck_shape = duck_shape
+    def __init__(self) -> None:
         self._previous: bool | None = None
 
     def __enter__(self) -> None:
         TRACE_LOCK.acquire()
-        if not self.duck_shape:
+        try:
             import torch.fx.experimental._config as fx_config
 
             self._previous = bool(fx_config.use_duck_shape)
             fx_config.use_duck_shape = False
+        except BaseException:
+            TRACE_LOCK.release()
+            raise
 
     def __exit__(self, *exc: object) -> None:
         try:
@@ -215,6 +233,13 @@ class tracing:
                 self._previous = None
         finally:
             TRACE_LOCK.release()
+
+
+def tracing(*, duck_shape: bool = True) -> AbstractContextManager[Any]:
+    """``with tracing(duck_shape=...)``: hold the process's trace lock for a warm-up; with
+    ``duck_shape=False``, duck shaping is off inside and restored before the lock is released.
+    With duck shaping left on, that is the lock itself (every warm-up opens one)."""
+    return TRACE_LOCK if duck_shape else _NoDuckShape()
 
 
 def duck_shape() -> bool:
@@ -251,4 +276,6 @@ __all__ = [
     "marked_alias",
     "set_compiled_call",
     "tracing",
+    "unwrap_call",
+    "wrap_call",
 ]

@@ -84,33 +84,32 @@ class guard_calls:
 
     def __enter__(self) -> None:
         module = self.module
-        previous = internals.compiled_call(module)
-        inner = previous if previous is not None else internals.eager_call(module)
         before = self.before
         eager_for = internals.eager_for
         trace_lock = internals.TRACE_LOCK
 
-        def guarded(*args: Any, **kwargs: Any) -> Any:
-            decision = before(args, kwargs)
-            if decision is None:
-                return inner(*args, **kwargs)
-            if decision.eager:
-                with eager_for(module):
-                    return inner(*decision.args, **decision.kwargs)
-            if decision.exclusive:
-                with trace_lock:
-                    return inner(*decision.args, **decision.kwargs)
-            return inner(*decision.args, **decision.kwargs)
+        def wrap(inner: Callable[..., Any]) -> Callable[..., Any]:
+            def guarded(*args: Any, **kwargs: Any) -> Any:
+                decision = before(args, kwargs)
+                if decision is None:
+                    return inner(*args, **kwargs)
+                if decision.eager:
+                    with eager_for(module):
+                        return inner(*decision.args, **decision.kwargs)
+                if decision.exclusive:
+                    with trace_lock:
+                        return inner(*decision.args, **decision.kwargs)
+                return inner(*decision.args, **decision.kwargs)
 
-        self._previous, self._guarded = previous, guarded
-        internals.set_compiled_call(module, guarded)
+            return guarded
+
+        self._previous, self._guarded = internals.wrap_call(module, wrap)
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         if self._guarded is not None:
-            if internals.compiled_call(self.module) is self._guarded:
-                internals.set_compiled_call(self.module, self._previous)
+            internals.unwrap_call(self.module, self._guarded, self._previous)
             self._previous = self._guarded = None
 
 

@@ -116,7 +116,7 @@ class BucketWarmup(NamedTuple):
     eager_s: float | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class BucketCoverage:
     """One bucket: what its warm-ups did and how its requests went (written by ``BucketBook``)."""
 
@@ -220,8 +220,8 @@ class BucketBook:
     """One lifecycle's buckets (the plan and its coverage) and misses.
 
     Every field is written by this class's methods alone, under its own lock; readers get
-    copies. ``all_warm`` is a plain attribute recomputed on every change, so a readiness probe
-    reads one value and never iterates a dict another thread is changing.
+    copies. ``all_warm`` and ``any_declared`` are plain attributes recomputed on every change,
+    so a readiness probe reads one value and never iterates a dict another thread is changing.
     """
 
     def __init__(self) -> None:
@@ -232,16 +232,19 @@ class BucketBook:
         # signature -> bucket key, for requests that name no shape
         self._signatures: dict[Any, str] = {}
         self.all_warm = True
+        # Whether any bucket was declared (a warm-up that names none re-warms the plan then).
+        self.any_declared = False
 
     def _recount(self) -> None:
         # Every bucket of the plan warm, the implicit one too once it is part of the plan: a
         # warm-up again after invalidate that skips a bucket served before leaves it cold.
         warm = True
+        declared = False
         for bucket in self._buckets.values():
-            if not bucket.warmed:
-                warm = False
-                break
+            warm = warm and bucket.warmed
+            declared = declared or bucket.shape is not None
         self.all_warm = warm
+        self.any_declared = declared
 
     # the plan
     def declare(self, shapes: Iterable[dict[str, Any] | None]) -> list[str]:
@@ -256,24 +259,16 @@ class BucketBook:
             self._recount()
         return keys
 
-    def plan(self) -> tuple[list[tuple[dict[str, Any] | None, bool]], bool]:
-        """The plan as (shape, warm) pairs in order (None: the implicit bucket) and whether any
-        bucket was declared; one look under the lock (a warm-up again reads it)."""
-        if not self._buckets:  # nothing planned yet: no lock needed to say so
-            return [], False
+    def plan(self) -> list[tuple[dict[str, Any] | None, bool]]:
+        """The plan as (shape, warm) pairs in order (None: the implicit bucket); one look under
+        the lock (a warm-up again reads it)."""
         with self._lock:
-            rows = [(b.shape, b.warmed) for b in self._buckets.values()]
-        declared = any(shape is not None for shape, _ in rows)
-        return rows, declared
+            return [(b.shape, b.warmed) for b in self._buckets.values()]
 
     def declared_shapes(self) -> list[dict[str, Any]]:
         """The declared buckets' shapes (the implicit one is not declared), in order."""
         with self._lock:
             return [dict(b.shape) for b in self._buckets.values() if b.shape is not None]
-
-    def has_declared(self) -> bool:
-        with self._lock:
-            return any(b.shape is not None for b in self._buckets.values())
 
     def has_implicit(self) -> bool:
         with self._lock:

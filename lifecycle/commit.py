@@ -1,8 +1,9 @@
 """When a transition's work is done, who agrees that the state may move: the commit hook.
 
-``ModuleLifecycle`` calls its hook exactly once per trigger attempt, whatever the outcome, after
-the work and before the state moves (refused and failed attempts vote too, so that a peer never
-waits). ``LocalCommit`` agrees at once; ``lifecycle.distributed`` supplies a rank vote.
+``ModuleLifecycle`` calls a hook that ``votes`` exactly once per trigger attempt, whatever the
+outcome, after the work and before the state moves (refused and failed attempts vote too, so
+that a peer never waits). ``LocalCommit`` does not vote: it agrees with every success, so it is
+asked only about failures and refusals; ``lifecycle.distributed`` supplies a rank vote.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ from states import State, Trigger
 
 
 class CommitHook(Protocol):
+    # False: the local outcome is the outcome, and a successful attempt is not put to a vote
+    # (a trigger costs one call less); failed and refused attempts are always told.
+    votes: bool
+
     def audit_fields(self) -> dict[str, Any]:
         """Fields every audit event of this lifecycle carries (e.g. ``rank``, ``world_size``)."""
 
@@ -49,6 +54,8 @@ FIX_HINTS: dict[Trigger, str] = {
 
 class LocalCommit:
     """A single process: the local outcome is the outcome."""
+
+    votes = False
 
     def audit_fields(self) -> dict[str, Any]:
         return {}

@@ -82,6 +82,8 @@ def _describe_failed(failed: Mapping[int, str]) -> str:
 class RankVote:
     """The commit hook of a ``DistributedLifecycle``: one ``all_gather_object`` per attempt."""
 
+    votes = True
+
     def __init__(self, group: Any) -> None:
         self.group = group
         self.rank = dist.get_rank(group)

@@ -76,13 +76,16 @@ def _aborted(event: EventData) -> None:
 # that write them); transitions' logger, and every other machine in the process, stay as the
 # host configured them.
 class _QuietState(MachineState):
-    """A state whose enter and exit run their callbacks without an INFO record each."""
+    """A state whose enter and exit run their callbacks without an INFO record each (and, as
+    the lifecycle's states have none, without a call each)."""
 
     def enter(self, event_data: EventData) -> None:
-        event_data.machine.callbacks(self.on_enter, event_data)
+        if self.on_enter:
+            event_data.machine.callbacks(self.on_enter, event_data)
 
     def exit(self, event_data: EventData) -> None:
-        event_data.machine.callbacks(self.on_exit, event_data)
+        if self.on_exit:
+            event_data.machine.callbacks(self.on_exit, event_data)
 
 
 class _QuietMachine(Machine):

@@ -129,17 +129,20 @@ class TransitionStep:
             lc._check_sharing(trigger)
         self.work(self)
         self.worked = self.voted = True
+        commit = lc._commit
+        if not commit.votes:  # a single process: the local outcome is the outcome
+            return
         if trigger is _RESET:
             # An unmount cannot be undone: commit, then tell the caller what the others did.
             try:
-                failed = lc._commit.agree(lc.name, trigger._value_, self.source, None)
+                failed = commit.agree(lc.name, trigger._value_, self.source, None)
             except BaseException as exc:
                 self.after_error = exc
                 return
             if failed:
-                self.after_error = lc._commit.committed_anyway(lc.name, _LOADED, failed)
+                self.after_error = commit.committed_anyway(lc.name, _LOADED, failed)
             return
-        failed = lc._commit.agree(lc.name, trigger._value_, self.source, None)
+        failed = commit.agree(lc.name, trigger._value_, self.source, None)
         if failed:
             text = "; ".join(f"rank {rank} ({what})" for rank, what in sorted(failed.items()))
             raise PeerFailedError(f"failed on {text}", failed)
@@ -147,7 +150,8 @@ class TransitionStep:
     def committed(self) -> None:
         self.done = True
         lc = self.lc
-        lc._set_unready(None)
+        if lc._unready_for is not None:
+            lc._set_unready(None)
         dest = lc.state
         lost = lc._record(self.trigger, self.source, dest, "ok", self.started, None, self.extra)
         if self.after_error is not None:
@@ -901,14 +905,13 @@ class ModuleLifecycle:
         plan: list[dict[str, Any] | None],
         inner: Callable[[], list[MemberWarmup]],
         index: int,
-    ) -> list[MemberWarmup]:
+    ) -> None:
         """This member's part of a (joint) warm-up: the declared buckets it is asked to warm are
         part of the plan from now on (cold until a warm-up succeeds; the implicit bucket joins the
         plan only when its warm-up did); ``inner`` runs the warm-up (or the next member's
         transition), and its result for this member is applied here."""
-        declared = [shape for shape in plan if shape is not None]
-        if declared:
-            self._book.declare(declared)
+        if plan[0] is not None or len(plan) > 1:
+            self._book.declare([shape for shape in plan if shape is not None])
         if self._aot is not None:
             # Weights replaced since the binding (invalidate after a LoRA fuse, say): the blocks
             # read the new tensors from here on.
@@ -916,10 +919,9 @@ class ModuleLifecycle:
             if rebound:
                 step.extra["aot_rebound_blocks"] = rebound
         results = inner()
-        self._apply_warmup(results[index], step.extra)
-        return results
-
-    def _apply_warmup(self, result: MemberWarmup, extra: dict[str, Any]) -> None:
+        # The warm-up succeeded: its result becomes this lifecycle's.
+        result = results[index]
+        extra = step.extra
         self._book.apply_warmup(result.buckets)
         self._shared_dims = result.shared_dims
         self._covered = result.covered

@@ -59,12 +59,7 @@ class Walker(Member, Protocol):
 
     def _warmup_step(
         self, step: Any, plan: Plan, inner: Callable[[], list[MemberWarmup]], index: int
-    ) -> list[MemberWarmup]: ...
-
-
-def call_target(run: Callable[..., object], target: object) -> CallAt:
-    """The host's warm-up callable, called with ``target`` (a module, a pipeline, a dict)."""
-    return call_at_shape(run, target)
+    ) -> None: ...
 
 
 def check_prepare_arguments(member: Walker, run: object, steps: object) -> LifecycleError | None:
@@ -150,8 +145,14 @@ def warm_together(
                 member._transition(Trigger.WARM_UP, lambda step: None)
             except LifecycleError as exc:
                 _raise(member, exc, on_member)
-    plan: Plan = list(planned) if planned is not None else _rewarm_plan(members[0], run)
-    call_at = call_target(run, target)
+    plan: Plan
+    if planned is not None:
+        plan = list(planned)
+    elif members[0]._book.any_declared:
+        plan = _rewarm_plan(members[0], run)
+    else:
+        plan = [None]  # a plain warm-up (again)
+    call_at = call_at_shape(run, target)
     results: list[MemberWarmup] = []
 
     def work_of(index: int) -> Callable[[Any], None]:
@@ -179,13 +180,12 @@ def warm_together(
 
 
 def _rewarm_plan(member: Walker, run: Callable[..., object]) -> Plan:
-    """A warm-up that names no shapes: the buckets of the plan that are cold (all of them when
-    none is: warm everything again). A declared bucket is warmed with ``run(target, shape)``, the
-    implicit one with ``run(target)``, so the implicit one is left out when ``run`` needs a shape:
-    it stays cold and ``ready`` says so, never a warm-up that fails on the callable's arity."""
-    rows, declared = member._book.plan()
-    if not declared:
-        return [None]  # a plain warm-up (again)
+    """A warm-up that names no shapes, of a lifecycle with declared buckets: the buckets of the
+    plan that are cold (all of them when none is: warm everything again). A declared bucket is
+    warmed with ``run(target, shape)``, the implicit one with ``run(target)``, so the implicit
+    one is left out when ``run`` needs a shape: it stays cold and ``ready`` says so, never a
+    warm-up that fails on the callable's arity."""
+    rows = member._book.plan()
     # Declared buckets first, the implicit one after them (the order a plan was built in).
     rows.sort(key=lambda row: row[0] is None)
     cold: Plan = [shape for shape, warm in rows if not warm]
@@ -213,5 +213,5 @@ def _raise(member: Member, error: LifecycleError, on_member: OnMember | None) ->
 
 
 __all__ = [
-    "Walker", "call_target", "check_prepare_arguments", "check_shapes_audited", "prepare", "warm_together",
+    "Walker", "check_prepare_arguments", "check_shapes_audited", "prepare", "warm_together",
 ]

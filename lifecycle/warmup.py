@@ -209,13 +209,17 @@ def run_warmup(
     transition records it), with every serving context restored."""
     sharing = False
     dims: list[SharedDims] = []
+    per_bucket: list[list[BucketWarmup]] = []
     for member in members:
-        sharing = sharing or member._shares_graphs
-        dims.append(_probe(member, call_at, members) if member._shares_graphs else member._shared_dims)
+        if member._shares_graphs:
+            sharing = True
+            dims.append(_probe(member, call_at, members))
+        else:
+            dims.append(member._shared_dims)
+        per_bucket.append([])
     started = time.perf_counter()
     total_runs = 0
     compiled = 0
-    per_bucket: list[list[BucketWarmup]] = [[] for _ in members]
     with internals.tracing(duck_shape=not sharing):
         for shape in plan:
             key = IMPLICIT_KEY if shape is None else shape_key(shape)
@@ -227,7 +231,7 @@ def run_warmup(
                     _call_warmup(call_at, shape)
                     runs += 1
                     done = [tracker.all_covered() for tracker in seen]
-                    if all(done) or runs >= max_runs:
+                    if runs >= max_runs or False not in done:
                         break
                 warm = [tracker.warm() for tracker in seen]
                 _sync(members)
@@ -235,12 +239,12 @@ def run_warmup(
             graphs = _graphs(members) - graphs_before
             compiled += graphs
             total_runs += runs
-            for member, ok, tracker, signatures, results in zip(
-                members, done, seen, warm, per_bucket, strict=True
-            ):
-                if not ok and key == IMPLICIT_KEY and len(tracker.signatures) > 1:
-                    raise _undeclared_error(member, len(tracker.signatures), len(signatures))
-                results.append(BucketWarmup(key, shape, graphs, seconds, ok, runs, signatures))
+            for index, member in enumerate(members):
+                ok = done[index]
+                signatures = warm[index]
+                if not ok and key == IMPLICIT_KEY and len(seen[index].signatures) > 1:
+                    raise _undeclared_error(member, len(seen[index].signatures), len(signatures))
+                per_bucket[index].append(BucketWarmup(key, shape, graphs, seconds, ok, runs, signatures))
                 if not ok:
                     _warn_uncovered(member, runs)
                 if key != IMPLICIT_KEY:
@@ -250,12 +254,12 @@ def run_warmup(
                         "signatures": len(signatures),
                     })
         settle_runs = 0
-        settle_started = time.perf_counter()
         # Only a warm-up that compiled graphs settles: one that compiled nothing (again after
         # invalidate, every graph already built) left the first request nothing to pay.
         # Ahead-of-time blocks compile no graph, but their packages' first runs still cost: a
         # warm-up that bound them settles too.
         if (compiled or _aot_bound(members)) and any(m.policy.compile for m in members):
+            settle_started = time.perf_counter()
             if any(m.serving.measure_paths for m in members):
                 per_bucket = _measure_paths(members, call_at, per_bucket, dims)
                 settle_runs = 2 * len(plan)
@@ -263,9 +267,10 @@ def run_warmup(
                 for shape, first in zip(plan, per_bucket[0], strict=True):
                     _settle(members, call_at, shape, first.key, dims)
                     settle_runs += 1
-        settle_s = round(time.perf_counter() - settle_started, 6)
+            settle_s = round(time.perf_counter() - settle_started, 6)
     elapsed = time.perf_counter() - started
     out = []
+    declared = bool(plan) and plan[0] is not None
     for results, member_dims in zip(per_bucket, dims, strict=True):
         covered = True
         for result in results:
@@ -274,7 +279,7 @@ def run_warmup(
         if settle_runs:
             fields["settle_runs"] = settle_runs
             fields["settle_s"] = settle_s
-        if plan and plan[0] is not None:
+        if declared:
             fields["buckets"] = [r.key for r in results]
         if len(members) > 1:
             fields["joint_warmup"] = [m.name for m in members]
