@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from lifecycle.buckets import check_shapes
 from lifecycle.errors import InvalidConfigError, LifecycleError
 from lifecycle.member import Member
-from lifecycle.warmup import CallAt, MemberWarmup, call_at_shape, run_warmup
+from lifecycle.warmup import MemberWarmup, call_at_shape, run_warmup
 from states import State, Trigger
 
 Plan = list[dict[str, Any] | None]
