@@ -42,7 +42,9 @@ class OwnerLock:
         self._depth = 0
 
     def acquire(self) -> None:
-        token = owner_token()
+        # owner_token(), inline: every transition and request takes this lock.
+        loop = _get_running_loop()
+        token = (threading.get_ident(), current_task(loop) if loop is not None else None)
         owner = self._owner
         # Only the owner's own thread ever writes a token carrying its thread id, so this read
         # cannot be stale in a way that matters.

@@ -25,12 +25,14 @@ from functools import cache
 from types import MappingProxyType
 from typing import Any, Protocol
 
-from transitions import Event, EventData, Machine, MachineError
+from transitions import EventData, Machine, MachineError
 from transitions import State as MachineState
 
 from states import LifecyclePolicy, State, Trigger, transitions_for
 
-__all__ = ["Attempt", "Events", "MachineError", "StateHolder", "events_for", "fire", "machine_for"]
+__all__ = [
+    "Attempt", "Events", "Firing", "MachineError", "NoEdge", "StateHolder", "events_for", "machine_for",
+]
 
 
 class Attempt(Protocol):
@@ -121,24 +123,39 @@ def machine_for(policy: LifecyclePolicy) -> Machine:
     )
 
 
-Events = Mapping[Trigger, Event]
+class Firing(Protocol):
+    """What fires one trigger on a holder: the machine's ``Event``, or ``NoEdge``."""
+
+    def trigger(self, model: object, *args: Any, **kwargs: Any) -> bool: ...
+
+
+class NoEdge:
+    """A trigger the policy has no edge for at all (compile under compile=False): the machine
+    has no such event, so it is refused the way the machine refuses any illegal one."""
+
+    __slots__ = ("_trigger",)
+
+    def __init__(self, trigger: Trigger) -> None:
+        self._trigger = trigger
+
+    def trigger(self, model: object, *args: Any, **kwargs: Any) -> bool:
+        attempt: Attempt = kwargs["attempt"]
+        state = getattr(model, "state", None)
+        attempt.aborted(MachineError(f"Can't trigger event {self._trigger.value} from state {state}!"))
+        return False
+
+
+Events = Mapping[Trigger, Firing]
 
 
 @cache
 def events_for(policy: LifecyclePolicy) -> Events:
-    """The machine's event per trigger of ``policy`` (a lifecycle looks it up once, at
-    construction: hashing the policy on every trigger costs more than the lookup)."""
+    """What fires each trigger of ``policy``, every trigger included (a lifecycle looks it up
+    once, at construction: hashing the policy on every trigger costs more than the lookup).
+    ``events[trigger].trigger(holder, attempt=attempt)`` runs ``attempt`` as ``trigger`` on
+    ``holder``: legality, work, move, audit."""
     events = machine_for(policy).events
-    by_trigger = {trigger: events[trigger.value] for trigger in Trigger if trigger.value in events}
+    by_trigger: dict[Trigger, Firing] = {
+        trigger: events[trigger.value] if trigger.value in events else NoEdge(trigger) for trigger in Trigger
+    }
     return MappingProxyType(by_trigger)
-
-
-def fire(events: Events, holder: StateHolder, trigger: Trigger, attempt: Attempt) -> Any:
-    """Run ``attempt`` as ``trigger`` on ``holder``: legality, work, move, audit."""
-    event = events.get(trigger)
-    if event is None:
-        # The policy has no edge at all for this trigger (compile under compile=False): the
-        # machine has no such event; refuse it the way the machine refuses any illegal one.
-        attempt.aborted(MachineError(f"Can't trigger event {trigger.value} from state {holder.state}!"))
-        return False
-    return event.trigger(holder, attempt=attempt)

@@ -55,7 +55,7 @@ from lifecycle.errors import (
 )
 from lifecycle.holds import CACHE_MOUNTS, COMPILED, SHARES
 from lifecycle.locking import LockConflict, OwnerLock
-from lifecycle.machine import MachineError, StateHolder, events_for, fire
+from lifecycle.machine import MachineError, StateHolder, events_for
 from lifecycle.record import Outcome, TransitionRecord, emit_checked, warn_unwritten
 from lifecycle.serving import RequestRecord, RequestScope, refuse_trigger_inside_request
 from lifecycle.warmup import MAX_WARMUP_RUNS, MemberWarmup, WarmupCoverageWarning, call_at_shape
@@ -152,7 +152,7 @@ class TransitionStep:
         lc = self.lc
         if lc._unready_for is not None:
             lc._set_unready(None)
-        dest = lc.state
+        dest = _STATES[lc._holder.state]
         lost = lc._record(self.trigger, self.source, dest, "ok", self.started, None, self.extra)
         if self.after_error is not None:
             if lost is not None:
@@ -613,7 +613,12 @@ class ModuleLifecycle:
         if error is not None:
             fields["error"] = error_text
             fields["error_type"] = type(error).__name__
-        return emit_checked(audit.TRANSITION_EVENT, outcome, fields)
+        # emit_checked(), inline: one call less on every transition.
+        try:
+            audit.emit(audit.TRANSITION_EVENT, outcome, fields)
+        except Exception as exc:  # a host's sink may raise anything (OSError on a full disk)
+            return exc
+        return None
 
     def _refuse(self, error: LifecycleError, trigger: Trigger) -> LifecycleError:
         """Audit a refusal decided before any trigger fired (prepare's arguments, a busy lock)."""
@@ -641,17 +646,24 @@ class ModuleLifecycle:
         try:
             self._lock.acquire()
         except LockConflict as exc:
-            error = IllegalTransitionError(
-                module=self._name, state=self.state, trigger=trigger, reason=str(exc),
-                allowed=allowed_triggers(self._policy, self.state),
-            )
-            raise self._refuse(error, trigger) from None
+            raise self._busy(trigger, exc) from None
+
+    def _busy(self, trigger: Trigger, conflict: LockConflict) -> LifecycleError:
+        """Another asyncio task of the owner's thread holds the lock: refused, audited."""
+        error = IllegalTransitionError(
+            module=self._name, state=self.state, trigger=trigger, reason=str(conflict),
+            allowed=allowed_triggers(self._policy, self.state),
+        )
+        return self._refuse(error, trigger)
 
     def _transition(self, trigger: Trigger, work: Callable[[TransitionStep], None]) -> None:
         """Run ``work`` as ``trigger``: legal per the table, the state moves only if it succeeds."""
-        self._acquire(trigger)
         try:
-            fire(self._events, self._holder, trigger, TransitionStep(self, trigger, work))
+            self._lock.acquire()
+        except LockConflict as exc:
+            raise self._busy(trigger, exc) from None
+        try:
+            self._events[trigger].trigger(self._holder, attempt=TransitionStep(self, trigger, work))
         finally:
             self._lock.release()
 
@@ -902,14 +914,18 @@ class ModuleLifecycle:
     def _warmup_step(
         self,
         step: TransitionStep,
+        run: object,
         plan: list[dict[str, Any] | None],
         inner: Callable[[], list[MemberWarmup]],
         index: int,
     ) -> None:
-        """This member's part of a (joint) warm-up: the declared buckets it is asked to warm are
-        part of the plan from now on (cold until a warm-up succeeds; the implicit bucket joins the
-        plan only when its warm-up did); ``inner`` runs the warm-up (or the next member's
-        transition), and its result for this member is applied here."""
+        """This member's part of a (joint) warm-up: ``run`` must be callable; the declared
+        buckets it is asked to warm are part of the plan from now on (cold until a warm-up
+        succeeds; the implicit bucket joins the plan only when its warm-up did); ``inner`` runs
+        the warm-up (or the next member's transition), and its result for this member is
+        applied here."""
+        if not callable(run):
+            self._check_callable(Trigger.WARM_UP, run)
         if plan[0] is not None or len(plan) > 1:
             self._book.declare([shape for shape in plan if shape is not None])
         if self._aot is not None:

@@ -58,7 +58,7 @@ class Walker(Member, Protocol):
     ) -> None: ...
 
     def _warmup_step(
-        self, step: Any, plan: Plan, inner: Callable[[], list[MemberWarmup]], index: int
+        self, step: Any, run: object, plan: Plan, inner: Callable[[], list[MemberWarmup]], index: int
     ) -> None: ...
 
 
@@ -166,8 +166,7 @@ def warm_together(
             return results
 
         def work(step: Any) -> None:
-            member._check_callable(Trigger.WARM_UP, run)
-            member._warmup_step(step, plan, inner, index)
+            member._warmup_step(step, run, plan, inner, index)
 
         return work
 
