@@ -19,7 +19,7 @@ import statistics
 import threading
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from lifecycle.errors import InvalidConfigError
@@ -127,14 +127,15 @@ class BucketCoverage:
     seconds: float = 0.0
     covered: bool | None = None
     runs: int = 0
-    signatures: set[Any] = field(default_factory=set)
+    signatures: frozenset[Any] = frozenset()
     path: str = "compiled"
     path_reason: str | None = None
     compiled_s: float | None = None
     eager_s: float | None = None
     requests: int = 0
     first_request_s: float | None = None
-    recent_s: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_REQUESTS))
+    # Made at the second request: a record is built on every warm-up after a reset.
+    recent_s: deque[float] | None = None
 
     def note_warm(self, result: BucketWarmup) -> None:
         self.warmed = True
@@ -142,7 +143,7 @@ class BucketCoverage:
         self.seconds += result.seconds
         self.covered = result.covered
         self.runs += result.runs
-        self.signatures |= result.signatures
+        self.signatures = self.signatures | result.signatures
         self.path, self.path_reason = result.path, result.path_reason
         self.compiled_s, self.eager_s = result.compiled_s, result.eager_s
 
@@ -150,6 +151,8 @@ class BucketCoverage:
         self.requests += 1
         if self.first_request_s is None:
             self.first_request_s = seconds
+        elif self.recent_s is None:
+            self.recent_s = deque((seconds,), maxlen=RECENT_REQUESTS)
         else:
             self.recent_s.append(seconds)
 
@@ -158,13 +161,13 @@ class BucketCoverage:
         self.warmed = False
         self.requests = 0
         self.first_request_s = None
-        self.recent_s.clear()
+        self.recent_s = None
 
     @property
     def first_request_ratio(self) -> float | None:
         """First request / median of the later ones (the latest ``RECENT_REQUESTS``), once at
         least two were served."""
-        if self.first_request_s is None or not self.recent_s:
+        if self.first_request_s is None or self.recent_s is None:
             return None
         return self.first_request_s / statistics.median(self.recent_s)
 
@@ -332,7 +335,8 @@ class BucketBook:
         with self._lock:
             self._buckets.clear()
             self._signatures.clear()
-            self._recount()
+            self.all_warm = True
+            self.any_declared = False
 
     # misses
     def note_miss(self, miss: ShapeMiss) -> None:

@@ -207,7 +207,7 @@ def run_warmup(
     """Warm ``members`` together at every bucket of ``plan`` (None: the implicit bucket), then
     settle; return what happened. Raises whatever the warm-up callable raised (the caller's
     transition records it), with every serving context restored."""
-    sharing = False
+    sharing = aot = False
     dims: list[SharedDims] = []
     per_bucket: list[list[BucketWarmup]] = []
     for member in members:
@@ -217,13 +217,16 @@ def run_warmup(
         else:
             dims.append(member._shared_dims)
         per_bucket.append([])
+        aot = aot or member._aot is not None
+    # Members share one process: the first one's backend counts every graph compiled in it.
+    graph_count = members[0].backend.graph_count
     started = time.perf_counter()
     total_runs = 0
     compiled = 0
     with internals.tracing(duck_shape=not sharing):
         for shape in plan:
             key = IMPLICIT_KEY if shape is None else shape_key(shape)
-            graphs_before = _graphs(members)
+            graphs_before = graph_count()
             bucket_started = time.perf_counter()
             runs = 0
             with _BucketRun(members, dims, steer=True) as seen:
@@ -236,7 +239,7 @@ def run_warmup(
                 warm = [tracker.warm() for tracker in seen]
                 _sync(members)
             seconds = time.perf_counter() - bucket_started
-            graphs = _graphs(members) - graphs_before
+            graphs = graph_count() - graphs_before
             compiled += graphs
             total_runs += runs
             for index, member in enumerate(members):
@@ -258,7 +261,7 @@ def run_warmup(
         # invalidate, every graph already built) left the first request nothing to pay.
         # Ahead-of-time blocks compile no graph, but their packages' first runs still cost: a
         # warm-up that bound them settles too.
-        if (compiled or _aot_bound(members)) and any(m.policy.compile for m in members):
+        if (compiled or (aot and _aot_bound(members))) and any(m.policy.compile for m in members):
             settle_started = time.perf_counter()
             if any(m.serving.measure_paths for m in members):
                 per_bucket = _measure_paths(members, call_at, per_bucket, dims)
