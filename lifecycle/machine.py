@@ -96,8 +96,10 @@ class _QuietMachine(Machine):
     state_cls = _QuietState
 
     def callbacks(self, funcs: Iterable[Any], event_data: EventData) -> None:
+        # Every callback of a lifecycle machine is one of this module's functions taking the
+        # event (send_event=True): called as it is, never looked up by name on a model first.
         for func in funcs:
-            self.callback(func, event_data)
+            func(event_data)
 
 
 @cache
