@@ -224,6 +224,52 @@ def _noop(**kwargs: Any) -> ModuleLifecycle:
     return ModuleLifecycle(kwargs.pop("module", None) or nn.Linear(4, 4), **kwargs)
 
 
+class _CountingCommit:
+    """A commit hook that records what it is asked (the local outcome is the outcome)."""
+
+    def __init__(self, votes: bool) -> None:
+        self.votes = votes
+        self.asked: list[tuple[str, str | None]] = []
+
+    def audit_fields(self) -> dict[str, Any]:
+        return {}
+
+    def agree(self, name: str, trigger: str, state: State, error: BaseException | None) -> dict[int, str]:
+        self.asked.append((trigger, None if error is None else type(error).__name__))
+        return {}
+
+    def failure(self, name: str, trigger: Any, source: State, cause: BaseException, failed: Any) -> Any:
+        return TransitionFailedError(f"{name}: {cause}", module=name, state=source, trigger=trigger)
+
+    def committed_anyway(self, name: str, state: State, failed: Any) -> None:
+        return None
+
+
+@pytest.mark.parametrize("votes", [False, True])
+def test_a_hook_that_does_not_vote_is_told_only_of_refusals_and_failures(votes):
+    commit = _CountingCommit(votes)
+    lc = _noop(commit=commit)
+    lc.mount_cache()
+    lc.reset()
+    with pytest.raises(IllegalTransitionError):
+        lc.compile()  # Loaded -> Compiled skips the cache: refused
+
+    def failing(module: nn.Module) -> None:
+        raise RuntimeError("warm-up broke")
+
+    lc.mount_cache()
+    lc.compile()
+    with pytest.raises(TransitionFailedError):
+        lc.warm_up(failing)
+    successes = [("mount_cache", None), ("reset", None), ("mount_cache", None), ("compile", None)]
+    told = [("compile", "IllegalTransitionError"), ("warm_up", "RuntimeError")]
+    if votes:  # asked once per attempt, whatever the outcome
+        assert commit.asked == successes[:2] + told[:1] + successes[2:] + told[1:]
+    else:
+        assert commit.asked == told
+    assert lc.state is State.COMPILED and [r.outcome for r in lc.history][-2:] == ["ok", "failed"]
+
+
 def test_ready_polled_while_another_thread_resets_and_prepares_never_raises():
     lc = _noop()
     shapes = [{"n": n} for n in range(1, 40)]
