@@ -59,7 +59,7 @@ def test_importing_the_machine_leaves_transitions_logger_alone_and_triggers_stay
             def emit(self, record):
                 records.append(record.name)
         logging.basicConfig(level=logging.INFO, handlers=[Keep()])
-        from lifecycle.machine import StateHolder, events_for, fire
+        from lifecycle.machine import StateHolder, events_for
         from states import LifecyclePolicy, Trigger
 
         class Attempt:
@@ -68,7 +68,7 @@ def test_importing_the_machine_leaves_transitions_logger_alone_and_triggers_stay
             def aborted(self, error): raise error
 
         holder = StateHolder()
-        fire(events_for(LifecyclePolicy()), holder, Trigger.MOUNT_CACHE, Attempt())
+        events_for(LifecyclePolicy())[Trigger.MOUNT_CACHE].trigger(holder, attempt=Attempt())
         print(json.dumps({
             "levels": [logging.getLogger(n).level for n in ("transitions", "transitions.core")],
             "state": holder.state,
