@@ -29,10 +29,12 @@ How it fits under cache-dit (read from cache-dit 1.5.3's source, checked by test
 - Every call is checked against what the package was compiled for (argument structure, non-tensor
   values, dtypes, device, and the exported symbolic sizes, relations included); anything else runs
   the block eagerly and counts a miss, optionally reported to ``on_miss``. Never a wrong result.
-- Loading native code can kill a process (a segmentation fault on the lent H100 with torch 2.11 was
-  seen for every CUDA package). ``check_packages`` therefore loads and runs packages in a child
-  process first (``adapters/aot_check.py``); ``build`` saves only packages that passed, and the
-  manifest records on which host they passed, so a restart on that host can skip the check.
+- Loading native code can kill a process (a segmentation fault on the lent H100 with torch 2.11, for
+  every package built with its default ``CXX``, a g++ that links libstdc++ statically; packages
+  built with the distribution's g++ load there). ``check_packages`` therefore loads and runs
+  packages in a child process first (``adapters/aot_check.py``); ``build`` saves only packages
+  that passed, and the manifest records on which host they passed, so a restart on that host can
+  skip the check.
 - Package files are named by a key over the block kind's code and weights layout, torch version,
   device (and CPU vector ISA), inductor options, format version and the caller's plan token (the
   declared bounds); a manifest beside each records a SHA-256 of the package. A package for another
@@ -787,6 +789,16 @@ def _random_call(spec: CallSpec, device: torch.device, seed: int = 0) -> BlockCa
     return BlockCall(dict(kwargs))
 
 
+# What a package that kills its loader most often is: seen on a machine whose ``CXX`` was a g++
+# that links libstdc++ into the library statically, which then clashes with libtorch's. Inductor
+# builds with ``$CXX`` (else ``g++``).
+CRASH_HINT = (
+    "a package that crashes its loader was most often linked with a static libstdc++ (its library "
+    "has no NEEDED libstdc++.so); inductor builds with $CXX, else g++: build with a compiler that "
+    "links it shared (e.g. CXX=/usr/bin/g++), then prepare again"
+)
+
+
 def _signal_name(code: int) -> str:
     try:
         return signal.Signals(-code).name
@@ -842,7 +854,10 @@ def _run_check_process(
                 str(record.get("detail", "")),
             ))
         elif ended is not None and index == current:
-            detail = _signal_name(code) if ended == "crashed" else f"no answer in {timeout_s:.0f} s"
+            if ended == "crashed":
+                detail = f"{_signal_name(code)}; {CRASH_HINT}"
+            else:
+                detail = f"no answer in {timeout_s:.0f} s"
             results.append(CheckResult(kind, ended, None, tolerances[index], elapsed,
                                        f"{detail}; stderr: {tail}" if tail else detail))
         elif ended is not None or code != 0:

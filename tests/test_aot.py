@@ -307,6 +307,7 @@ def test_a_crashing_or_hanging_check_is_a_result() -> None:
              "os.kill(os.getpid(), signal.SIGSEGV)"]
     first, second = aot._run_check_process(crash, ["a", "b"], [1e-3, 1e-3], timeout_s=60)
     assert first.outcome == "crashed" and first.detail.startswith(signal.Signals.SIGSEGV.name)
+    assert "CXX=/usr/bin/g++" in first.detail  # what to do next
     assert second.outcome == "not_run"
     (hung,) = aot._run_check_process([sys.executable, "-c", "import time; time.sleep(30)"], ["a"], [1e-3],
                                      timeout_s=1)
