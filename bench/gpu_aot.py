@@ -376,46 +376,27 @@ def _bench_child(args: argparse.Namespace) -> dict[str, Any]:
 
     from adapters import CacheDitAdapter, aot
     from adapters.regional import compile_regional
-    from lifecycle.testing.tiny import (
-        FluxShape,
-        demo_cache_config,
-        denoise,
-        flux_architecture,
-        flux_inputs,
-        tiny_flux,
-    )
+    from lifecycle.testing.tiny import demo_cache_config, denoise
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _flux import bench_flux
 
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    double, single = args.blocks
-    if args.tiny:
-        shape = FluxShape(num_layers=double, num_single_layers=single)
-        sizes = (64, 128, 96)
-    else:
-        shape = flux_architecture(double, single)
-        sizes = (1024, 4096, 2304)  # 512x512, 1024x1024 image tokens, and 768x768 between them
-    text = shape.text_tokens
+    # 512x512, 1024x1024 image tokens, and 768x768 between them
+    sizes = (64, 128, 96) if args.tiny else (1024, 4096, 2304)
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
     started = time.perf_counter()
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = tiny_flux(shape, dtype=dtype)
-    model = model.to(device)
+    flux = bench_flux(device, args.blocks, tiny=args.tiny)
+    model, inputs = flux.model, flux.inputs
     sync()
     build_model_s = time.perf_counter() - started
     cache_config = demo_cache_config(args.steps, threshold=args.threshold)
     adapter = CacheDitAdapter()
     adapter.mount(model, cache_config)
-
-    def inputs(tokens: int) -> Any:
-        import dataclasses
-
-        return flux_inputs(dataclasses.replace(shape, image_tokens=tokens, text_tokens=text), device=device,
-                           dtype=dtype)
 
     def request(tokens: int) -> tuple[torch.Tensor, float]:
         adapter.refresh(model, cache_config, num_inference_steps=args.steps)

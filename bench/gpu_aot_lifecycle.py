@@ -43,29 +43,17 @@ SCENARIOS = ("jit-blocks", "aot-one", "aot-build", "aot-restart")
 
 def child(args: argparse.Namespace) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT))
-    import dataclasses
-
     import torch
 
     from adapters import dynamo_graph_count
     from lifecycle import CompilePlan, ModuleLifecycle
     from lifecycle.testing import capture_audit
-    from lifecycle.testing.tiny import (
-        FluxShape,
-        demo_cache_config,
-        denoise,
-        flux_architecture,
-        flux_inputs,
-        tiny_flux,
-    )
+    from lifecycle.testing.tiny import demo_cache_config, denoise
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _flux import bench_flux
 
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    double, single = args.blocks
-    if args.tiny:
-        shape = FluxShape(num_layers=double, num_single_layers=single)
-    else:
-        shape = flux_architecture(double, single)
     buckets, inside = (TINY_BUCKETS, TINY_INSIDE) if args.tiny else (BUCKETS, INSIDE)
     declared = buckets if args.scenario != "aot-one" else dict(list(buckets.items())[:1])
 
@@ -73,16 +61,13 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def inputs(tokens: int) -> Any:
-        return flux_inputs(dataclasses.replace(shape, image_tokens=tokens), device=device, dtype=dtype)
+    flux = bench_flux(device, args.blocks, tiny=args.tiny)
+    model, inputs = flux.model, flux.inputs
 
     def run(module: torch.nn.Module, bucket: dict[str, int]) -> None:
         with torch.inference_mode():
             denoise(module, inputs(bucket["tokens"]), args.warmup_steps)
 
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = tiny_flux(shape, dtype=dtype)
     plan = CompilePlan(scope="blocks", ahead_of_time=args.scenario.startswith("aot"))
     lc = ModuleLifecycle(
         model, name="transformer", backend=device.type, compile_plan=plan,
