@@ -924,8 +924,7 @@ class ModuleLifecycle:
         succeeds; the implicit bucket joins the plan only when its warm-up did); ``inner`` runs
         the warm-up (or the next member's transition), and its result for this member is
         applied here."""
-        if not callable(run):
-            self._check_callable(Trigger.WARM_UP, run)
+        self._check_callable(Trigger.WARM_UP, run)
         if plan[0] is not None or len(plan) > 1:
             self._book.declare([shape for shape in plan if shape is not None])
         if self._aot is not None:
