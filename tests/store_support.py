@@ -70,7 +70,7 @@ class Replicas:
 
     def results(self, timeout: float = 60.0) -> list[dict[str, Any]]:
         reports = []
-        for proc, out in zip(self.procs, self.outs):
+        for proc, out in zip(self.procs, self.outs, strict=True):
             try:
                 proc.wait(timeout=timeout)
             finally:

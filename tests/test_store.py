@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from store_support import BUCKET, S3Server, start_s3
 
 from adapters.errors import InvalidOptions
 from adapters.store import NewPackage, StoreEvent, StoreLocation, obtain, open_store
 from adapters.store.cache import default_cache_dir
 from adapters.store.packages import PackageStore
 from lifecycle.errors import InvalidConfigError, translate_adapter_error
-from store_support import BUCKET, S3Server, start_s3
 
 KEY_A = b"a" * 32
 KEY_B = b"b" * 32

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from store_support import S3Server, spawn_replicas, start_s3
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")

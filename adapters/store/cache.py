@@ -18,8 +18,8 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import IO, Any
 
 from adapters.errors import InvalidOptions
