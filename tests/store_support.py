@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -65,7 +66,13 @@ class Replicas:
     markers: Path  # one file per build started: building-<pid>
     waiting: Path  # one file per replica that saw the lease held: <pid>
 
-    def start(self) -> None:
+    def start(self, timeout: float = 60.0) -> None:
+        """Start them together, once every one has imported and opened its store."""
+        deadline = time.monotonic() + timeout
+        while len(list((self.workdir / "ready").iterdir())) < len(self.procs):
+            if time.monotonic() > deadline or any(p.poll() is not None for p in self.procs):
+                raise RuntimeError("a replica did not get ready")
+            time.sleep(0.02)
         self.go.touch()
 
     def results(self, timeout: float = 60.0) -> list[dict[str, Any]]:
@@ -96,11 +103,13 @@ def spawn_replicas(workdir: Path, count: int, **args: Any) -> Replicas:
     go, markers, waiting = workdir / "go", workdir / "markers", workdir / "waiting"
     markers.mkdir(exist_ok=True)
     waiting.mkdir(exist_ok=True)
+    (workdir / "ready").mkdir(exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs, outs = [], []
     for index in range(count):
         out = workdir / f"replica-{index}.json"
-        spec = {"go": str(go), "markers": str(markers), "waiting": str(waiting), "out": str(out),
+        spec = {"go": str(go), "markers": str(markers), "waiting": str(waiting),
+                "ready": str(workdir / "ready"), "out": str(out),
                 "cache_dir": str(workdir / f"cache-{index}"), **args}
         procs.append(subprocess.Popen([sys.executable, str(WORKER), json.dumps(spec)], env=env,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))

@@ -40,13 +40,15 @@ def compute(key: str, rounds: int = 20000) -> bytes:
 
 def main() -> int:
     args = json.loads(sys.argv[1])
-    go = Path(args["go"])
-    while not go.exists():
-        time.sleep(0.01)
     store = open_store(
         args["url"], storage_options=args.get("options"), cache_dir=args["cache_dir"],
         signing_key=bytes.fromhex(args["signing_key"]) if args.get("signing_key") else None,
     )
+    store.objects.exists("warm-up")  # the client is set up before the start signal, not after
+    (Path(args["ready"]) / str(os.getpid())).touch()
+    go = Path(args["go"])
+    while not go.exists():
+        time.sleep(0.005)
     markers, waiting = Path(args["markers"]), Path(args["waiting"])
     key = args["key"]
 

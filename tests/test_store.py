@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from store_support import BUCKET, S3Server, start_s3
 from adapters.errors import InvalidOptions
 from adapters.store import NewPackage, StoreEvent, StoreLocation, obtain, open_store
 from adapters.store.cache import default_cache_dir
+from adapters.store.lease import ObjectLease
 from adapters.store.packages import PackageStore
 from lifecycle.errors import InvalidConfigError, translate_adapter_error
 
@@ -160,6 +162,8 @@ def test_publish_then_fetch_once_per_node(where: dict[str, Any], tmp_path: Path)
                               {"spec": {"dims": [1, 2]}, "torch": "2.13.0"})
     assert published.status == "published", published
     assert store.keys() == ("flux.block-1",)
+    assert store.child("aot").publish("in-aot", {"p": _file(tmp_path, "q", b"q")}).status == "published"
+    assert store.child("aot").keys() == ("in-aot",) and store.keys() == ("flux.block-1",)
 
     node = open_store(**where, cache_dir=tmp_path / "node-2", signing_key=KEY_A)
     first = node.fetch("flux.block-1")
@@ -168,6 +172,7 @@ def test_publish_then_fetch_once_per_node(where: dict[str, Any], tmp_path: Path)
     assert first.package.meta["spec"] == {"dims": [1, 2]}
     # Signed: the bytes checked are the bytes handed out, so even a local folder's go through the cache.
     assert first.fetched_bytes == len(data)
+    assert node.child("aot").fetch("flux.block-1").status == "missing"  # another folder of the store
     again = open_store(**where, cache_dir=tmp_path / "node-2", signing_key=KEY_A).fetch("flux.block-1")
     assert again.status == "found" and again.fetched_bytes == 0  # the node fetched it once
     assert node.fetch("no-such-key").status == "missing"
@@ -335,3 +340,66 @@ def test_an_unreachable_store_is_a_result_the_caller_falls_back_on(tmp_path: Pat
     result = obtain(fresh, ["k"], lambda: pytest.fail("no build while unreachable"), lease_key="k")
     assert result.status == "unreachable" and "EndpointConnectionError" in result.detail
     assert time.monotonic() - started < 10
+
+
+# ------------------------------------------------------------------------------ lease objects
+def test_of_racing_replicas_exactly_one_takes_the_lease_object(s3: S3Server, tmp_path: Path) -> None:
+    store = open_store(s3.url(), storage_options=s3.options(), cache_dir=tmp_path / "c")
+    leases = [store.lease("k", ttl_s=30) for _ in range(6)]
+    barrier = threading.Barrier(len(leases))
+    taken: list[bool] = [False] * len(leases)
+
+    def race(index: int) -> None:
+        barrier.wait()
+        taken[index] = leases[index].try_acquire()
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(len(leases))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        assert taken.count(True) == 1
+    finally:
+        for lease, held in zip(leases, taken, strict=True):
+            if held:
+                lease.release()
+    again = store.lease("k", ttl_s=30)
+    assert again.try_acquire()  # a released lease is free at once
+    again.release()
+
+
+def test_a_dead_holder_with_a_skewed_clock_is_taken_over_by_observation(
+    s3: S3Server, tmp_path: Path
+) -> None:
+    """A node whose clock ran an hour ahead took the lease and died: its expiry says an hour, but
+    a waiter that sees the object unchanged for ``ttl_s`` by its own clock takes it over."""
+    store = open_store(s3.url(), storage_options=s3.options(), cache_dir=tmp_path / "c")
+    dead = ObjectLease(store.objects, "k", ttl_s=0.5, clock_skew_s=0.0,
+                       clock=lambda: time.time() + 3600)
+    dead.generation = 0
+    assert store.objects.create(dead._name(0), dead._document())  # written as the dead node did
+    waiter = store.lease("k", ttl_s=0.5, clock_skew_s=0.0)
+    started = time.monotonic()
+    assert not waiter.try_acquire()
+    while not waiter.try_acquire():
+        assert time.monotonic() - started < 5
+        time.sleep(0.1)
+    assert time.monotonic() - started >= 0.5
+    waiter.release()
+
+
+def test_a_holder_learns_it_lost_the_lease(s3: S3Server, tmp_path: Path) -> None:
+    store = open_store(s3.url(), storage_options=s3.options(), cache_dir=tmp_path / "c")
+    slow = store.lease("k", ttl_s=0.3, clock_skew_s=0.0)
+    assert slow.try_acquire()
+    # Another replica takes generation 1 over it (as after an expiry this holder missed).
+    other = ObjectLease(store.objects, "k", ttl_s=30)
+    other.generation = 1
+    assert store.objects.create(other._name(1), other._document())
+    deadline = time.monotonic() + 5
+    while not slow.lost:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    slow.release()  # does not mark the newer holder's lease released
+    assert not store.lease("k", ttl_s=30).try_acquire()

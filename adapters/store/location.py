@@ -70,6 +70,13 @@ class StoreLocation:
             raise ValueError(f"{self.url} is not a local path")
         return Path(self.root)
 
+    def child(self, name: str) -> StoreLocation:
+        """The location of a folder (prefix) inside this one, e.g. ``aot`` or ``jit``."""
+        if not re.match(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$", name):
+            raise ValueError(f"{name!r} is not a folder name")
+        root = f"{self.root.rstrip('/')}/{name}" if self.root else name
+        return StoreLocation(f"{self.url.rstrip('/')}/{name}", self.protocol, root, self.storage_options)
+
     def __repr__(self) -> str:
         options = f", storage_options={_masked(self.storage_options)}" if self.storage_options else ""
         return f"StoreLocation({self.url!r}{options})"

@@ -28,6 +28,7 @@ from typing import Any
 
 from adapters.errors import InvalidOptions
 from adapters.store.errors import StoreDenied, StoreError
+from adapters.store.lease import Lease
 from adapters.store.manifest import Manifest
 from adapters.store.packages import PackageStore
 from adapters.store.results import Fetched, Obtained, Package, Published, StoreEvent
@@ -92,6 +93,7 @@ def obtain(
     run = _Run(list(keys), time.monotonic(), on_event)
     reported_untrusted: set[str] = set()
     last_holder: str | None = None
+    lease: Lease | None = None
     while True:
         fetches = {key: store.fetch(key) for key in keys}
         if all(f.status == "found" for f in fetches.values()):
@@ -108,7 +110,8 @@ def obtain(
                             detail="; ".join(fetches[k].detail for k in sorted(reported_untrusted)))
         if store.read_only:
             return run.done("missing", fetches=fetches, detail="read-only store without these packages")
-        lease = store.lease(lease_key, ttl_s=lease_ttl_s, clock_skew_s=clock_skew_s)
+        if lease is None:  # one per call: it remembers what it saw of the holder between polls
+            lease = store.lease(lease_key, ttl_s=lease_ttl_s, clock_skew_s=clock_skew_s)
         try:
             taken = lease.try_acquire()
         except StoreDenied as exc:

@@ -81,6 +81,12 @@ class PackageStore:
         self.cache = LocalCache(check_cache_dir(cache_dir))
         self.objects: Objects = open_objects(location)
 
+    def child(self, name: str) -> PackageStore:
+        """The same store's folder ``name`` (``aot``, ``jit``): same key, cache and mode."""
+        store = PackageStore(self.location.child(name), signing_key=self._key, read_only=self.read_only)
+        store.cache = self.cache
+        return store
+
     @property
     def signed(self) -> bool:
         return self._key is not None
