@@ -15,7 +15,7 @@ from collections.abc import MutableMapping
 from typing import Any
 
 from lifecycle.audit import TRANSITION_EVENT
-from lifecycle.ops.http import OpsServer, serve
+from lifecycle.ops.server import OpsServer, serve
 from lifecycle.ops.metrics import LifecycleMetrics
 
 # Triggers after which the demo asks for readiness (requests and refreshes do not move it).
