@@ -19,6 +19,7 @@ from lifecycle.ops.routes import (
     OpsApp,
     Response,
     Route,
+    accept_problem,
     bad_request,
     match,
     not_allowed,
@@ -46,14 +47,17 @@ async def send_response(send: Send, response: Response, *, head: bool = False) -
 
 def _malformed(scope: Scope) -> str | None:
     """Why the request's query or read headers cannot be decoded, or None."""
+    accept: list[str] = []
     try:
         bytes(scope.get("query_string", b"")).decode("utf-8")
         for name, value in scope.get("headers", ()):
             if bytes(name).lower() in _READ_HEADERS:
-                bytes(value).decode("utf-8")
+                text = bytes(value).decode("utf-8")
+                if bytes(name).lower() == b"accept":
+                    accept.append(text)
     except (UnicodeDecodeError, TypeError, ValueError):
         return "malformed request: the query string or an Accept header is not UTF-8"
-    return None
+    return accept_problem(",".join(accept))
 
 
 class OpsASGIApp:

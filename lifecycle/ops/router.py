@@ -70,7 +70,8 @@ def make_router(
     ]
     for path, kind in paths:
         router.routes.append(
-            StarletteRoute(path, _Endpoint(ops, kind), methods=methods, name=f"ops_{kind}", include_in_schema=False)
+            StarletteRoute(path, _Endpoint(ops, kind), methods=methods, name=f"ops_{kind}",
+                           include_in_schema=False)
         )
     return router
 

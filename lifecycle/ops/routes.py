@@ -89,6 +89,23 @@ def bad_request(reason: str) -> Response:
     return json_response(400, {"error": reason})
 
 
+def accept_problem(accept: str | None) -> str | None:
+    """Why prometheus_client's app could not answer this ``Accept`` header (it raises on some
+    malformed ones, e.g. ``version=zzz``), or None. The check is its own encoder choice."""
+    if not accept:
+        return None
+    try:
+        from prometheus_client.exposition import choose_encoder
+
+        choose_encoder(accept)
+    except ImportError:
+        return None
+    except Exception as exc:
+        return f"malformed Accept header for /metrics ({type(exc).__name__}); send e.g. 'text/plain' or " \
+            "'application/openmetrics-text; version=1.0.0'"
+    return None
+
+
 def relative_path(path: str, root_path: str) -> str:
     """The path below the mount point. Starlette's ``Mount`` keeps the full path in ``path``
     and sets ``root_path``; other routers (and WSGI) strip the prefix from ``path``. Both are
@@ -272,6 +289,7 @@ __all__ = [
     "READY_PATHS",
     "OpsApp",
     "Response",
+    "accept_problem",
     "Route",
     "match",
     "metrics_text",

@@ -11,7 +11,17 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from lifecycle.ops.errors import InvalidConfigError
-from lifecycle.ops.routes import ALLOWED, OpsApp, Response, match, not_allowed, not_found
+from lifecycle.ops.routes import (
+    ALLOWED,
+    METRICS_PATH,
+    OpsApp,
+    Response,
+    accept_problem,
+    bad_request,
+    match,
+    not_allowed,
+    not_found,
+)
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -66,7 +76,9 @@ class OpsWSGIApp:
         disable_compression: bool = False,
     ) -> None:
         if fallback is not None and not callable(fallback):
-            raise InvalidConfigError(f"fallback must be a WSGI app (a callable), got {type(fallback).__name__}")
+            raise InvalidConfigError(
+                f"fallback must be a WSGI app (a callable), got {type(fallback).__name__}"
+            )
         self.ops = OpsApp(lifecycles, registry)
         self.fallback = fallback
         self._disable_compression = bool(disable_compression)
@@ -100,11 +112,14 @@ class OpsWSGIApp:
             return _start(start_response, not_allowed(method), False)
         if found.kind != "metrics":
             return _start(start_response, self.ops.probe(found), head)
+        problem = accept_problem(environ.get("HTTP_ACCEPT"))
+        if problem is not None:
+            return _start(start_response, bad_request(problem), head)
         metrics = self._metrics_app()
         if metrics is None:
             return _start(start_response, self.ops.route(method, "/metrics"), head)
-        # prometheus_client's app reads only PATH_INFO, QUERY_STRING and the Accept headers.
-        body = metrics({**environ, "PATH_INFO": "/metrics"}, start_response)
+        # prometheus_client's app answers GET only: a HEAD is its GET less the body.
+        body = metrics({**environ, "PATH_INFO": METRICS_PATH, "REQUEST_METHOD": "GET"}, start_response)
         if not head:
             return body
         close = getattr(body, "close", None)
