@@ -22,7 +22,13 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
-from lifecycle import IllegalTransitionError, InvalidConfigError, LifecyclePolicy, ModuleLifecycle, PipelineLifecycle
+from lifecycle import (
+    IllegalTransitionError,
+    InvalidConfigError,
+    LifecyclePolicy,
+    ModuleLifecycle,
+    PipelineLifecycle,
+)
 from lifecycle.ops import (
     LifecycleMetrics,
     make_asgi_app,
@@ -119,7 +125,8 @@ def test_fastapi_mounts_the_ops_at_a_prefix_next_to_its_own_route(flux, inputs, 
             assert scraped.status_code == 200
             found = {(s.name, tuple(sorted(s.labels.items()))): s.value
                      for family in text_string_to_metric_families(scraped.text) for s in family.samples}
-            assert found[("dit_lifecycle_requests_total", (("module", "transformer"), ("outcome", "ok")))] == 1
+            ok = (("module", "transformer"), ("outcome", "ok"))
+            assert found[("dit_lifecycle_requests_total", ok)] == 1
             assert found[("dit_lifecycle_requests_in_flight", (("module", "transformer"),))] == 0
             assert found[("dit_lifecycle_bucket_request_seconds_count",
                           (("bucket", "*"), ("module", "transformer")))] == 1
@@ -193,7 +200,8 @@ def test_the_router_variant_and_the_app_in_front_of_the_host():
 def test_metrics_speak_openmetrics_and_gzip_when_asked():
     registry = CollectorRegistry()
     metrics = LifecycleMetrics(registry)
-    metrics.observe("lifecycle.request", {"module": "m", "outcome": "ok", "duration_ms": 5.0, "bucket": "512x512"})
+    metrics.observe("lifecycle.request",
+                    {"module": "m", "outcome": "ok", "duration_ms": 5.0, "bucket": "512x512"})
     app = FastAPI()
     app.mount("/ops", make_asgi_app(eager(), registry))
     with uvicorn_on_loopback(app) as url, httpx.Client(base_url=url, timeout=30) as client:

@@ -35,5 +35,6 @@ def test_main_version_returns_zero_and_ignores_the_missing_command(capsys):
 @pytest.mark.skipif(shutil.which("dit-lifecycle") is None, reason="the console script is not installed")
 def test_the_console_script_prints_it_too():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(["dit-lifecycle", "--version"], capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run(["dit-lifecycle", "--version"], capture_output=True, text=True, env=env,
+                          timeout=120)
     assert done.returncode == 0 and done.stdout.split() == ["dit-lifecycle", version("dit-lifecycle")]
