@@ -37,6 +37,7 @@ from adapters.calls import SharedDims
 from adapters.errors import AdapterError
 from adapters.protocols import CacheAdapter
 from lifecycle import audit, walk
+from lifecycle.audit import signals
 from lifecycle.buckets import BucketBook
 from lifecycle.commit import CommitHook, LocalCommit
 from lifecycle.config import CompilePlan, ServingPolicy, check_not_moved
@@ -1064,7 +1065,7 @@ class ModuleLifecycle:
             lc.prepare(lambda module: module(torch.zeros(1, 8)), num_inference_steps=28)
             assert lc.ready
         """
-        with self._hold(Trigger.WARM_UP):
+        with self._hold(Trigger.WARM_UP), signals.preparing(self._name, [self._name]):
             walk.prepare([self], run, self._module, num_inference_steps, shapes)
 
     async def aprepare(

@@ -8,6 +8,7 @@ from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from lifecycle import walk
+from lifecycle.audit import signals
 from lifecycle.buckets import shape_key
 from lifecycle.errors import InvalidConfigError, LifecycleError, PipelineError
 from lifecycle.member import Member
@@ -251,7 +252,7 @@ class PipelineLifecycle:
             plc.prepare(lambda pipe: pipe(prompt="warm-up", num_inference_steps=28),
                         num_inference_steps=28)
         """
-        with self._locked(Trigger.WARM_UP):
+        with self._locked(Trigger.WARM_UP), signals.preparing("pipeline", list(self.members)):
             walk.prepare(
                 list(self.members.values()), run, self._warmup_target(), num_inference_steps, shapes,
                 on_member=_member_error, on_joint=_joint_error,

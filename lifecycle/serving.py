@@ -36,6 +36,7 @@ import structlog
 from adapters.aot_session import OutsideBounds, refusing_outside
 from adapters.calls import CallDecision, guard_calls, input_signature, signature_sizes, with_shared_dims
 from lifecycle import audit
+from lifecycle.audit import signals
 from lifecycle.buckets import BucketCoverage, ShapeMiss, canonical_shape, shape_key
 from lifecycle.config import OnUnwarmed, check_on_unwarmed
 from lifecycle.errors import (
@@ -272,6 +273,7 @@ class RequestScope:
 
     # ------------------------------------------------------------------ entering
     def __enter__(self) -> list[RequestRecord]:
+        signals.requests(signals.REQUEST_STARTED, [m.name for m in self.members], self.request_id)
         try:
             self._lock_all()
             checked = self._check_all()
@@ -432,6 +434,7 @@ class RequestScope:
     def _release(self) -> None:
         while self._locked:
             self._locked.pop()._lock.release()
+        signals.requests(signals.REQUEST_ENDED, [m.name for m in self.members], self.request_id)
 
 
 def _finish(active: ActiveRequest, error: BaseException | None) -> AuditWriteError | None:
@@ -460,6 +463,8 @@ def _finish(active: ActiveRequest, error: BaseException | None) -> AuditWriteErr
     )
     if record.shape is not None:
         fields["shape"] = record.shape
+    if active.bucket is not None:
+        fields["bucket"] = active.bucket.key
     if error is not None:
         fields["error"] = f"{type(error).__name__}: {error}"
     lost = emit_checked(audit.REQUEST_EVENT, record.outcome, fields)

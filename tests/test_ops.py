@@ -244,7 +244,10 @@ def test_probes_follow_the_lifecycle_and_metrics_equal_the_audit(
     assert pick(found, "dit_lifecycle_metrics_errors_total") == {frozenset(): 0.0}
     # Bounded labels only: no request id or shape anywhere.
     label_names = {name for (_, lab) in found for name, _ in lab}
-    assert label_names <= {"module", "trigger", "outcome", "backend", "state", "policy", "le"}
+    assert label_names <= {"module", "trigger", "outcome", "backend", "state", "policy", "le", "bucket"}
+    # The bucket label is a declared bucket's key (here the implicit "*") or a fixed word.
+    buckets = {value for (_, lab) in found for name, value in lab if name == "bucket"}
+    assert buckets and buckets <= {"*", "miss", "none"}
 
 
 def test_not_ready_while_a_reset_runs(servers):

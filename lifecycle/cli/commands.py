@@ -40,6 +40,16 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
+def installed_version() -> str:
+    """The installed distribution's version (a source tree never installed says so)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dit-lifecycle")
+    except PackageNotFoundError:
+        return "unknown (not installed: pip install -e .)"
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -108,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="An explicit, audited lifecycle for diffusion-transformer modules.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}")
     commands = parser.add_subparsers(dest="command", metavar="{demo,graph,audit}", required=True)
 
     demo = commands.add_parser(

@@ -15,8 +15,8 @@ from collections.abc import MutableMapping
 from typing import Any
 
 from lifecycle.audit import TRANSITION_EVENT
-from lifecycle.ops.http import OpsServer, serve
 from lifecycle.ops.metrics import LifecycleMetrics
+from lifecycle.ops.server import OpsServer, serve
 
 # Triggers after which the demo asks for readiness (requests and refreshes do not move it).
 _PROBED_TRIGGERS = frozenset({"mount_cache", "compile", "warm_up", "invalidate", "reset"})

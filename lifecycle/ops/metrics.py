@@ -8,8 +8,13 @@ Two ways in, one source (the audit events), so the metrics and the audit cannot 
 - as a structlog processor in the host's own chain: a counter is then the number of matching
   events that chain received (events its level filter drops are dropped for both).
 
-Labels are bounded: module name, trigger, outcome, backend, state, policy. Request ids,
-shapes and errors never become labels (they stay in the audit).
+Labels are bounded: module name, trigger, outcome, backend, state, policy, and a declared
+bucket's key (``*`` for the implicit one, ``miss`` for a request no warm bucket served, ``none``
+when the request named no shape). Request ids, free shapes and errors never become labels.
+
+Every gauge declares its ``multiprocess_mode``, so that a host running several worker processes
+under ``PROMETHEUS_MULTIPROC_DIR`` aggregates them: in-flight requests sum over the live
+workers, each worker's state and info keep a ``pid`` label.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from lifecycle.audit import (
     add_listener,
     remove_listener,
 )
+from lifecycle.audit.signals import REQUEST_ENDED, REQUEST_STARTED
 from lifecycle.ops.errors import InvalidConfigError, MetricsAlreadyRegisteredError
 from states import State
 
@@ -84,6 +90,15 @@ def _seconds(duration_ms: Any) -> float | None:
     return max(0.0, float(duration_ms) / 1000.0)
 
 
+def _bucket(fields: Mapping[str, Any]) -> str:
+    """The request's bucket label: the warm bucket that served it, ``miss`` when it named a
+    shape no warm bucket holds, ``none`` when it named none (bounded: never a free shape)."""
+    bucket = fields.get("bucket")
+    if isinstance(bucket, str) and bucket:
+        return bucket
+    return "miss" if fields.get("shape") is not None else "none"
+
+
 def _count(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         return 0
@@ -127,13 +142,19 @@ class LifecycleMetrics:
         self._attached = False
         self._states: dict[str, str] = {}
         self._known: set[tuple[str, str]] = set()
+        self._in_flight: dict[str, int] = {}
         self.state = Gauge(
             f"{PREFIX}_state", "1 for the state each managed module is in now, 0 for the others",
-            ["module", "state"], registry=None,
+            ["module", "state"], registry=None, multiprocess_mode="liveall",
         )
         self.info = Gauge(
             f"{PREFIX}_module_info", "1 per managed module, with its backend and policy",
-            ["module", "backend", "policy"], registry=None,
+            ["module", "backend", "policy"], registry=None, multiprocess_mode="liveall",
+        )
+        self.in_flight = Gauge(
+            f"{PREFIX}_requests_in_flight",
+            "Requests inside request() now (waiting for the module included), summed over live workers",
+            ["module"], registry=None, multiprocess_mode="livesum",
         )
         self.transitions = Counter(
             f"{PREFIX}_transitions", "Trigger attempts (lifecycle.transition events) by trigger and outcome",
@@ -150,6 +171,12 @@ class LifecycleMetrics:
         self.request_seconds = Histogram(
             f"{PREFIX}_request_seconds", "Time of each request that ran (ok or failed)",
             ["module"], buckets=REQUEST_BUCKETS, registry=None,
+        )
+        self.bucket_request_seconds = Histogram(
+            f"{PREFIX}_bucket_request_seconds",
+            "Time of each request that ran, per shape bucket (a declared bucket's key, * for the "
+            "implicit one, miss when no warm bucket served it, none when it named no shape)",
+            ["module", "bucket"], buckets=REQUEST_BUCKETS, registry=None,
         )
         self.cached_steps = Counter(
             f"{PREFIX}_cached_steps", "Denoising steps served from cache-dit's cache, summed over requests",
@@ -168,7 +195,7 @@ class LifecycleMetrics:
             f"{PREFIX}_warmup_covered",
             "1 when the last warm-up covered the path requests take (cache-dit's cached-step branch), "
             "0 when it did not or the module is not warm",
-            ["module"], registry=None,
+            ["module"], registry=None, multiprocess_mode="liveall",
         )
         self.warmup_shapes = Counter(
             f"{PREFIX}_warmup_shapes", "Declared shape buckets warmed (lifecycle.warmup_shape events)",
@@ -184,8 +211,9 @@ class LifecycleMetrics:
             [], registry=None,
         )
         self._collectors: tuple[MetricWrapperBase, ...] = (
-            self.state, self.info, self.transitions, self.transition_seconds, self.requests,
-            self.request_seconds, self.cached_steps, self.recompiles, self.recompiled_graphs,
+            self.state, self.info, self.in_flight, self.transitions, self.transition_seconds,
+            self.requests, self.request_seconds, self.bucket_request_seconds, self.cached_steps,
+            self.recompiles, self.recompiled_graphs,
             self.warmup_covered, self.warmup_shapes, self.shape_misses, self.errors,
         )
         self._register()
@@ -303,6 +331,7 @@ class LifecycleMetrics:
         self.recompiles.labels(module, backend)
         self.recompiled_graphs.labels(module, backend)
         self.cached_steps.labels(module)
+        self.in_flight.labels(module)
         self.warmup_covered.labels(module)
         for outcome in OUTCOMES:
             self.requests.labels(module, outcome)
@@ -332,7 +361,10 @@ class LifecycleMetrics:
             seconds = _seconds(fields.get("duration_ms"))
             if outcome != "refused" and seconds is not None:
                 self.request_seconds.labels(module).observe(seconds)
+                self.bucket_request_seconds.labels(module, _bucket(fields)).observe(seconds)
             self.cached_steps.labels(module).inc(_count(fields.get("cached_steps")))
+        elif event in (REQUEST_STARTED, REQUEST_ENDED):
+            self._count_in_flight(module, 1 if event == REQUEST_STARTED else -1)
         elif event == RECOMPILE_EVENT:
             backend = str(fields.get("backend", "unknown"))
             self.recompiles.labels(module, backend).inc()
@@ -345,6 +377,16 @@ class LifecycleMetrics:
         elif event == SHAPE_MISS_EVENT:
             policy = str(fields.get("policy"))
             self.shape_misses.labels(module, policy if policy in ON_UNWARMED_POLICIES else "other").inc()
+
+    def _count_in_flight(self, module: str, step: int) -> None:
+        # Counted here as well, so that a request that started before attach() (its start
+        # unseen) never takes the gauge below zero.
+        with self._lock:
+            now = self._in_flight.get(module, 0)
+            if now + step < 0:
+                return
+            self._in_flight[module] = now + step
+            self.in_flight.labels(module).set(now + step)
 
     def _transition(self, module: str, fields: Mapping[str, Any]) -> None:
         trigger = str(fields.get("trigger", "unknown"))
