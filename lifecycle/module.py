@@ -28,8 +28,7 @@ from typing import Any
 
 from torch import nn
 
-from adapters import BackendAdapter, CacheDitAdapter, get_backend
-from adapters import _torch_internals as internals
+from adapters import BackendAdapter
 from adapters.aot_session import AotReport, AotSession
 from adapters.artifact_session import ArtifactSession
 from adapters.artifacts import ArtifactKey, ArtifactReport, build_key
@@ -39,7 +38,7 @@ from adapters.protocols import CacheAdapter
 from lifecycle import audit, walk
 from lifecycle.buckets import BucketBook
 from lifecycle.commit import CommitHook, LocalCommit
-from lifecycle.config import CompilePlan, ServingPolicy, check_not_moved
+from lifecycle.config import CompilePlan, ServingPolicy, check_lifecycle_arguments
 from lifecycle.context import CacheContext
 from lifecycle.counters import ServingCounters
 from lifecycle.errors import (
@@ -267,44 +266,17 @@ class ModuleLifecycle:
         artifact_dir: str | os.PathLike[str] | None = None,
         commit: CommitHook | None = None,
     ) -> None:
-        if not isinstance(name, str) or not name:
-            raise InvalidConfigError(f"name must be a non-empty str, got {name!r}")
-        if not isinstance(module, nn.Module):
-            raise UnsupportedModuleError(
-                f"{name}: ModuleLifecycle manages a torch.nn.Module, got {type(module).__name__}; "
-                "pass the transformer itself (e.g. pipe.transformer)",
-                module=name,
-            )
-        loaded = State.LOADED
-        policy = LifecyclePolicy() if policy is None else policy
-        compile_plan = CompilePlan() if compile_plan is None else compile_plan
-        serving = ServingPolicy() if serving is None else serving
-        for value, kind, argument in (
-            (policy, LifecyclePolicy, "policy"),
-            (compile_plan, CompilePlan, "compile_plan"),
-            (serving, ServingPolicy, "serving"),
-        ):
-            if not isinstance(value, kind):
-                raise InvalidConfigError(
-                    f"{name}: {argument} must be a {kind.__name__}, got {type(value).__name__}",
-                    module=name, state=loaded,
-                )
-        if artifact_dir is not None and not isinstance(artifact_dir, (str, os.PathLike)):
-            raise InvalidConfigError(
-                f"{name}: artifact_dir must be a directory path (str or PathLike), got "
-                f"{type(artifact_dir).__name__}", module=name, state=loaded,
-            )
-        if artifact_dir is not None and not os.fspath(artifact_dir):
-            raise InvalidConfigError(
-                f"{name}: artifact_dir is empty (an unset environment variable?); pass a directory "
-                "path to keep compile artifacts, or None to keep none",
-                module=name, state=loaded,
-            )
-        check_not_moved(compile_options, module=name)
+        config = check_lifecycle_arguments(
+            module, name, policy, backend, cache_config, compile_options,
+            compile_plan=compile_plan, serving=serving, cache_adapter=cache_adapter,
+            artifact_dir=artifact_dir,
+        )
+        policy, compile_plan = config.policy, config.compile_plan
+        self._config = config
         self._name = name
         self._policy = policy
         self._plan = compile_plan
-        self._serving = serving
+        self._serving = config.serving
         self._module_id = uuid.uuid4().hex[:12]
         self._module = module
         self._commit: CommitHook = commit if commit is not None else LocalCommit()
@@ -319,34 +291,12 @@ class ModuleLifecycle:
         # keeps every one). Its own lock: reads never wait for a request.
         self._history: deque[tuple[Any, ...]] = deque(maxlen=HISTORY_LIMIT)
         self._history_lock = threading.Lock()
+        self._backend: BackendAdapter = config.backend
+        self._cache: CacheAdapter = config.cache
+        self._compile_options = config.compile_options
+        self._torch_options = config.torch_options
+        self._cache_config: Any = config.cache_config
         try:
-            internals.check()
-            self._backend: BackendAdapter = get_backend(backend)
-        except AdapterError as exc:
-            raise translate_adapter_error(exc, module=name, state=loaded) from exc
-        if cache_adapter is None:
-            cache_adapter = CacheDitAdapter()
-        elif not isinstance(cache_adapter, CacheAdapter):
-            raise InvalidConfigError(
-                f"{name}: cache_adapter must implement adapters.CacheAdapter (mount, refresh, "
-                f"unmount, summary, ...), got {type(cache_adapter).__name__}; leave it None for "
-                "cache-dit's",
-                module=name, state=loaded,
-            )
-        self._cache: CacheAdapter = cache_adapter
-        try:
-            # The host's mapping, copied once and never changed; the adapter applies its
-            # defaults to its own copy.
-            self._compile_options: dict[str, Any] = dict(compile_options or {}) if isinstance(
-                compile_options, Mapping) or compile_options is None else compile_options
-            self._torch_options = self._backend.validate_options(self._compile_options)
-            if policy.compile:
-                self._backend.validate_plan(compile_plan, self._torch_options)
-                self._backend.validate_for_module(module, self._torch_options, compile_plan)
-            self._cache_config: Any = self._cache.validate_config(cache_config) if policy.cache_dit else None
-            check_config = getattr(self._cache, "validate_for_module", None)
-            if policy.cache_dit and callable(check_config):
-                check_config(module, self._cache_config)
             self._artifacts = (
                 ArtifactSession(artifact_dir) if artifact_dir is not None and policy.compile else None
             )
@@ -354,7 +304,7 @@ class ModuleLifecycle:
             # temporary directory for this process.
             self._aot = AotSession(artifact_dir) if compile_plan.ahead_of_time and policy.compile else None
         except AdapterError as exc:
-            raise translate_adapter_error(exc, module=name, state=loaded) from exc
+            raise translate_adapter_error(exc, module=name, state=State.LOADED) from exc
         self._base: dict[str, Any] = {
             "module": name,
             "module_id": self._module_id,
@@ -376,7 +326,6 @@ class ModuleLifecycle:
         self._compile_s = 0.0
         self._warmup_s = 0.0
         self._covered: bool | None = None
-        self._refuse_host_compiled(module)
         # Lifecycles over one module share its lock (lifecycle.holds); registered last, so a
         # construction that failed above leaves no trace.
         self._share = SHARES.join(module, self)
@@ -711,17 +660,6 @@ class ModuleLifecycle:
         )
 
     # ------------------------------------------------------------------ sharing a module
-    def _compatible(self, other: object) -> bool:
-        return (
-            isinstance(other, ModuleLifecycle)
-            and other._policy == self._policy
-            and other._plan == self._plan
-            and other._serving == self._serving
-            and type(other._cache) is type(self._cache)
-            and _same(other._cache_config, self._cache_config)
-            and _same(other._compile_options, self._compile_options)
-        )
-
     def _check_sharing(self, trigger: Trigger | None) -> None:
         """Refuse to drive a module another lifecycle drives differently.
 
@@ -740,8 +678,9 @@ class ModuleLifecycle:
         if not self._share.shared:
             return
         for other in SHARES.others(self._module, self):
-            driving = isinstance(other, ModuleLifecycle) and other.state is not State.LOADED
-            if driving and isinstance(other, ModuleLifecycle) and not self._compatible(other):
+            if not isinstance(other, ModuleLifecycle) or other.state is State.LOADED:
+                continue
+            if not self._config.drives_alike(other._config):
                 raise InvalidConfigError(
                     f"{self._name}: the module is already driven by lifecycle {other.name!r} "
                     f"(state {other.state.value}, policy {other.policy}) with another policy, plan, "
@@ -750,20 +689,6 @@ class ModuleLifecycle:
                     "its own module, or construct it with the same arguments",
                     module=self._name, state=self.state, trigger=trigger,
                 )
-
-    def _refuse_host_compiled(self, module: nn.Module) -> None:
-        """A module the host compiled in place is refused, never compiled or mounted over:
-        mounting cache-dit now would leave that code on the unwrapped path."""
-        if COMPILED.holders(module):
-            return  # compiled by another lifecycle: adopted at compile()
-        if internals.is_compiled(module):
-            raise UnsupportedModuleError(
-                f"{self._name}: the module was already compiled in place by the host "
-                "(module.compile() or a block's); the lifecycle compiles it itself, after mounting "
-                "cache-dit. Pass it uncompiled (set module._compiled_call_impl = None), or do not "
-                "manage it with a lifecycle",
-                module=self._name, state=State.LOADED,
-            )
 
     # ------------------------------------------------------------------ triggers
     def mount_cache(self) -> None:
@@ -1150,15 +1075,6 @@ class ModuleLifecycle:
             [self], steps=num_inference_steps, request_id=request_id, shape=shape, on_unwarmed=on_unwarmed
         ) as records:
             yield records[0]
-
-
-def _same(a: object, b: object) -> bool:
-    if a is b:
-        return True
-    try:
-        return bool(a == b)
-    except Exception:  # e.g. configs holding tensors
-        return False
 
 
 def _cache_version(cache: CacheAdapter) -> str | None:
