@@ -184,8 +184,8 @@ def parent(args: argparse.Namespace) -> dict[str, Any]:
         runs = [r for r in report["runs"] if r["variant"] == variant and "requests" in r]
         if not runs:
             continue
-        summary[variant] = {name: {"median": round(statistics.median(r["requests"][name]["first_over_steady"]
-                                                                      for r in runs), 3),
+        summary[variant] = {name: {"median": round(statistics.median(
+                                       r["requests"][name]["first_over_steady"] for r in runs), 3),
                                    "worst": max(r["requests"][name]["first_over_steady"] for r in runs)}
                             for name in runs[0]["requests"]}
     report["first_over_steady"] = summary

@@ -162,7 +162,8 @@ def _command(args: argparse.Namespace, scenario: str, index: int, artifacts: str
             *(["--tiny"] if args.tiny else [])]
 
 
-def _finish(done: subprocess.CompletedProcess[str], scenario: str, index: int, seconds: float) -> dict[str, Any]:
+def _finish(done: subprocess.CompletedProcess[str], scenario: str, index: int,
+            seconds: float) -> dict[str, Any]:
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     entry: dict[str, Any] = json.loads(lines[-1]) if done.returncode == 0 and lines else {}
     entry.update({"scenario": scenario, "index": index, "returncode": done.returncode,
@@ -226,7 +227,7 @@ def parent(args: argparse.Namespace) -> dict[str, Any]:
             warm = [e.get("warm_after_process_start_s") for e in entries]
             report["fleet"] = {
                 "replicas": args.replicas,
-                "all_warm_s": max(w for w in warm if w is not None) if all(w is not None for w in warm) else None,
+                "all_warm_s": max(w for w in warm if w is not None) if None not in warm else None,
                 "outcomes": [str(e.get("compile", {}).get("ahead_of_time")) for e in entries],
             }
             print(json.dumps(report["fleet"]), flush=True)

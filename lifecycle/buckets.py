@@ -220,7 +220,7 @@ class ShapeMiss:
 
 
 class BucketBook:
-    """One lifecycle's buckets (the plan and its coverage) and misses.
+    """One lifecycle's buckets (which it serves, and their coverage) and misses.
 
     Every field is written by this class's methods alone, under its own lock; readers get
     copies. ``all_warm`` and ``any_declared`` are plain attributes recomputed on every change,
@@ -235,11 +235,11 @@ class BucketBook:
         # signature -> bucket key, for requests that name no shape
         self._signatures: dict[Any, str] = {}
         self.all_warm = True
-        # Whether any bucket was declared (a warm-up that names none re-warms the plan then).
+        # Whether any bucket was declared (a warm-up that names none re-warms them then).
         self.any_declared = False
 
     def _recount(self) -> None:
-        # Every bucket of the plan warm, the implicit one too once it is part of the plan: a
+        # Every bucket warm, the implicit one too once it is one of them: a
         # warm-up again after invalidate that skips a bucket served before leaves it cold.
         warm = True
         declared = False
@@ -249,9 +249,9 @@ class BucketBook:
         self.all_warm = warm
         self.any_declared = declared
 
-    # the plan
+    # the buckets
     def declare(self, shapes: Iterable[dict[str, Any] | None]) -> list[str]:
-        """Add buckets to the plan (None: the implicit one); returns their keys, in order."""
+        """Add buckets (None: the implicit one); returns their keys, in order."""
         keys = []
         with self._lock:
             for shape in shapes:
@@ -262,8 +262,8 @@ class BucketBook:
             self._recount()
         return keys
 
-    def plan(self) -> list[tuple[dict[str, Any] | None, bool]]:
-        """The plan as (shape, warm) pairs in order (None: the implicit bucket); one look under
+    def rows(self) -> list[tuple[dict[str, Any] | None, bool]]:
+        """The buckets as (shape, warm) pairs in order (None: the implicit bucket); one look under
         the lock (a warm-up again reads it)."""
         with self._lock:
             return [(b.shape, b.warmed) for b in self._buckets.values()]
@@ -323,7 +323,7 @@ class BucketBook:
                 bucket.note_request(seconds)
 
     def cool(self) -> None:
-        """Weights changed (invalidate): every bucket must be warmed again; the plan stays."""
+        """Weights changed (invalidate): every bucket must be warmed again; the buckets stay."""
         with self._lock:
             for bucket in self._buckets.values():
                 bucket.cool()
@@ -331,7 +331,7 @@ class BucketBook:
             self._recount()
 
     def forget(self) -> None:
-        """reset(): back to Loaded, the plan is dropped (the next prepare declares it again)."""
+        """reset(): back to Loaded, the buckets are dropped (the next prepare declares it again)."""
         with self._lock:
             self._buckets.clear()
             self._signatures.clear()

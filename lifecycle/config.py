@@ -9,11 +9,19 @@ back here: two lifecycles built with identical arguments stay identical.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from lifecycle.errors import InvalidConfigError
+from lifecycle.errors import InvalidConfigError, UnsupportedModuleError
+from states import LifecyclePolicy, State, Trigger
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from adapters import BackendAdapter
+    from adapters.protocols import CacheAdapter
 
 Scope = Literal["model", "blocks"]
 OnUnwarmed = Literal["eager", "fail", "compile"]
@@ -124,6 +132,15 @@ class ServingPolicy:
         }
 
 
+def check_steps(steps: object, *, module: str, state: State, trigger: Trigger) -> None:
+    """A step count (``num_inference_steps``): None, or a positive int."""
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0):
+        raise InvalidConfigError(
+            f"{module}: num_inference_steps must be a positive int, got {steps!r}",
+            module=module, state=state, trigger=trigger,
+        )
+
+
 def check_on_unwarmed(value: object, *, module: str) -> OnUnwarmed:
     """A per-request override of ``ServingPolicy.on_unwarmed``."""
     if not isinstance(value, str) or value not in ON_UNWARMED:
@@ -156,7 +173,169 @@ def check_not_moved(options: object, *, module: str) -> None:
             )
 
 
+@dataclass(frozen=True, eq=False)
+class LifecycleConfig:
+    """A ``ModuleLifecycle``'s constructor arguments, checked (``check_lifecycle_arguments``):
+    the lifecycle applies them as they are. ``compile_options`` is the host's mapping copied once;
+    ``torch_options`` is the backend's validated copy with its defaults."""
+
+    name: str
+    policy: LifecyclePolicy
+    compile_plan: CompilePlan
+    serving: ServingPolicy
+    backend: BackendAdapter
+    cache: CacheAdapter
+    compile_options: dict[str, Any]
+    torch_options: dict[str, Any]
+    cache_config: Any
+    artifact_dir: str | os.PathLike[str] | None
+
+    def drives_alike(self, other: LifecycleConfig) -> bool:
+        """Whether two lifecycles would drive one module the same way (and may share it)."""
+        return (
+            other.policy == self.policy
+            and other.compile_plan == self.compile_plan
+            and other.serving == self.serving
+            and type(other.cache) is type(self.cache)
+            and _same(other.cache_config, self.cache_config)
+            and _same(other.compile_options, self.compile_options)
+        )
+
+
+def check_lifecycle_arguments(
+    module: object,
+    name: object,
+    policy: object,
+    backend: object,
+    cache_config: Any,
+    compile_options: object,
+    *,
+    compile_plan: object,
+    serving: object,
+    cache_adapter: object,
+    artifact_dir: object,
+) -> LifecycleConfig:
+    """Every ``ModuleLifecycle`` argument checked before anything is built; the backend and
+    the cache adapter validate what is theirs (options, plan, cache config, the module).
+
+    Raises:
+        InvalidConfigError: a bad argument (the message names it and the fix).
+        UnsupportedModuleError: not an ``nn.Module``, or one the host compiled in place.
+        BackendUnavailableError: the backend's runtime or device is missing.
+    """
+    # The adapters import torch: configuration types stay importable without it.
+    from torch import nn
+
+    from adapters import CacheDitAdapter, get_backend
+    from adapters import _torch_internals as internals
+    from adapters.errors import AdapterError
+    from adapters.protocols import CacheAdapter
+    from lifecycle.errors import translate_adapter_error
+
+    if not isinstance(name, str) or not name:
+        raise InvalidConfigError(f"name must be a non-empty str, got {name!r}")
+    if not isinstance(module, nn.Module):
+        raise UnsupportedModuleError(
+            f"{name}: ModuleLifecycle manages a torch.nn.Module, got {type(module).__name__}; "
+            "pass the transformer itself (e.g. pipe.transformer)",
+            module=name,
+        )
+    loaded = State.LOADED
+    policy = LifecyclePolicy() if policy is None else policy
+    compile_plan = CompilePlan() if compile_plan is None else compile_plan
+    serving = ServingPolicy() if serving is None else serving
+    for value, kind, argument in (
+        (policy, LifecyclePolicy, "policy"),
+        (compile_plan, CompilePlan, "compile_plan"),
+        (serving, ServingPolicy, "serving"),
+    ):
+        if not isinstance(value, kind):
+            raise InvalidConfigError(
+                f"{name}: {argument} must be a {kind.__name__}, got {type(value).__name__}",
+                module=name, state=loaded,
+            )
+    assert isinstance(policy, LifecyclePolicy) and isinstance(compile_plan, CompilePlan)
+    assert isinstance(serving, ServingPolicy)
+    if artifact_dir is not None and not isinstance(artifact_dir, (str, os.PathLike)):
+        raise InvalidConfigError(
+            f"{name}: artifact_dir must be a directory path (str or PathLike), got "
+            f"{type(artifact_dir).__name__}", module=name, state=loaded,
+        )
+    if artifact_dir is not None and not os.fspath(artifact_dir):
+        raise InvalidConfigError(
+            f"{name}: artifact_dir is empty (an unset environment variable?); pass a directory "
+            "path to keep compile artifacts, or None to keep none",
+            module=name, state=loaded,
+        )
+    check_not_moved(compile_options, module=name)
+    try:
+        internals.check()
+        chosen = get_backend(backend)  # type: ignore[arg-type]  # the registry refuses a bad one
+    except AdapterError as exc:
+        raise translate_adapter_error(exc, module=name, state=loaded) from exc
+    if cache_adapter is None:
+        cache_adapter = CacheDitAdapter()
+    elif not isinstance(cache_adapter, CacheAdapter):
+        raise InvalidConfigError(
+            f"{name}: cache_adapter must implement adapters.CacheAdapter (mount, refresh, "
+            f"unmount, summary, ...), got {type(cache_adapter).__name__}; leave it None for "
+            "cache-dit's",
+            module=name, state=loaded,
+        )
+    try:
+        # The host's mapping, copied once and never changed; the adapter applies its defaults
+        # to its own copy.
+        options: Any = (
+            dict(compile_options or {})
+            if isinstance(compile_options, Mapping) or compile_options is None else compile_options
+        )
+        torch_options = chosen.validate_options(options)
+        if policy.compile:
+            chosen.validate_plan(compile_plan, torch_options)
+            chosen.validate_for_module(module, torch_options, compile_plan)
+        checked_cache_config = cache_adapter.validate_config(cache_config) if policy.cache_dit else None
+        check_for_module = getattr(cache_adapter, "validate_for_module", None)
+        if policy.cache_dit and callable(check_for_module):
+            check_for_module(module, checked_cache_config)
+    except AdapterError as exc:
+        raise translate_adapter_error(exc, module=name, state=loaded) from exc
+    _refuse_host_compiled(module, name)
+    return LifecycleConfig(
+        name=name, policy=policy, compile_plan=compile_plan, serving=serving, backend=chosen,
+        cache=cache_adapter, compile_options=options, torch_options=torch_options,
+        cache_config=checked_cache_config, artifact_dir=artifact_dir,
+    )
+
+
+def _refuse_host_compiled(module: nn.Module, name: str) -> None:
+    """A module the host compiled in place is refused, never compiled or mounted over:
+    mounting cache-dit now would leave that code on the unwrapped path."""
+    from adapters import _torch_internals as internals
+    from lifecycle.holds import COMPILED
+
+    if COMPILED.holders(module):
+        return  # compiled by another lifecycle: adopted at compile()
+    if internals.is_compiled(module):
+        raise UnsupportedModuleError(
+            f"{name}: the module was already compiled in place by the host "
+            "(module.compile() or a block's); the lifecycle compiles it itself, after mounting "
+            "cache-dit. Pass it uncompiled (set module._compiled_call_impl = None), or do not "
+            "manage it with a lifecycle",
+            module=name, state=State.LOADED,
+        )
+
+
+def _same(a: object, b: object) -> bool:
+    if a is b:
+        return True
+    try:
+        return bool(a == b)
+    except Exception:  # e.g. configs holding tensors
+        return False
+
+
 __all__ = [
+    "LifecycleConfig",
     "MOVED_OPTIONS",
     "ON_UNWARMED",
     "SCOPES",
@@ -164,6 +343,8 @@ __all__ = [
     "OnUnwarmed",
     "Scope",
     "ServingPolicy",
+    "check_lifecycle_arguments",
     "check_not_moved",
     "check_on_unwarmed",
+    "check_steps",
 ]

@@ -36,20 +36,17 @@ from typing import Any
 import torch.distributed as dist
 from torch import nn
 
-from lifecycle import walk
 from lifecycle.errors import (
+    REFUSALS,
     DistributedTransitionError,
-    IllegalTransitionError,
     InvalidConfigError,
     LifecycleError,
     RankDivergenceError,
-    UnsupportedModuleError,
 )
 from lifecycle.module import ModuleLifecycle, WarmupRun
+from lifecycle.preparing import check_prepare_arguments
 from lifecycle.record import Outcome
 from states import State, Trigger
-
-_REFUSALS = (IllegalTransitionError, InvalidConfigError, UnsupportedModuleError)
 
 
 @dataclass(frozen=True)
@@ -99,7 +96,7 @@ class RankVote:
 
     def gather(self, name: str, trigger: str, state: State, error: BaseException | None) -> _Verdict:
         """Every rank's outcome of this attempt, in rank order."""
-        outcome: Outcome = "ok" if error is None else "refused" if isinstance(error, _REFUSALS) else "failed"
+        outcome: Outcome = "ok" if error is None else "refused" if isinstance(error, REFUSALS) else "failed"
         vote = _Vote(self.rank, name, trigger, State(state).value, outcome,
                      None if error is None else _describe(error))
         verdict = _Verdict(tuple(self.exchange(vote)))
@@ -236,8 +233,8 @@ class DistributedLifecycle(ModuleLifecycle):
 
             lc.prepare(lambda module: module(x), num_inference_steps=28)   # on every rank
         """
-        with self._hold(Trigger.WARM_UP):
-            error: BaseException | None = walk.check_prepare_arguments(self, run, num_inference_steps)
+        with self._locked(Trigger.WARM_UP):
+            error: BaseException | None = check_prepare_arguments(self, run, num_inference_steps)
             verdict = self.vote.gather(self.name, "prepare", self.state, error)
             if error is not None:
                 raise error

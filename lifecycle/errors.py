@@ -271,3 +271,11 @@ def translate_adapter_error(
     else:
         kind = TransitionFailedError
     return kind(f"{module}: {error}", module=module, state=state, trigger=trigger)
+
+
+# A refusal: the trigger or request was not legal now, or an argument was bad; nothing ran.
+# Anything else a transition or request raises is a failure. The audit's outcome, the rank vote
+# and the request events all read this one table.
+REFUSALS: tuple[type[LifecycleError], ...] = (
+    IllegalTransitionError, InvalidConfigError, UnsupportedModuleError, UnwarmedShapeError,
+)

@@ -1,11 +1,11 @@
 """Which lifecycles hold a piece of in-place module state (compiled code, a cache-dit mount), and
-which lifecycles share one module.
+which lifecycles drive one module.
 
-Two lifecycles may share one ``nn.Module`` when they would drive it the same way (same policy,
-cache config and compile options): they share its lock, so their requests and transitions on it
+Two lifecycles may drive one ``nn.Module`` when they would drive it the same way (same policy,
+cache config and compile options): they hold its one lock, so their requests and transitions on it
 run one at a time, and the module's state is what both promise. The first to compile compiles,
 the others adopt; only the last to let go (``reset``) undoes it. Lifecycles that would drive the
-module differently are refused while the other is past Loaded (``ModuleLifecycle.check_sharing``
+module differently are refused while the other is past Loaded (``ModuleLifecycle._check_drivers``
 raises ``InvalidConfigError`` naming the other).
 
 Locks: each module has its own lock for its hold bookkeeping and the work done under it; the
@@ -103,7 +103,7 @@ class ModuleHolds:
         return frozenset() if entry is None else entry.snapshot()
 
 
-class ModuleShare:
+class ModuleDrivers:
     """The lifecycles over one module and the lock they share."""
 
     __slots__ = ("lock", "members")
@@ -118,32 +118,32 @@ class ModuleShare:
         self.members.append(weakref.ref(lifecycle))
 
     @property
-    def shared(self) -> bool:
+    def several(self) -> bool:
         """Whether more than one lifecycle was registered over the module (a cheap first check)."""
         return len(self.members) > 1
 
 
-class ModuleShares:
+class DriverRegistry:
     """The lifecycles over each module, and the one lock they share."""
 
     def __init__(self) -> None:
-        self._shares: weakref.WeakKeyDictionary[nn.Module, ModuleShare] = weakref.WeakKeyDictionary()
+        self._by_module: weakref.WeakKeyDictionary[nn.Module, ModuleDrivers] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
 
-    def join(self, module: nn.Module, lifecycle: object) -> ModuleShare:
-        """Register ``lifecycle`` over ``module``; return the share (its ``lock`` is the one every
+    def join(self, module: nn.Module, lifecycle: object) -> ModuleDrivers:
+        """Register ``lifecycle`` over ``module``; return its drivers (their ``lock`` is the one every
         lifecycle over the module holds)."""
         with self._lock:
-            share = self._shares.get(module)
-            if share is None:
-                share = self._shares[module] = ModuleShare()
-            share.add(lifecycle)
-            return share
+            drivers = self._by_module.get(module)
+            if drivers is None:
+                drivers = self._by_module[module] = ModuleDrivers()
+            drivers.add(lifecycle)
+            return drivers
 
     def others(self, module: nn.Module, lifecycle: object) -> list[object]:
         with self._lock:
-            share = self._shares.get(module)
-            refs = list(share.members) if share is not None else []
+            drivers = self._by_module.get(module)
+            refs = list(drivers.members) if drivers is not None else []
         return [o for o in (ref() for ref in refs) if o is not None and o is not lifecycle]
 
 
@@ -152,4 +152,4 @@ COMPILED = ModuleHolds("compiled code")
 # cache-dit's hooks mounted on the module.
 CACHE_MOUNTS = ModuleHolds("cache-dit mount")
 # The lifecycles over each module.
-SHARES = ModuleShares()
+DRIVERS = DriverRegistry()

@@ -73,7 +73,7 @@ def _aborted(event: EventData) -> None:
 
 
 # transitions logs each callback run and each state entered or left at INFO: four records per
-# trigger, which under a host's INFO root logger cost ~5x the trigger. The lifecycle's audit is
+# trigger, which under a host's INFO root logger cost several times the trigger. The lifecycle's audit is
 # the record of its transitions, so its own machines skip those records (overriding the methods
 # that write them); transitions' logger, and every other machine in the process, stay as the
 # host configured them.
@@ -108,7 +108,7 @@ def machine_for(policy: LifecyclePolicy) -> Machine:
     return _QuietMachine(
         model=None,
         # States by their string values: transitions reads an Enum state's name through enum's
-        # descriptor a dozen times per trigger (~4 us of ~30).
+        # descriptor a dozen times per trigger.
         states=[state.value for state in State],
         transitions=[
             {"trigger": edge.trigger.value, "source": edge.source.value, "dest": edge.dest.value}

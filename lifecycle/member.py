@@ -3,7 +3,7 @@
 ``ModuleLifecycle`` is the one implementation; the warm-up (``lifecycle.warmup``) and the
 request scope (``lifecycle.serving``) are written against this protocol, so neither imports the
 lifecycle, and the pipeline drives its members through the very same code as a lone module.
-Everything here is read-only or a method of the object that owns the field.
+Everything here is read-only, or a method through which the lifecycle applies a result.
 """
 
 from __future__ import annotations
@@ -14,12 +14,9 @@ from torch import nn
 
 from adapters import BackendAdapter
 from adapters.aot_session import AotSession
-from adapters.calls import SharedDims
-from lifecycle.buckets import BucketBook
 from lifecycle.config import ServingPolicy
-from lifecycle.context import CacheContext
-from lifecycle.counters import ServingCounters
 from lifecycle.locking import OwnerLock
+from lifecycle.serving_state import RequestResult, ServingState
 from states import LifecyclePolicy, State
 
 
@@ -44,21 +41,22 @@ class Member(Protocol):
     @property
     def serving(self) -> ServingPolicy: ...
 
-    # The plumbing, private to the package: each object owns its fields.
-    _context: CacheContext
-    _book: BucketBook
-    _counters: ServingCounters
+    # The plumbing, private to the package. The serving state is read here and written by its
+    # lifecycle only: the request scope hands its results to the methods below.
+    _serving_state: ServingState
     _lock: OwnerLock
-    # Whether the buckets share dynamic graphs (decided before the compile), and the dims the
-    # latest warm-up marked dynamic.
-    _shares_graphs: bool
-    _shared_dims: SharedDims
     # The fields every audit event of this lifecycle starts from (never mutate it).
     _base: dict[str, Any]
     # Ahead-of-time blocks (None: the plan compiles just in time, or not at all).
     _aot: AotSession | None
 
     def _audit_fields(self) -> dict[str, Any]: ...
+
+    def _request_started(self, active: object) -> None: ...
+
+    def _request_cancelled(self) -> None: ...
+
+    def _request_ended(self, result: RequestResult) -> int: ...
 
 
 __all__ = ["Member"]

@@ -1,72 +1,64 @@
 """``ModuleLifecycle``: one transformer's walk Loaded -> CacheMounted -> Compiled -> WarmedUp.
 
-Every trigger is fired on the policy's transitions machine (``lifecycle.machine``), which decides
-legality from the states table. The work runs in the machine's ``before`` callback, so work that
-raises leaves the state unchanged; the commit hook (``lifecycle.commit``) agrees before the state
-moves; the audit event is written from the machine's ``after`` / ``on_exception`` callbacks.
-
-The lifecycle owns its fields and is their one writer. The jobs around it are objects that
-return results or own their own data: the warm-up (``lifecycle.warmup``) returns a
-``WarmupResult`` that the lifecycle applies to itself; buckets and misses are a ``BucketBook``
-(``lifecycle.buckets``); the cache context is a ``CacheContext`` (``lifecycle.context``); a
-request is a ``RequestScope`` (``lifecycle.serving``), the same one a pipeline uses; the prepare
-walk is ``lifecycle.walk``'s, the same one a pipeline uses.
+The lifecycle owns the work of each trigger and applies what its helpers return; each helper
+owns its own fields:
+- ``lifecycle.config`` checks the constructor's arguments (a ``LifecycleConfig``);
+- ``lifecycle.runner`` fires the triggers: state, legality, commit, audit, history;
+- ``lifecycle.serving_state`` holds what warm-ups and requests leave behind; the warm-up
+  (``lifecycle.warmup``) and the request scope (``lifecycle.serving``) return their results to
+  the lifecycle, which applies them there;
+- ``prepare`` walks the states table's remaining path (``states.remaining_path``) through the
+  lifecycle's own steps; a pipeline's walk (``lifecycle.walk``) calls the same steps.
 """
 
 from __future__ import annotations
 
 import os
-import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from functools import partial
 from types import MappingProxyType
 from typing import Any
 
 from torch import nn
 
-from adapters import BackendAdapter, CacheDitAdapter, get_backend
-from adapters import _torch_internals as internals
+from adapters import BackendAdapter
 from adapters.aot_session import AotReport, AotSession
 from adapters.artifact_session import ArtifactSession
 from adapters.artifacts import ArtifactKey, ArtifactReport, build_key
-from adapters.calls import SharedDims
 from adapters.errors import AdapterError
 from adapters.protocols import CacheAdapter
-from lifecycle import audit, walk
 from lifecycle.audit import signals
-from lifecycle.buckets import BucketBook
 from lifecycle.commit import CommitHook, LocalCommit
-from lifecycle.config import CompilePlan, ServingPolicy, check_not_moved
+from lifecycle.config import CompilePlan, ServingPolicy, check_lifecycle_arguments, check_steps
 from lifecycle.context import CacheContext
-from lifecycle.counters import ServingCounters
 from lifecycle.errors import (
-    AuditWriteError,
-    IllegalTransitionError,
     InvalidConfigError,
     LifecycleError,
-    PeerFailedError,
-    RankDivergenceError,
-    TransitionFailedError,
     UnsupportedModuleError,
     translate_adapter_error,
 )
-from lifecycle.holds import CACHE_MOUNTS, COMPILED, SHARES
-from lifecycle.locking import LockConflict, OwnerLock
-from lifecycle.machine import MachineError, StateHolder, events_for
-from lifecycle.record import Outcome, TransitionRecord, emit_checked, warn_unwritten
+from lifecycle.holds import CACHE_MOUNTS, COMPILED, DRIVERS
+from lifecycle.locking import OwnerLock
+from lifecycle.preparing import AsyncPrepare, check_callable, check_prepare_arguments, check_shapes_audited
+from lifecycle.record import TransitionRecord, emit_checked, warn_unwritten
+from lifecycle.runner import HISTORY_LIMIT, TransitionRunner, TransitionStep
 from lifecycle.serving import RequestRecord, RequestScope, refuse_trigger_inside_request
-from lifecycle.warmup import MAX_WARMUP_RUNS, MemberWarmup, WarmupCoverageWarning, call_at_shape
-from states import LifecyclePolicy, State, Trigger, allowed_triggers, destination, explain_illegal
+from lifecycle.serving_state import RequestResult, ServingState
+from lifecycle.warmup import (
+    MAX_WARMUP_RUNS,
+    Buckets,
+    MemberWarmup,
+    WarmupCoverageWarning,
+    buckets_to_warm,
+    call_at_shape,
+    run_warmup,
+)
+from states import LifecyclePolicy, State, Trigger, allowed_triggers, destination, remaining_path
 
 WarmupRun = Callable[..., object]
-HISTORY_LIMIT = 10_000
-_REFUSALS = (IllegalTransitionError, InvalidConfigError, UnsupportedModuleError)
-_WARMED_UP = State.WARMED_UP.value
-_STATES: dict[str, State] = {state.value: state for state in State}
 
 __all__ = [
     "HISTORY_LIMIT",
@@ -79,144 +71,14 @@ __all__ = [
     "WarmupRun",
 ]
 
-
 # The plan an ahead-of-time compile falls back to when no trusted package can serve the blocks.
 _JUST_IN_TIME_BLOCKS = CompilePlan(scope="blocks")
-# Triggers whose work takes the module out of service while it runs (probes answer not ready).
-_UNREADY_WHILE_RUNNING = frozenset({Trigger.RESET, Trigger.INVALIDATE, Trigger.WARM_UP})
-# Read on every trigger: a module constant is a third of the cost of an enum class attribute.
+_WARMED_UP = State.WARMED_UP.value
 _LOADED = State.LOADED
 _RESET = Trigger.RESET
 
 
-class TransitionStep:
-    """One trigger attempt, run by the machine's callbacks (``lifecycle.machine.Attempt``).
-
-    The work gets it: ``extra`` holds fields for the audit event, ``on_undo`` registers how to take
-    the work back should the commit hook refuse the commit (a peer rank failed).
-    """
-
-    __slots__ = (
-        "after_error", "done", "extra", "lc", "source", "started", "trigger", "undo", "voted",
-        "work", "worked",
-    )
-
-    def __init__(self, lc: ModuleLifecycle, trigger: Trigger, work: Callable[[TransitionStep], None]) -> None:
-        self.lc = lc
-        self.trigger = trigger
-        self.work = work
-        self.source = _STATES[lc._holder.state]
-        self.started = time.perf_counter()
-        self.extra: dict[str, Any] = {}
-        self.undo: list[Callable[[], None]] | None = None  # made on first use: several works add none
-        self.voted = self.worked = self.done = False
-        self.after_error: BaseException | None = None
-
-    def on_undo(self, undo: Callable[[], None]) -> None:
-        if self.undo is None:
-            self.undo = [undo]
-        else:
-            self.undo.append(undo)
-
-    # ------------------------------------------------------------------ machine callbacks
-    def run(self) -> None:
-        lc = self.lc
-        trigger = self.trigger
-        if lc._counters.active is not None:
-            refuse_trigger_inside_request(lc, trigger)
-        if trigger in _UNREADY_WHILE_RUNNING:
-            lc._set_unready(trigger)
-        if self.source is _LOADED and trigger is not _RESET:
-            lc._check_sharing(trigger)
-        self.work(self)
-        self.worked = self.voted = True
-        commit = lc._commit
-        if not commit.votes:  # a single process: the local outcome is the outcome
-            return
-        if trigger is _RESET:
-            # An unmount cannot be undone: commit, then tell the caller what the others did.
-            try:
-                failed = commit.agree(lc.name, trigger._value_, self.source, None)
-            except BaseException as exc:
-                self.after_error = exc
-                return
-            if failed:
-                self.after_error = commit.committed_anyway(lc.name, _LOADED, failed)
-            return
-        failed = commit.agree(lc.name, trigger._value_, self.source, None)
-        if failed:
-            text = "; ".join(f"rank {rank} ({what})" for rank, what in sorted(failed.items()))
-            raise PeerFailedError(f"failed on {text}", failed)
-
-    def committed(self) -> None:
-        self.done = True
-        lc = self.lc
-        if lc._unready_for is not None:
-            lc._set_unready(None)
-        dest = _STATES[lc._holder.state]
-        lost = lc._record(self.trigger, self.source, dest, "ok", self.started, None, self.extra)
-        if self.after_error is not None:
-            if lost is not None:
-                warn_unwritten(audit.TRANSITION_EVENT, lc.name, lost, self.after_error)
-            raise self.after_error
-        if lost is not None:
-            raise AuditWriteError(
-                f"{lc.name}: {self.trigger.value} succeeded and the state is now {dest.value}, but "
-                f"its audit event could not be written ({type(lost).__name__}: {lost}). The "
-                "lifecycle keeps working; fix the audit sink.",
-                module=lc.name, state=dest, trigger=self.trigger,
-            ) from lost
-
-    def aborted(self, error: BaseException) -> None:
-        if self.lc._unready_for is self.trigger:
-            self.lc._set_unready(None)
-        if self.done:  # raised after the commit (a lost audit write, a reset's late verdict)
-            raise error
-        lc = self.lc
-        trigger, source = self.trigger, self.source
-        if self.worked and self.undo is not None:
-            for undo in reversed(self.undo):
-                undo()
-        if isinstance(error, MachineError):
-            error = IllegalTransitionError(
-                module=lc.name, state=source, trigger=trigger,
-                reason=explain_illegal(lc.policy, source, trigger),
-                allowed=allowed_triggers(lc.policy, source),
-            )
-        if isinstance(error, _REFUSALS):
-            lost = lc._record(trigger, source, source, "refused", self.started, error, self.extra)
-            if not self.voted:
-                self.voted = True
-                lc._commit.agree(lc.name, trigger.value, source, error)
-            if lost is not None:
-                warn_unwritten(audit.TRANSITION_EVENT, lc.name, lost, error)
-            raise error
-        nested = isinstance(error, TransitionFailedError) and error.module is not None
-        cause = error.__cause__ if nested and error.__cause__ is not None else error
-        failed: Mapping[int, str] | None = None
-        vote_error: BaseException | None = None
-        if not self.voted:
-            self.voted = True
-            try:
-                failed = lc._commit.agree(lc.name, trigger.value, source, cause)
-            except BaseException as exc:
-                vote_error = exc
-        elif isinstance(error, PeerFailedError):
-            failed = error.failed_ranks
-        lost = lc._record(trigger, source, source, "failed", self.started, cause, self.extra)
-        if isinstance(cause, (KeyboardInterrupt, SystemExit)):
-            raise cause
-        if vote_error is not None:
-            raise vote_error
-        if isinstance(cause, RankDivergenceError):
-            raise cause from None
-        typed = lc._commit.failure(lc.name, trigger, source, cause, failed)
-        if lost is not None:
-            warn_unwritten(audit.TRANSITION_EVENT, lc.name, lost, typed)
-        raise typed from cause
-
-
-class ModuleLifecycle:
+class ModuleLifecycle(AsyncPrepare):
     """An explicit, audited lifecycle for one transformer module.
 
     Thread-safe: every trigger and every request holds the lifecycle's lock (re-entrant for its
@@ -268,86 +130,25 @@ class ModuleLifecycle:
         artifact_dir: str | os.PathLike[str] | None = None,
         commit: CommitHook | None = None,
     ) -> None:
-        if not isinstance(name, str) or not name:
-            raise InvalidConfigError(f"name must be a non-empty str, got {name!r}")
-        if not isinstance(module, nn.Module):
-            raise UnsupportedModuleError(
-                f"{name}: ModuleLifecycle manages a torch.nn.Module, got {type(module).__name__}; "
-                "pass the transformer itself (e.g. pipe.transformer)",
-                module=name,
-            )
-        loaded = State.LOADED
-        policy = LifecyclePolicy() if policy is None else policy
-        compile_plan = CompilePlan() if compile_plan is None else compile_plan
-        serving = ServingPolicy() if serving is None else serving
-        for value, kind, argument in (
-            (policy, LifecyclePolicy, "policy"),
-            (compile_plan, CompilePlan, "compile_plan"),
-            (serving, ServingPolicy, "serving"),
-        ):
-            if not isinstance(value, kind):
-                raise InvalidConfigError(
-                    f"{name}: {argument} must be a {kind.__name__}, got {type(value).__name__}",
-                    module=name, state=loaded,
-                )
-        if artifact_dir is not None and not isinstance(artifact_dir, (str, os.PathLike)):
-            raise InvalidConfigError(
-                f"{name}: artifact_dir must be a directory path (str or PathLike), got "
-                f"{type(artifact_dir).__name__}", module=name, state=loaded,
-            )
-        if artifact_dir is not None and not os.fspath(artifact_dir):
-            raise InvalidConfigError(
-                f"{name}: artifact_dir is empty (an unset environment variable?); pass a directory "
-                "path to keep compile artifacts, or None to keep none",
-                module=name, state=loaded,
-            )
-        check_not_moved(compile_options, module=name)
+        config = check_lifecycle_arguments(
+            module, name, policy, backend, cache_config, compile_options,
+            compile_plan=compile_plan, serving=serving, cache_adapter=cache_adapter,
+            artifact_dir=artifact_dir,
+        )
+        policy, compile_plan = config.policy, config.compile_plan
+        self._config = config
         self._name = name
         self._policy = policy
         self._plan = compile_plan
-        self._serving = serving
+        self._serving = config.serving
         self._module_id = uuid.uuid4().hex[:12]
         self._module = module
-        self._commit: CommitHook = commit if commit is not None else LocalCommit()
-        self._holder = StateHolder()
-        self._events = events_for(policy)
-        # The trigger whose work is running now, when it makes the module unfit to serve (a
-        # reset, an invalidate, a re-warm-up): ``ready`` answers False from its first moment.
-        self._unready_for: Trigger | None = None
-        self._seq = 0
-        # Each record as a plain tuple, made a TransitionRecord when ``history`` is read: one is
-        # appended per trigger, and reads are rare. The latest HISTORY_LIMIT only (the audit
-        # keeps every one). Its own lock: reads never wait for a request.
-        self._history: deque[tuple[Any, ...]] = deque(maxlen=HISTORY_LIMIT)
-        self._history_lock = threading.Lock()
+        self._backend: BackendAdapter = config.backend
+        self._cache: CacheAdapter = config.cache
+        self._compile_options = config.compile_options
+        self._torch_options = config.torch_options
+        self._cache_config: Any = config.cache_config
         try:
-            internals.check()
-            self._backend: BackendAdapter = get_backend(backend)
-        except AdapterError as exc:
-            raise translate_adapter_error(exc, module=name, state=loaded) from exc
-        if cache_adapter is None:
-            cache_adapter = CacheDitAdapter()
-        elif not isinstance(cache_adapter, CacheAdapter):
-            raise InvalidConfigError(
-                f"{name}: cache_adapter must implement adapters.CacheAdapter (mount, refresh, "
-                f"unmount, summary, ...), got {type(cache_adapter).__name__}; leave it None for "
-                "cache-dit's",
-                module=name, state=loaded,
-            )
-        self._cache: CacheAdapter = cache_adapter
-        try:
-            # The host's mapping, copied once and never changed; the adapter applies its
-            # defaults to its own copy.
-            self._compile_options: dict[str, Any] = dict(compile_options or {}) if isinstance(
-                compile_options, Mapping) or compile_options is None else compile_options
-            self._torch_options = self._backend.validate_options(self._compile_options)
-            if policy.compile:
-                self._backend.validate_plan(compile_plan, self._torch_options)
-                self._backend.validate_for_module(module, self._torch_options, compile_plan)
-            self._cache_config: Any = self._cache.validate_config(cache_config) if policy.cache_dit else None
-            check_config = getattr(self._cache, "validate_for_module", None)
-            if policy.cache_dit and callable(check_config):
-                check_config(module, self._cache_config)
             self._artifacts = (
                 ArtifactSession(artifact_dir) if artifact_dir is not None and policy.compile else None
             )
@@ -355,36 +156,30 @@ class ModuleLifecycle:
             # temporary directory for this process.
             self._aot = AotSession(artifact_dir) if compile_plan.ahead_of_time and policy.compile else None
         except AdapterError as exc:
-            raise translate_adapter_error(exc, module=name, state=loaded) from exc
+            raise translate_adapter_error(exc, module=name, state=State.LOADED) from exc
+        commit = commit if commit is not None else LocalCommit()
         self._base: dict[str, Any] = {
             "module": name,
             "module_id": self._module_id,
             "backend": self._backend.name,
             "policy": policy.as_dict(),
-            **self._commit.audit_fields(),
+            **commit.audit_fields(),
         }
         self._context = CacheContext(
             module, self._cache, self._cache_config, enabled=policy.cache_dit, base_fields=self._base
         )
-        self._book = BucketBook()
-        self._counters = ServingCounters()
-        # Whether the buckets share dynamic graphs: decided before the compile (never written
-        # into compile_options), and the dims the latest warm-up marked dynamic.
-        self._shares_graphs = False
-        self._shared_dims: SharedDims = {}
+        self._serving_state = ServingState(self._context)
         self._aot_report: AotReport | None = None
         self._compiles = 0
         self._compile_s = 0.0
-        self._warmup_s = 0.0
-        self._covered: bool | None = None
-        self._refuse_host_compiled(module)
         # Lifecycles over one module share its lock (lifecycle.holds); registered last, so a
         # construction that failed above leaves no trace.
-        self._share = SHARES.join(module, self)
-        self._lock: OwnerLock = self._share.lock
+        self._drivers = DRIVERS.join(module, self)
+        self._lock: OwnerLock = self._drivers.lock
+        self._runner = TransitionRunner(name, policy, self._base, commit, self._lock, self._guard)
         self._mount_hold = CACHE_MOUNTS.hold(module)
         self._compiled_hold = COMPILED.hold(module)
-        self._check_sharing(None)
+        self._check_drivers(None)
 
     # ------------------------------------------------------------------ configuration (read-only)
     @property
@@ -436,7 +231,7 @@ class ModuleLifecycle:
             if lc.state is State.LOADED:
                 lc.prepare(run)
         """
-        return _STATES[self._holder.state]
+        return self._runner.state
 
     @property
     def ready(self) -> bool:
@@ -449,10 +244,10 @@ class ModuleLifecycle:
             status = 200 if lc.ready else 503   # a readiness probe
         """
         return (
-            self._holder.state == _WARMED_UP
-            and self._unready_for is None
+            self._runner.holder.state == _WARMED_UP
+            and self._runner.unready_for is None
             and not self._context.steered
-            and self._book.all_warm
+            and self._serving_state.book.all_warm
         )
 
     @property
@@ -476,9 +271,7 @@ class ModuleLifecycle:
             for record in lc.history:
                 print(record.trigger, record.outcome, record.dest)
         """
-        with self._history_lock:
-            records = tuple(self._history)
-        return tuple(TransitionRecord._make(record) for record in records)
+        return self._runner.history()
 
     def allowed_triggers(self) -> tuple[Trigger, ...]:
         """The triggers the table makes legal in the current state.
@@ -512,7 +305,7 @@ class ModuleLifecycle:
 
             cold = [row for row in lc.coverage() if not row["warmed"]]
         """
-        rows = self._book.coverage()
+        rows = self._serving_state.book.coverage()
         report = self._aot_report
         if report is not None:
             for row in rows:
@@ -527,7 +320,7 @@ class ModuleLifecycle:
             if lc.missed_shapes():
                 lc.warm_up(run, shapes=lc.missed_shapes())
         """
-        return self._book.missed_shapes()
+        return self._serving_state.book.missed_shapes()
 
     def stats(self) -> dict[str, Any]:
         """Compiles, seconds, recompiles since warm-up, requests, cache, artifacts, buckets.
@@ -544,12 +337,8 @@ class ModuleLifecycle:
                 cache_summary = self._cache.summary(self._module).as_dict()
             except Exception:  # a context being rebuilt by a request: report none, never raise
                 cache_summary = None
-        shapes = self._book.stats()
-        shapes.update(
-            on_unwarmed=self._serving.on_unwarmed,
-            shared_graphs=self._shares_graphs,
-            shared_dims={f"{name}[{dim}]": list(bounds) for (name, dim), bounds in self._shared_dims.items()},
-        )
+        serving = self._serving_state
+        shapes = {**serving.stats(), "on_unwarmed": self._serving.on_unwarmed}
         return {
             "module": self._name,
             "state": state.value,
@@ -557,11 +346,11 @@ class ModuleLifecycle:
             "compile_plan": self._plan.as_dict(),
             "compiles": self._compiles,
             "compile_s": self._compile_s,
-            "warmup_s": self._warmup_s,
-            "recompiles_since_warmup": self._counters.recompiles_since_warmup,
+            "warmup_s": serving.warmup_s,
+            "recompiles_since_warmup": serving.recompiles_since_warmup,
             "serving_steps": self._context.serving_steps,
-            "requests": self._counters.requests,
-            "warmup_covered_cached_branch": self._covered,
+            "requests": serving.requests,
+            "warmup_covered_cached_branch": serving.covered,
             "cache": cache_summary,
             "artifacts": self._artifacts.statuses() if self._artifacts is not None else None,
             "ahead_of_time": self._aot_stats(),
@@ -579,151 +368,45 @@ class ModuleLifecycle:
 
     # ------------------------------------------------------------------ the Member protocol
     @property
-    def _serving_steps(self) -> int | None:
-        return self._context.serving_steps
+    def _shares_graphs(self) -> bool:
+        return self._serving_state.shares_graphs
 
     def _audit_fields(self) -> dict[str, Any]:
         """The fields every audit event of this lifecycle starts from (a distributed
         lifecycle's rank and world size come in through its commit hook). A copy."""
         return dict(self._base)
 
-    # ------------------------------------------------------------------ audit
-    def _record(
-        self,
-        trigger: Trigger,
-        source: State,
-        dest: State,
-        outcome: Outcome,
-        started: float,
-        error: BaseException | None = None,
-        extra: Mapping[str, Any] | None = None,
-    ) -> Exception | None:
-        """Append to ``history`` and write the transition event; return the sink's error, if any."""
-        seq = self._seq = self._seq + 1
-        duration_ms = (time.perf_counter() - started) * 1000.0
-        error_text = f"{type(error).__name__}: {error}" if error is not None else None
-        with self._history_lock:
-            self._history.append((seq, trigger, source, dest, outcome, duration_ms, error_text))
-        # ``_value_`` (enum's own slot) rather than ``.value``: the property costs ~0.3 us a read.
-        fields = {
-            **self._base, "trigger": trigger._value_, "source": source._value_, "dest": dest._value_,
-            "outcome": outcome, "duration_ms": round(duration_ms, 3), "seq": seq,
-        }
-        if extra:
-            fields.update(extra)
-        if error is not None:
-            fields["error"] = error_text
-            fields["error_type"] = type(error).__name__
-        # emit_checked(), inline: one call less on every transition.
-        try:
-            audit.emit(audit.TRANSITION_EVENT, outcome, fields)
-        except Exception as exc:  # a host's sink may raise anything (OSError on a full disk)
-            return exc
-        return None
-
     def _refuse(self, error: LifecycleError, trigger: Trigger) -> LifecycleError:
         """Audit a refusal decided before any trigger fired (prepare's arguments, a busy lock)."""
-        source = self.state
-        lost = self._record(trigger, source, source, "refused", time.perf_counter(), error)
-        if lost is not None:
-            warn_unwritten(audit.TRANSITION_EVENT, self._name, lost, error)
-        return error
+        return self._runner.refuse(error, trigger)
 
-    def _set_unready(self, trigger: Trigger | None) -> None:
-        self._unready_for = trigger
+    def _locked(self, trigger: Trigger) -> AbstractContextManager[None]:
+        """Hold this lifecycle's lock for ``trigger`` (a busy one is refused, audited)."""
+        return self._runner.locked(trigger)
 
-    # ------------------------------------------------------------------ the machinery
-    @contextmanager
-    def _hold(self, trigger: Trigger) -> Iterator[None]:
-        """Hold this lifecycle's lock for ``trigger``; another asyncio task of the owner's thread
-        is refused (audited) instead of deadlocking the loop."""
-        self._acquire(trigger)
-        try:
-            yield
-        finally:
-            self._lock.release()
+    def _request_started(self, active: object) -> None:
+        self._serving_state.request_started(active)
 
-    def _acquire(self, trigger: Trigger) -> None:
-        try:
-            self._lock.acquire()
-        except LockConflict as exc:
-            raise self._busy(trigger, exc) from None
+    def _request_cancelled(self) -> None:
+        self._serving_state.request_cancelled()
 
-    def _busy(self, trigger: Trigger, conflict: LockConflict) -> LifecycleError:
-        """Another asyncio task of the owner's thread holds the lock: refused, audited."""
-        error = IllegalTransitionError(
-            module=self._name, state=self.state, trigger=trigger, reason=str(conflict),
-            allowed=allowed_triggers(self._policy, self.state),
-        )
-        return self._refuse(error, trigger)
+    def _request_ended(self, result: RequestResult) -> int:
+        return self._serving_state.request_ended(result)
 
-    def _transition(self, trigger: Trigger, work: Callable[[TransitionStep], None]) -> None:
-        """Run ``work`` as ``trigger``: legal per the table, the state moves only if it succeeds."""
-        try:
-            self._lock.acquire()
-        except LockConflict as exc:
-            raise self._busy(trigger, exc) from None
-        try:
-            self._events[trigger].trigger(self._holder, attempt=TransitionStep(self, trigger, work))
-        finally:
-            self._lock.release()
+    def _guard(self, trigger: Trigger, source: State) -> None:
+        """Before any trigger's work: inside its own request the owner may only refresh, and a
+        module another lifecycle drives differently is refused."""
+        if self._serving_state.active is not None:
+            refuse_trigger_inside_request(self, trigger)
+        if source is _LOADED and trigger is not _RESET:
+            self._check_drivers(trigger)
 
     def _invalid(self, trigger: Trigger, message: str) -> InvalidConfigError:
         return InvalidConfigError(
             f"{self._name}: {message}", module=self._name, state=self.state, trigger=trigger
         )
 
-    def _check_steps(self, trigger: Trigger, steps: object) -> None:
-        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0):
-            raise self._invalid(trigger, f"num_inference_steps must be a positive int, got {steps!r}")
-
-    def _check_callable(self, trigger: Trigger, run: object) -> None:
-        if not callable(run):
-            raise self._invalid(
-                trigger,
-                f"warm-up needs a callable run(module) that makes representative forward calls, "
-                f"got {type(run).__name__}",
-            )
-
-    def _remaining_path(self) -> list[Trigger]:
-        """The triggers from here to WarmedUp along the policy's path, read from the table."""
-        path = self._policy.path
-        state = self.state
-        steps: list[Trigger] = []
-        here = path.index(state)
-        for source, dest in zip(path[here:], path[here + 1 :], strict=False):
-            steps.extend(
-                t for t in (Trigger.MOUNT_CACHE, Trigger.COMPILE, Trigger.WARM_UP)
-                if destination(self._policy, source, t) is dest
-            )
-        return steps
-
-    def _decide_sharing(self, planned: list[dict[str, Any]] | None) -> None:
-        """Before a prepare walks: two or more buckets declared before the compile share dynamic
-        graphs (``ServingPolicy.share_bucket_graphs``), unless compile_options sets ``dynamic``.
-        Once compiled, the choice stands (a later plan cannot change the graphs)."""
-        if not self._policy.compile or self.state in (State.COMPILED, State.WARMED_UP):
-            return
-        self._shares_graphs = bool(
-            self._serving.share_bucket_graphs
-            and "dynamic" not in self._compile_options
-            and planned is not None
-            and len(planned) >= 2
-        )
-
-    # ------------------------------------------------------------------ sharing a module
-    def _compatible(self, other: object) -> bool:
-        return (
-            isinstance(other, ModuleLifecycle)
-            and other._policy == self._policy
-            and other._plan == self._plan
-            and other._serving == self._serving
-            and type(other._cache) is type(self._cache)
-            and _same(other._cache_config, self._cache_config)
-            and _same(other._compile_options, self._compile_options)
-        )
-
-    def _check_sharing(self, trigger: Trigger | None) -> None:
+    def _check_drivers(self, trigger: Trigger | None) -> None:
         """Refuse to drive a module another lifecycle drives differently.
 
         Lifecycles over one module share it only when they would drive it the same way (same
@@ -738,11 +421,12 @@ class ModuleLifecycle:
                 "unmount it first (cache_dit.disable_cache) or use LifecyclePolicy(cache_dit=True)",
                 module=self._name, state=self.state, trigger=trigger,
             )
-        if not self._share.shared:
+        if not self._drivers.several:
             return
-        for other in SHARES.others(self._module, self):
-            driving = isinstance(other, ModuleLifecycle) and other.state is not State.LOADED
-            if driving and isinstance(other, ModuleLifecycle) and not self._compatible(other):
+        for other in DRIVERS.others(self._module, self):
+            if not isinstance(other, ModuleLifecycle) or other.state is State.LOADED:
+                continue
+            if not self._config.drives_alike(other._config):
                 raise InvalidConfigError(
                     f"{self._name}: the module is already driven by lifecycle {other.name!r} "
                     f"(state {other.state.value}, policy {other.policy}) with another policy, plan, "
@@ -751,20 +435,6 @@ class ModuleLifecycle:
                     "its own module, or construct it with the same arguments",
                     module=self._name, state=self.state, trigger=trigger,
                 )
-
-    def _refuse_host_compiled(self, module: nn.Module) -> None:
-        """A module the host compiled in place is refused, never compiled or mounted over:
-        mounting cache-dit now would leave that code on the unwrapped path."""
-        if COMPILED.holders(module):
-            return  # compiled by another lifecycle: adopted at compile()
-        if internals.is_compiled(module):
-            raise UnsupportedModuleError(
-                f"{self._name}: the module was already compiled in place by the host "
-                "(module.compile() or a block's); the lifecycle compiles it itself, after mounting "
-                "cache-dit. Pass it uncompiled (set module._compiled_call_impl = None), or do not "
-                "manage it with a lifecycle",
-                module=self._name, state=State.LOADED,
-            )
 
     # ------------------------------------------------------------------ triggers
     def mount_cache(self) -> None:
@@ -780,7 +450,7 @@ class ModuleLifecycle:
             lc.mount_cache()
             assert lc.state is State.CACHE_MOUNTED
         """
-        self._transition(Trigger.MOUNT_CACHE, self._mount)
+        self._runner.fire(Trigger.MOUNT_CACHE, self._mount)
 
     def _mount(self, step: TransitionStep) -> None:
         module = self._module
@@ -824,18 +494,18 @@ class ModuleLifecycle:
             lc.compile()
             lc.warm_up(run)
         """
-        self._transition(Trigger.COMPILE, self._compile)
+        self._runner.fire(Trigger.COMPILE, self._compile)
 
-    def _compile_for(self, run: WarmupRun, target: object, planned: list[dict[str, Any]] | None) -> None:
+    def _compile_for(self, run: WarmupRun, target: object, declared: list[dict[str, Any]] | None) -> None:
         """The prepare walk's compile: ahead of time, the warm-up callable's calls (one per
         bucket) are the examples each block kind is exported from."""
         if not self._plan.ahead_of_time:
             self.compile()
             return
         call_at = call_at_shape(run, target)
-        shapes: list[dict[str, Any] | None] = list(planned or self._book.declared_shapes()) or [None]
+        shapes: Buckets = list(declared or self._serving_state.book.declared_shapes()) or [None]
         runs = [partial(call_at, shape) for shape in shapes]
-        self._transition(Trigger.COMPILE, lambda step: self._compile(step, runs))
+        self._runner.fire(Trigger.COMPILE, lambda step: self._compile(step, runs))
 
     def _compile_kwargs(self) -> dict[str, Any]:
         """torch.compile's arguments for this compile: the validated options, plus
@@ -907,42 +577,43 @@ class ModuleLifecycle:
         if shapes is None:
             # The transition takes the lock itself: a warm-up is on the per-transition cost's
             # hot path, and a plain one has no argument to refuse before it.
-            walk.warm_together([self], run, self._module, None)
+            self._warm(run, self._module, None)
             return
-        with self._hold(Trigger.WARM_UP):
-            walk.warm_together([self], run, self._module, walk.check_shapes_audited([self], shapes))
+        with self._runner.locked(Trigger.WARM_UP):
+            self._warm(run, self._module, check_shapes_audited([self], shapes))
+
+    def _warm(self, run: WarmupRun, target: object, declared: list[dict[str, Any]] | None) -> None:
+        """This lifecycle's own warm-up at ``declared`` (None: as ``buckets_to_warm`` says)."""
+        buckets = buckets_to_warm(self._serving_state.book, run, declared)
+        call_at = call_at_shape(run, target)
+        self._warm_step(run, buckets, lambda: run_warmup([self], call_at, buckets).members[0])
+
+    def _warm_step(self, run: object, buckets: Buckets, inner: Callable[[], MemberWarmup]) -> None:
+        """The warm_up transition around ``inner``: the warm-up itself, or in a pipeline's
+        joint warm-up the next member's transition (``lifecycle.walk``); it returns this
+        lifecycle's part of the result, applied here."""
+        self._runner.fire(Trigger.WARM_UP, lambda step: self._warmup_step(step, run, buckets, inner))
 
     def _warmup_step(
-        self,
-        step: TransitionStep,
-        run: object,
-        plan: list[dict[str, Any] | None],
-        inner: Callable[[], list[MemberWarmup]],
-        index: int,
+        self, step: TransitionStep, run: object, buckets: Buckets, inner: Callable[[], MemberWarmup]
     ) -> None:
-        """This member's part of a (joint) warm-up: ``run`` must be callable; the declared
-        buckets it is asked to warm are part of the plan from now on (cold until a warm-up
-        succeeds; the implicit bucket joins the plan only when its warm-up did); ``inner`` runs
-        the warm-up (or the next member's transition), and its result for this member is
-        applied here."""
-        self._check_callable(Trigger.WARM_UP, run)
-        if plan[0] is not None or len(plan) > 1:
-            self._book.declare([shape for shape in plan if shape is not None])
+        """The warm_up transition's work: ``run`` must be callable; the declared buckets it is
+        asked to warm are the lifecycle's from now on (cold until a warm-up succeeds; the
+        implicit bucket joins only when its warm-up did); ``inner`` runs the warm-up, and its
+        result is applied here."""
+        check_callable(run, module=self._name, state=step.source, trigger=Trigger.WARM_UP)
+        if buckets[0] is not None or len(buckets) > 1:
+            self._serving_state.declare([shape for shape in buckets if shape is not None])
         if self._aot is not None:
             # Weights replaced since the binding (invalidate after a LoRA fuse, say): the blocks
             # read the new tensors from here on.
             rebound = self._aot.rebind(self._module)
             if rebound:
                 step.extra["aot_rebound_blocks"] = rebound
-        results = inner()
+        result = inner()
         # The warm-up succeeded: its result becomes this lifecycle's.
-        result = results[index]
         extra = step.extra
-        self._book.apply_warmup(result.buckets)
-        self._shared_dims = result.shared_dims
-        self._covered = result.covered
-        self._warmup_s += result.seconds
-        self._counters.warmed()
+        self._serving_state.apply_warmup(result)
         extra.update(result.fields)
         if self._artifacts is not None:
             report = self._artifacts.after_warmup()
@@ -967,17 +638,17 @@ class ModuleLifecycle:
         """
 
         def work(step: TransitionStep) -> None:
-            self._check_steps(Trigger.REFRESH, num_inference_steps)
+            check_steps(num_inference_steps, module=self._name, state=step.source, trigger=Trigger.REFRESH)
             before = self._context.refresh(num_inference_steps)
             steps = self._context.serving_steps
             step.extra["num_inference_steps"] = steps
             step.on_undo(lambda: self._context.undo_refresh(before))
-            active = self._counters.active
+            active = self._serving_state.active
             if active is not None:
                 active.note_refresh(steps)
                 step.extra["request_id"] = active.record.request_id
 
-        self._transition(Trigger.REFRESH, work)
+        self._runner.fire(Trigger.REFRESH, work)
 
     def invalidate(self) -> None:
         """WarmedUp -> the state before it: weights changed, so warm up again before serving.
@@ -992,11 +663,7 @@ class ModuleLifecycle:
             lc.prepare(run)          # warms every bucket again
         """
 
-        def work(step: TransitionStep) -> None:
-            self._covered = None
-            self._book.cool()
-
-        self._transition(Trigger.INVALIDATE, work)
+        self._runner.fire(Trigger.INVALIDATE, lambda step: self._serving_state.invalidate())
 
     def reset(self) -> None:
         """-> Loaded: unmount cache-dit and drop compiled code; the original forward runs again.
@@ -1017,14 +684,9 @@ class ModuleLifecycle:
             # Either is undone only by the last lifecycle holding it (a shared module).
             self._release_cache_mount()
             self._release_compiled()
-            self._covered = None
-            self._context.forget()
-            self._counters.warmed()
-            self._book.forget()
-            self._shares_graphs = False
-            self._shared_dims = {}
+            self._serving_state.forget()
 
-        self._transition(Trigger.RESET, work)
+        self._runner.fire(Trigger.RESET, work)
 
     def _release_cache_mount(self, *, unmount: bool = True) -> None:
         if self._policy.cache_dit:
@@ -1065,23 +727,41 @@ class ModuleLifecycle:
             lc.prepare(lambda module: module(torch.zeros(1, 8)), num_inference_steps=28)
             assert lc.ready
         """
-        with self._hold(Trigger.WARM_UP), signals.preparing(self._name, [self._name]):
-            walk.prepare([self], run, self._module, num_inference_steps, shapes)
+        with self._runner.locked(Trigger.WARM_UP), signals.preparing(self._name, [self._name]):
+            refusal = check_prepare_arguments(self, run, num_inference_steps)
+            if refusal is not None:
+                raise refusal
+            declared = check_shapes_audited([self], shapes)
+            self._begin_prepare(num_inference_steps, declared)
+            if self.state is State.WARMED_UP:
+                book = self._serving_state.book
+                cold = [shape for shape in declared or () if not book.is_warm(shape)]
+                if cold:
+                    self._warm(run, self._module, cold)
+                return
+            self._advance(run, self._module, declared)
+            self._warm(run, self._module, declared)
 
-    async def aprepare(
-        self, run: WarmupRun, num_inference_steps: int | None = None, shapes: Any = None
-    ) -> None:
-        """``prepare`` in a worker thread, so an event loop keeps serving meanwhile.
+    def _begin_prepare(self, steps: int | None, declared: list[dict[str, Any]] | None) -> None:
+        """A prepare's settings, its arguments checked: the serving step count; and, before the
+        compile, whether the buckets share dynamic graphs (two or more declared, unless
+        compile_options sets ``dynamic``). Once compiled, that choice stands."""
+        self._context.set_serving_steps(steps)
+        if self._policy.compile and self.state not in (State.COMPILED, State.WARMED_UP):
+            self._serving_state.decide_sharing(
+                self._serving.share_bucket_graphs
+                and "dynamic" not in self._compile_options
+                and declared is not None
+                and len(declared) >= 2
+            )
 
-        Takes ``prepare``'s arguments and raises its errors.
-
-        Example::
-
-            await lc.aprepare(lambda module: module(torch.zeros(1, 8)))
-        """
-        import asyncio
-
-        await asyncio.to_thread(self.prepare, run, num_inference_steps, shapes)
+    def _advance(self, run: WarmupRun, target: object, declared: list[dict[str, Any]] | None) -> None:
+        """Mount and compile, as the table's remaining path says (the warm-up is left)."""
+        for trigger in remaining_path(self._policy, self.state):
+            if trigger is Trigger.MOUNT_CACHE:
+                self.mount_cache()
+            elif trigger is Trigger.COMPILE:
+                self._compile_for(run, target, declared)
 
     # ------------------------------------------------------------------ artifacts
     def _artifact_key(self) -> ArtifactKey:
@@ -1151,15 +831,6 @@ class ModuleLifecycle:
             [self], steps=num_inference_steps, request_id=request_id, shape=shape, on_unwarmed=on_unwarmed
         ) as records:
             yield records[0]
-
-
-def _same(a: object, b: object) -> bool:
-    if a is b:
-        return True
-    try:
-        return bool(a == b)
-    except Exception:  # e.g. configs holding tensors
-        return False
 
 
 def _cache_version(cache: CacheAdapter) -> str | None:

@@ -10,9 +10,11 @@ from typing import Any
 from lifecycle import walk
 from lifecycle.audit import signals
 from lifecycle.buckets import shape_key
+from lifecycle.config import check_steps
 from lifecycle.errors import InvalidConfigError, LifecycleError, PipelineError
 from lifecycle.member import Member
 from lifecycle.module import ModuleLifecycle
+from lifecycle.preparing import AsyncPrepare, check_shapes_audited
 from lifecycle.serving import RequestRecord, RequestScope
 from states import PROGRESS, State, Trigger
 
@@ -20,7 +22,7 @@ from states import PROGRESS, State, Trigger
 DIFFUSERS_MEMBERS = ("transformer", "transformer_2")
 
 
-class PipelineLifecycle:
+class PipelineLifecycle(AsyncPrepare):
     """Prepares, refreshes, invalidates, resets and serves its members in insertion order.
 
     - ``state`` is the least advanced member's.
@@ -169,7 +171,7 @@ class PipelineLifecycle:
         """Hold every member's lock, in insertion order (the order ``request`` takes them too)."""
         with ExitStack() as stack:
             for member in self.members.values():
-                stack.enter_context(member._hold(trigger))
+                stack.enter_context(member._locked(trigger))
             yield
 
     def _each(self, action: Callable[[ModuleLifecycle], None]) -> None:
@@ -224,9 +226,9 @@ class PipelineLifecycle:
         """
         members = list(self.members.values())
         with self._locked(Trigger.WARM_UP):
-            planned = walk.check_shapes_audited(members, shapes)
+            declared = check_shapes_audited(members, shapes)
             walk.warm_together(
-                members, run, self._warmup_target(), planned, on_member=_member_error, on_joint=_joint_error
+                members, run, self._warmup_target(), declared, on_member=_member_error, on_joint=_joint_error
             )
 
     def prepare(
@@ -258,21 +260,6 @@ class PipelineLifecycle:
                 on_member=_member_error, on_joint=_joint_error,
             )
 
-    async def aprepare(
-        self, run: Callable[..., object], num_inference_steps: int | None = None, shapes: Any = None
-    ) -> None:
-        """``prepare`` in a worker thread, so an event loop keeps serving meanwhile.
-
-        Takes ``prepare``'s arguments and raises its errors.
-
-        Example::
-
-            await plc.aprepare(lambda pipe: pipe(prompt="warm-up", num_inference_steps=28))
-        """
-        import asyncio
-
-        await asyncio.to_thread(self.prepare, run, num_inference_steps, shapes)
-
     def refresh(self, num_inference_steps: int | None = None) -> None:
         """A fresh cache context for every member with cache-dit, each staying in its state.
 
@@ -293,7 +280,9 @@ class PipelineLifecycle:
             cached = [m for m in self.members.values() if m.policy.cache_dit]
             for member in cached:
                 try:
-                    member._check_steps(Trigger.REFRESH, num_inference_steps)
+                    check_steps(
+                        num_inference_steps, module=member.name, state=member.state, trigger=Trigger.REFRESH
+                    )
                     legal = member.can(Trigger.REFRESH)
                 except LifecycleError:
                     legal = False

@@ -15,7 +15,7 @@ Outcome = Literal["ok", "refused", "failed"]
 
 class TransitionRecord(NamedTuple):
     """One trigger attempt, as kept in ``ModuleLifecycle.history``. Immutable; a named tuple
-    because one is built per transition (a frozen dataclass costs 3x to construct).
+    because one is built per transition (a frozen dataclass is slower to construct).
 
     Example::
 

@@ -38,25 +38,24 @@ from adapters.calls import CallDecision, guard_calls, input_signature, signature
 from lifecycle import audit
 from lifecycle.audit import signals
 from lifecycle.buckets import BucketCoverage, ShapeMiss, canonical_shape, shape_key
-from lifecycle.config import OnUnwarmed, check_on_unwarmed
+from lifecycle.config import OnUnwarmed, check_on_unwarmed, check_steps
 from lifecycle.errors import (
+    REFUSALS,
     AuditWriteError,
     IllegalTransitionError,
-    InvalidConfigError,
     LifecycleError,
     PipelineError,
     TransitionFailedError,
-    UnsupportedModuleError,
     UnwarmedShapeError,
 )
 from lifecycle.locking import LockConflict
 from lifecycle.member import Member
 from lifecycle.record import emit_checked, warn_unwritten
+from lifecycle.serving_state import RequestResult
 from states import Trigger, allowed_triggers, destination, explain_illegal
 
 RequestOutcome = Literal["running", "ok", "refused", "failed"]
 SHAPE_MISS_EVENT = "lifecycle.shape_miss"
-_REFUSALS = (IllegalTransitionError, InvalidConfigError, UnsupportedModuleError, UnwarmedShapeError)
 
 
 class _RequestIds:
@@ -139,7 +138,7 @@ class ActiveRequest:
         self.bucket: BucketCoverage | None = None
         self.miss: str | None = None  # None | "shape" | "signature"
         self.sizes: dict[str, list[int]] | None = None
-        self.dims = member._shared_dims
+        self.dims = member._serving_state.shared_dims
         # Ahead-of-time blocks decide per block call whether the packages' bounds cover it (and
         # run that block eagerly when not): the request counts their misses instead.
         aot_session = member._aot
@@ -153,7 +152,7 @@ class ActiveRequest:
 
     def unwarmed_error(self) -> UnwarmedShapeError:
         member = self.member
-        warmed = member._book.warmed_keys()
+        warmed = member._serving_state.book.warmed_keys()
         what = f"shape {self.key!r}" if self.key is not None else f"input sizes {self.sizes}"
         fix = (
             f"warm_up(run, shapes=[{self.shape!r}])"
@@ -171,7 +170,7 @@ class ActiveRequest:
         """The host named the request's shape: a warm bucket serves it, else it is a miss
         (decided now, before anything runs). Returns whether it is a miss."""
         self.key, self.shape = key, shape
-        self.bucket = self.member._book.lookup(key)
+        self.bucket = self.member._serving_state.book.lookup(key)
         if self.bucket is None and compiles and self.aot_misses is None:
             self.miss = "shape"
         return self.miss is not None
@@ -219,9 +218,9 @@ class ActiveRequest:
                 eager, exclusive = self.policy == "eager", self.policy == "compile"
             elif self.bucket is not None:
                 eager = self.bucket.path == "eager"
-        elif self.member._book.knows_signatures():
+        elif self.member._serving_state.book.knows_signatures():
             signature = input_signature(args, kwargs)
-            bucket = self.member._book.bucket_of(signature)
+            bucket = self.member._serving_state.book.bucket_of(signature)
             if bucket is not None:
                 if self.bucket is None:
                     self.bucket = bucket
@@ -325,7 +324,7 @@ class RequestScope:
                         module=member.name, state=state, trigger=Trigger.REQUEST, reason=reason,
                         allowed=allowed_triggers(member.policy, state),
                     )
-                active = member._counters.active
+                active = member._serving_state.active
                 if active is not None:
                     raise IllegalTransitionError(
                         module=member.name, state=state, trigger=Trigger.REQUEST,
@@ -333,13 +332,7 @@ class RequestScope:
                         "thread and requests do not nest (one cache context serves one request)",
                         allowed=(Trigger.REFRESH,),
                     )
-                steps = self.steps
-                bad = isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0
-                if steps is not None and bad:
-                    raise InvalidConfigError(
-                        f"{member.name}: num_inference_steps must be a positive int, got {steps!r}",
-                        module=member.name, state=state, trigger=Trigger.REQUEST,
-                    )
+                check_steps(self.steps, module=member.name, state=state, trigger=Trigger.REQUEST)
                 if self.shape is not None and shape is None:
                     shape = canonical_shape(self.shape, module=member.name)
                 policies.append(
@@ -355,7 +348,7 @@ class RequestScope:
         key = shape_key(shape) if shape is not None else None
         for member, policy in zip(self.members, policies, strict=True):
             try:
-                member._context.fresh(self.steps)
+                member._serving_state.context.fresh(self.steps)
             except Exception as exc:
                 error = TransitionFailedError(
                     f"{member.name}: the request could not start: refreshing cache-dit's context failed "
@@ -366,9 +359,10 @@ class RequestScope:
                 _refuse(member, self.steps, self.request_id, error)
                 self._cancel_started(member, error)
                 raise error from exc
-            record = RequestRecord(self.request_id, self.steps or member._context.serving_steps, shape=key)
+            steps = self.steps or member._serving_state.context.serving_steps
+            record = RequestRecord(self.request_id, steps, shape=key)
             active = ActiveRequest(member, record, policy)
-            member._counters.begin(active)
+            member._request_started(active)
             self._actives.append(active)
             if shape is not None and key is not None:
                 if active.name_shape(key, shape, compiles=member.policy.compile):
@@ -383,7 +377,7 @@ class RequestScope:
         """Members started before ``member`` could not start: take them back, audited refused."""
         while self._actives:
             active = self._actives.pop()
-            active.member._counters.cancel()
+            active.member._request_cancelled()
             active.take_back()
             reason = (
                 PipelineError(
@@ -446,13 +440,30 @@ def _finish(active: ActiveRequest, error: BaseException | None) -> AuditWriteErr
     new_graphs = max(0, member.backend.graph_count() - active.graphs_before)
     cached = cfg_cached = 0
     if member.policy.cache_dit:
-        summary = member._context.cache.summary(member.module)
+        summary = member._serving_state.context.cache.summary(member.module)
         cached, cfg_cached = summary.cached_steps, summary.cfg_cached_steps
     # A request refused mid-way at an unwarmed shape (on_unwarmed="fail") ran nothing.
     refused = isinstance(error, UnwarmedShapeError)
     outcome: RequestOutcome = "ok" if error is None else "refused" if refused else "failed"
     active.complete(new_graphs, cached, cfg_cached, outcome)
-    recompiles = member._counters.end(record.new_graphs, compiles=member.policy.compile)
+    aot_session = member._aot
+    if active.aot_misses is not None and aot_session is not None:
+        if aot_session.misses(member.module) > active.aot_misses:
+            active.note_aot_miss()
+    miss: ShapeMiss | None = None
+    if active.miss is not None:
+        miss = ShapeMiss(
+            record.request_id, active.key, active.shape, active.policy, active.miss,
+            record.duration_ms, record.new_graphs, active.sizes,
+        )
+    served = (
+        (active.bucket.key, record.duration_ms / 1000.0)
+        if miss is None and active.bucket is not None and error is None else None
+    )
+    # The request's result, applied by its lifecycle.
+    recompiles = member._request_ended(
+        RequestResult(record.new_graphs, member.policy.compile, miss, served)
+    )
     fields = _fields(member, record.request_id, record.num_inference_steps)
     fields.update(
         cached_steps=record.cached_steps,
@@ -473,23 +484,12 @@ def _finish(active: ActiveRequest, error: BaseException | None) -> AuditWriteErr
             **member._audit_fields(), "request_id": record.request_id, "new_graphs": record.new_graphs,
             "recompiles_since_warmup": recompiles,
         })
-    aot_session = member._aot
-    if active.aot_misses is not None and aot_session is not None:
-        if aot_session.misses(member.module) > active.aot_misses:
-            active.note_aot_miss()
-    if active.miss is not None:
-        miss = ShapeMiss(
-            record.request_id, active.key, active.shape, active.policy, active.miss,
-            record.duration_ms, record.new_graphs, active.sizes,
-        )
-        member._book.note_miss(miss)
+    if miss is not None:
         outcome = "refused" if refused else "ok" if error is None else "failed"
         lost = lost or emit_checked(
             SHAPE_MISS_EVENT, "refused" if outcome != "failed" else "failed",
             {**member._audit_fields(), **miss.as_dict(), "outcome": outcome},
         )
-    elif active.bucket is not None and error is None:
-        member._book.note_request(active.bucket.key, record.duration_ms / 1000.0)
     if lost is None:
         return None
     if error is not None:
@@ -510,7 +510,7 @@ def _refuse(
 ) -> None:
     """Audit a request that never ran: refused (not legal now, bad arguments) or failed (legal,
     but starting it raised)."""
-    outcome = "refused" if refused or isinstance(error, _REFUSALS) else "failed"
+    outcome = "refused" if refused or isinstance(error, REFUSALS) else "failed"
     fields = _fields(member, request_id, steps)
     fields.update(
         cached_steps=0, new_graphs=0, duration_ms=0.0, outcome=outcome,
@@ -531,7 +531,7 @@ def _fields(member: Member, request_id: str | None, steps: int | None) -> dict[s
 def refuse_trigger_inside_request(member: Member, trigger: Trigger) -> None:
     """Inside its own request the owner may only refresh: anything else would wait on itself or
     change the module under the request."""
-    active = member._counters.active
+    active = member._serving_state.active
     if active is not None and trigger is not Trigger.REFRESH:
         raise IllegalTransitionError(
             module=member.name, state=member.state, trigger=trigger,

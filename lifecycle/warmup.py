@@ -18,6 +18,7 @@ compiled and once more eager; requests at a bucket where eager was faster run ea
 
 from __future__ import annotations
 
+import inspect
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -36,10 +37,11 @@ from adapters.calls import (
     with_shared_dims,
 )
 from lifecycle import audit
-from lifecycle.buckets import IMPLICIT_KEY, BucketWarmup, shape_key
+from lifecycle.buckets import IMPLICIT_KEY, BucketBook, BucketWarmup, shape_key
 from lifecycle.errors import TransitionFailedError
 from lifecycle.member import Member
 from lifecycle.record import emit_checked, warn_unwritten
+from lifecycle.serving_state import MemberWarmup
 
 # The warm-up calls run at most this many rounds per bucket while cache-dit's context is
 # steered towards its cached branch; a warm-up that makes one denoising step needs three.
@@ -48,6 +50,8 @@ WARMUP_SHAPE_EVENT = "lifecycle.warmup_shape"
 WARMUP_SETTLE_EVENT = "lifecycle.warmup_settle"
 WARMUP_PATH_EVENT = "lifecycle.warmup_path"
 CallAt = Callable[[dict[str, Any] | None], object]
+# The buckets one warm-up warms, in order: a declared shape, or None for the implicit bucket.
+Buckets = list[dict[str, Any] | None]
 
 
 class WarmupCoverageWarning(UserWarning):
@@ -58,17 +62,6 @@ class WarmupCoverageWarning(UserWarning):
         import warnings
         warnings.simplefilter("error", WarmupCoverageWarning)  # fail a deploy instead
     """
-
-
-class MemberWarmup(NamedTuple):
-    """What one warm-up did for one member."""
-
-    buckets: tuple[BucketWarmup, ...]
-    shared_dims: SharedDims
-    covered: bool
-    seconds: float
-    # Fields for the member's warm_up transition event.
-    fields: dict[str, Any]
 
 
 class WarmupResult(NamedTuple):
@@ -86,6 +79,40 @@ def call_at_shape(run: Callable[..., object], target: object) -> CallAt:
         return run(target) if shape is None else run(target, shape)
 
     return call_at
+
+
+def buckets_to_warm(
+    book: BucketBook, run: Callable[..., object], declared: list[dict[str, Any]] | None
+) -> Buckets:
+    """What a warm-up warms: the ``declared`` buckets it names; else, when buckets were declared
+    before, the cold ones (all of them when none is: warm everything again, after
+    ``invalidate``); else the implicit bucket (a plain warm-up)."""
+    if declared is not None:
+        return list(declared)
+    if not book.any_declared:
+        return [None]
+    rows = book.rows()
+    # Declared buckets first, the implicit one after them (the order they were added in).
+    rows.sort(key=lambda row: row[0] is None)
+    cold: Buckets = [shape for shape, warm in rows if not warm]
+    buckets: Buckets = cold or [shape for shape, _ in rows]
+    # A declared bucket is warmed with run(target, shape), the implicit one with run(target):
+    # the implicit one is left out when run needs a shape. It stays cold and ``ready`` says so,
+    # never a warm-up that fails on the callable's arity.
+    if None in buckets and not _takes(run, 1):
+        buckets = [shape for shape in buckets if shape is not None]
+    return buckets or [None]
+
+
+def _takes(run: Callable[..., object], count: int) -> bool:
+    """Whether ``run`` can be called with ``count`` positional arguments (True when unknown)."""
+    try:
+        inspect.signature(run).bind(*range(count))
+    except TypeError:
+        return False
+    except ValueError:  # no signature (a builtin): let the call decide
+        return True
+    return True
 
 
 # ---------------------------------------------------------------------------- per-bucket calls
@@ -107,7 +134,7 @@ class _Seen:
         self.last: Any = None
 
     def covered(self) -> bool:
-        return self.member._context.covered() if self.check else True
+        return self.member._serving_state.context.covered() if self.check else True
 
     def close_segment(self) -> None:
         if self.last is not None:
@@ -130,9 +157,9 @@ class _Seen:
             self.close_segment()
             if member.policy.cache_dit:
                 if self.steered:
-                    member._context.steer()
+                    member._serving_state.context.steer()
                 else:
-                    member._context.fresh()
+                    member._serving_state.context.fresh()
         self.last = signature
         self.signatures.setdefault(signature, False)
         if self.dims:
@@ -169,7 +196,7 @@ class _BucketRun:
                     if policy.compile:
                         # Steering matters only with compile: graphs a warm-up misses would
                         # compile in the first request.
-                        member._context.steer()
+                        member._serving_state.context.steer()
                         check = True
                 tracker = _Seen(member, self.dims[index], check=check, steered=steer)
                 guard = guard_calls(member.module, tracker)
@@ -189,7 +216,7 @@ class _BucketRun:
         first: BaseException | None = None
         while self._steered:
             try:
-                self._steered.pop()._context.restore("after_warmup")
+                self._steered.pop()._serving_state.context.restore("after_warmup")
             except BaseException as error:  # restore the others, then raise the first
                 first = first or error
         if first is not None:
@@ -200,22 +227,22 @@ class _BucketRun:
 def run_warmup(
     members: Sequence[Member],
     call_at: CallAt,
-    plan: Sequence[dict[str, Any] | None],
+    buckets: Sequence[dict[str, Any] | None],
     *,
     max_runs: int = MAX_WARMUP_RUNS,
 ) -> WarmupResult:
-    """Warm ``members`` together at every bucket of ``plan`` (None: the implicit bucket), then
+    """Warm ``members`` together at every bucket of ``buckets`` (None: the implicit bucket), then
     settle; return what happened. Raises whatever the warm-up callable raised (the caller's
     transition records it), with every serving context restored."""
     sharing = aot = False
     dims: list[SharedDims] = []
     per_bucket: list[list[BucketWarmup]] = []
     for member in members:
-        if member._shares_graphs:
+        if member._serving_state.shares_graphs:
             sharing = True
             dims.append(_probe(member, call_at, members))
         else:
-            dims.append(member._shared_dims)
+            dims.append(member._serving_state.shared_dims)
         per_bucket.append([])
         aot = aot or member._aot is not None
     # Members share one process: the first one's backend counts every graph compiled in it.
@@ -224,7 +251,7 @@ def run_warmup(
     total_runs = 0
     compiled = 0
     with internals.tracing(duck_shape=not sharing):
-        for shape in plan:
+        for shape in buckets:
             key = IMPLICIT_KEY if shape is None else shape_key(shape)
             graphs_before = graph_count()
             bucket_started = time.perf_counter()
@@ -265,15 +292,15 @@ def run_warmup(
             settle_started = time.perf_counter()
             if any(m.serving.measure_paths for m in members):
                 per_bucket = _measure_paths(members, call_at, per_bucket, dims)
-                settle_runs = 2 * len(plan)
+                settle_runs = 2 * len(buckets)
             else:
-                for shape, first in zip(plan, per_bucket[0], strict=True):
+                for shape, first in zip(buckets, per_bucket[0], strict=True):
                     _settle(members, call_at, shape, first.key, dims)
                     settle_runs += 1
             settle_s = round(time.perf_counter() - settle_started, 6)
     elapsed = time.perf_counter() - started
     out = []
-    declared = bool(plan) and plan[0] is not None
+    declared = bool(buckets) and buckets[0] is not None
     for results, member_dims in zip(per_bucket, dims, strict=True):
         covered = True
         for result in results:
@@ -293,11 +320,11 @@ def run_warmup(
 def _probe(member: Member, call_at: CallAt, members: Sequence[Member]) -> SharedDims:
     """Buckets that share graphs: each declared bucket's first call signature, then the dims
     that differ between them (with their bounds). Nothing of any member runs or compiles."""
-    if not (member._shares_graphs and member.policy.compile):
-        return member._shared_dims
-    declared = member._book.declared_shapes()
+    if not (member._serving_state.shares_graphs and member.policy.compile):
+        return member._serving_state.shared_dims
+    declared = member._serving_state.book.declared_shapes()
     if len(declared) < 2:
-        return member._shared_dims
+        return member._serving_state.shared_dims
     modules = [m.module for m in members]
     signatures = []
     for shape in declared:
@@ -313,7 +340,7 @@ def _probe(member: Member, call_at: CallAt, members: Sequence[Member]) -> Shared
     )
     # The probes ran host code (a pipeline may have moved a member's cache context).
     for other in members:
-        other._context.fresh()
+        other._serving_state.context.fresh()
     return dims
 
 
@@ -323,7 +350,7 @@ def _timed_call(
     """One call in the serving context (fresh before and after), timed, graphs counted; with
     ``eager``, on every member's eager path."""
     for member in members:
-        member._context.fresh()
+        member._serving_state.context.fresh()
     _sync(members)
     graphs_before = _graphs(members)
     started = time.perf_counter()
@@ -337,7 +364,7 @@ def _timed_call(
     seconds = time.perf_counter() - started
     graphs = _graphs(members) - graphs_before
     for member in members:
-        member._context.fresh()
+        member._serving_state.context.fresh()
     return seconds, graphs
 
 
@@ -455,10 +482,12 @@ def _graphs(members: Sequence[Member]) -> int:
 
 __all__ = [
     "MAX_WARMUP_RUNS",
+    "Buckets",
     "CallAt",
     "MemberWarmup",
     "WarmupCoverageWarning",
     "WarmupResult",
+    "buckets_to_warm",
     "call_at_shape",
     "run_warmup",
 ]

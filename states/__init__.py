@@ -9,6 +9,7 @@ from states.table import (
     allowed_triggers,
     destination,
     explain_illegal,
+    remaining_path,
     transitions_for,
 )
 
@@ -21,5 +22,6 @@ __all__ = [
     "allowed_triggers",
     "destination",
     "explain_illegal",
+    "remaining_path",
     "transitions_for",
 ]

@@ -275,3 +275,35 @@ def explain_illegal(policy: LifecyclePolicy, state: State, trigger: Trigger) -> 
     next_trigger = _ENTERED_BY[path[path.index(state) + 1]] if state in path[:-1] else None
     hint = f"call {next_trigger.value}() first" if next_trigger else "call reset() first"
     return f"{trigger.value} needs state {needed.value}; {hint}, or prepare(run) to walk the legal path"
+
+
+# The triggers that move a module forward, in the order the path takes them.
+_FORWARD = (Trigger.MOUNT_CACHE, Trigger.COMPILE, Trigger.WARM_UP)
+
+
+def remaining_path(policy: LifecyclePolicy, state: State) -> tuple[Trigger, ...]:
+    """The triggers that lead from ``state`` to WarmedUp along the policy's path, read from the
+    table (empty in WarmedUp): what ``prepare`` fires, in order.
+
+    Args:
+        policy: which accelerations apply.
+        state: the state the module is in (a ``State`` or its name).
+
+    Raises:
+        ValueError: ``state`` is not a state name.
+
+    Example:
+        >>> [t.value for t in remaining_path(LifecyclePolicy(), State.CACHE_MOUNTED)]
+        ['compile', 'warm_up']
+        >>> remaining_path(LifecyclePolicy(cache_dit=False, compile=False), State.WARMED_UP)
+        ()
+    """
+    path = policy.path
+    here = path.index(State(state))
+    index = _index(policy)
+    return tuple(
+        trigger
+        for source, dest in itertools.pairwise(path[here:])
+        for trigger in _FORWARD
+        if index.get((source, trigger)) is dest
+    )

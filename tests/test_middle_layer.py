@@ -112,6 +112,74 @@ def test_the_middle_layer_writes_only_its_own_fields():
     assert offenders == []
 
 
+def _owned_fields() -> dict[str, str]:
+    """Each private field a middle-layer class assigns to ``self``, and the file that does."""
+    owners: dict[str, str] = {}
+    for path in sorted((ROOT / "lifecycle").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                for target in targets:
+                    for sub in ast.walk(target):
+                        if (
+                            isinstance(sub, ast.Attribute) and isinstance(sub.ctx, ast.Store)
+                            and isinstance(sub.value, ast.Name) and sub.value.id == "self"
+                            and sub.attr.startswith("_") and not sub.attr.startswith("__")
+                        ):
+                            owners.setdefault(sub.attr, path.name)
+    return owners
+
+
+def test_each_private_field_has_one_writing_module():
+    """A private field is assigned (``=``, ``+=``, annotated) in one file only: the one whose
+    class owns it. A second module writing it fails here."""
+    writers: dict[str, set[str]] = {}
+    for path in sorted((ROOT / "lifecycle").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                for target in targets:
+                    for sub in ast.walk(target):
+                        if isinstance(sub, ast.Attribute) and isinstance(sub.ctx, ast.Store):
+                            writers.setdefault(sub.attr, set()).add(path.name)
+    owners = _owned_fields()
+    # The lifecycle's own fields and the serving state's, each with its owner.
+    for field, owner in {
+        "_runner": "module.py", "_serving_state": "module.py", "_config": "module.py",
+        "_context": "module.py", "_compiles": "module.py", "_compile_s": "module.py",
+        "_requests": "serving_state.py", "_recompiles": "serving_state.py", "_active": "serving_state.py",
+        "_shares_graphs": "serving_state.py", "_shared_dims": "serving_state.py",
+        "_covered": "serving_state.py", "_warmup_s": "serving_state.py",
+        "_seq": "runner.py", "_history": "runner.py",
+    }.items():
+        assert owners.get(field) == owner, field
+    shared = {field: sorted(files) for field, files in writers.items() if field in owners and len(files) > 1}
+    # Fields of unrelated classes that happen to share a name, each written by its own class.
+    allowed = {"_lock", "_base", "_events", "_guards"}
+    assert {k: v for k, v in shared.items() if k not in allowed} == {}
+
+
+def test_only_the_lifecycle_applies_results_to_the_serving_state():
+    """Warm-up and request code return results; the serving state's writing methods (and its
+    bucket book's) are called from lifecycle/module.py and serving_state.py only."""
+    from lifecycle.serving_state import WRITERS
+
+    book_writers = {"declare", "apply_warmup", "note_request", "cool", "forget", "note_miss"}
+    found = []
+    for path in sorted((ROOT / "lifecycle").glob("*.py")):
+        if path.name in ("module.py", "serving_state.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                owner = ast.unparse(node.func.value)
+                name = node.func.attr
+                if (owner.endswith("_serving_state") and name in WRITERS) or (
+                    owner.endswith(".book") and name in book_writers
+                ):
+                    found.append(f"{path.name}:{node.lineno}: {ast.unparse(node.func)}")
+    assert found == []
+
+
 def test_only_the_internals_module_touches_torch_internals():
     attributes = {"_compiled_call_impl", "set_stance", "use_duck_shape", "mark_dynamic"}
     modules = {"torch._dynamo.utils", "torch.fx.experimental._config"}

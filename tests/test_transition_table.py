@@ -14,7 +14,7 @@ from torch import nn
 from lifecycle import IllegalTransitionError, LifecyclePolicy, ModuleLifecycle, State, Trigger
 from lifecycle.machine import machine_for
 from lifecycle.testing import NoopBackend, NoopCache
-from states import allowed_triggers, destination, transitions_for
+from states import allowed_triggers, destination, remaining_path, transitions_for
 
 POLICIES = [LifecyclePolicy(cache_dit=c, compile=k) for c, k in itertools.product((True, False), repeat=2)]
 
@@ -118,3 +118,18 @@ def test_the_machine_has_exactly_the_tables_triggers_and_holds_no_lifecycle(poli
         assert edges == table
     ModuleLifecycle(nn.Linear(2, 2), policy=policy, backend=NoopBackend(), cache_adapter=NoopCache())
     assert machine.models == []  # lifecycles are never added: nothing to detach, nothing kept alive
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=str)
+def test_the_remaining_path_walks_the_table_to_warmed_up(policy):
+    """From every state on the path, firing ``remaining_path``'s triggers in order through the
+    table reaches WarmedUp, each one legal where it is fired."""
+    for state in policy.path:
+        here = state
+        for trigger in remaining_path(policy, state):
+            dest = destination(policy, here, trigger)
+            assert dest is not None, (state, trigger, here)
+            here = dest
+        assert here is State.WARMED_UP
+    assert remaining_path(policy, State.WARMED_UP) == ()
+    assert len(remaining_path(policy, State.LOADED)) == len(policy.path) - 1
