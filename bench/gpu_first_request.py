@@ -177,8 +177,8 @@ def parent(args: argparse.Namespace) -> dict[str, Any]:
         if done.returncode != 0:
             entry["stderr"] = done.stderr[-3000:]
         report["runs"].append(entry)
-        print(json.dumps({k: v for k, v in entry.items() if k not in ("first_vs_steady", "cuda_api_first",
-                                                                        "cuda_api_steady")})[:1500], flush=True)
+        brief = {k: v for k, v in entry.items() if k not in ("first_vs_steady", "cuda_api_first", "cuda_api_steady")}
+        print(json.dumps(brief)[:1500], flush=True)
     summary: dict[str, Any] = {}
     for variant in args.variants:
         runs = [r for r in report["runs"] if r["variant"] == variant and "requests" in r]
