@@ -177,7 +177,8 @@ def parent(args: argparse.Namespace) -> dict[str, Any]:
         if done.returncode != 0:
             entry["stderr"] = done.stderr[-3000:]
         report["runs"].append(entry)
-        brief = {k: v for k, v in entry.items() if k not in ("first_vs_steady", "cuda_api_first", "cuda_api_steady")}
+        bulky = ("first_vs_steady", "cuda_api_first", "cuda_api_steady")
+        brief = {k: v for k, v in entry.items() if k not in bulky}
         print(json.dumps(brief)[:1500], flush=True)
     summary: dict[str, Any] = {}
     for variant in args.variants:
