@@ -13,7 +13,7 @@ from typing import Any, Protocol
 from torch import nn
 
 from adapters import BackendAdapter
-from adapters.aot_session import AotSession
+from adapters.aot.session import AotSession
 from adapters.calls import SharedDims
 from lifecycle.buckets import BucketBook
 from lifecycle.config import ServingPolicy

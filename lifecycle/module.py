@@ -30,7 +30,7 @@ from torch import nn
 
 from adapters import BackendAdapter, CacheDitAdapter, get_backend
 from adapters import _torch_internals as internals
-from adapters.aot_session import AotReport, AotSession
+from adapters.aot.session import AotReport, AotSession
 from adapters.artifact_session import ArtifactSession
 from adapters.artifacts import ArtifactKey, ArtifactReport, build_key
 from adapters.calls import SharedDims

@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import structlog
 
-from adapters.aot_session import OutsideBounds, refusing_outside
+from adapters.aot.session import OutsideBounds, refusing_outside
 from adapters.calls import CallDecision, guard_calls, input_signature, signature_sizes, with_shared_dims
 from lifecycle import audit
 from lifecycle.buckets import BucketCoverage, ShapeMiss, canonical_shape, shape_key

@@ -1,4 +1,4 @@
-"""Ahead-of-time compiled blocks (adapters/aot.py) on the CPU: a tiny real Flux, real torch.export
+"""Ahead-of-time compiled blocks (adapters/aot/) on the CPU: a tiny real Flux, real torch.export
 and AOTInductor with the system compiler. One build per module (two block kinds, ~30-60 s on two
 cores); every other test binds those packages to a fresh transformer with the same weights."""
 

@@ -17,7 +17,7 @@ from conftest import SERVING_STEPS
 
 from adapters import _torch_internals as internals
 from adapters import dynamo_graph_count
-from adapters.aot_session import AotSession
+from adapters.aot.session import AotSession
 from lifecycle import CompilePlan, InvalidConfigError, LifecyclePolicy, ModuleLifecycle, State
 from lifecycle.testing import capture_audit
 from lifecycle.testing.tiny import FluxShape, demo_cache_config, denoise, flux_inputs, tiny_flux

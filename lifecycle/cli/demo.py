@@ -36,7 +36,7 @@ class DemoOptions:
     warmup_steps: int = 2
     requests: int = 3
     regional: bool = False  # compile the repeated blocks one by one (adapters/regional.py)
-    aot: bool = False  # compile the repeated blocks ahead of time (adapters/aot.py)
+    aot: bool = False  # compile the repeated blocks ahead of time (adapters/aot/)
     artifact_dir: str | None = None  # load compile artifacts before compile, save at WarmedUp
 
 

@@ -8,9 +8,9 @@ the parent computed. The parent reads one JSON line per step from stdout, so whe
 dies it still knows which package was being loaded or run.
 
 This file imports only the standard library and torch, and the parent runs it by path (not as
-``adapters.aot_check``): the package's ``__init__`` and cache-dit stay out of the child.
+``adapters.aot._child``): the package's ``__init__`` and cache-dit stay out of the child.
 
-    python adapters/aot_check.py JOBS.pt      # JOBS.pt: a list of job dicts, see ``_run_job``
+    python adapters/_child.py JOBS.pt      # JOBS.pt: a list of job dicts, see ``_run_job``
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def _run_job(index: int, job: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
-        sys.stderr.write("usage: aot_check.py JOBS.pt\n")
+        sys.stderr.write("usage: _child.py JOBS.pt\n")
         return 2
     import torch
 
