@@ -13,8 +13,8 @@ from typing import Any, Protocol
 from torch import nn
 
 from adapters import BackendAdapter
-from adapters.aot.session import AotSession
 from adapters.calls import SharedDims
+from adapters.compiler import Compiler
 from lifecycle.buckets import BucketBook
 from lifecycle.config import ServingPolicy
 from lifecycle.context import CacheContext
@@ -55,8 +55,8 @@ class Member(Protocol):
     _shared_dims: SharedDims
     # The fields every audit event of this lifecycle starts from (never mutate it).
     _base: dict[str, Any]
-    # Ahead-of-time blocks (None: the plan compiles just in time, or not at all).
-    _aot: AotSession | None
+    # The one compiler of this lifecycle (picked by the backend from the plan).
+    _compiler: Compiler
 
     def _audit_fields(self) -> dict[str, Any]: ...
 

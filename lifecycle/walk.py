@@ -58,7 +58,8 @@ class Walker(Member, Protocol):
     ) -> None: ...
 
     def _warmup_step(
-        self, step: Any, run: object, plan: Plan, inner: Callable[[], list[MemberWarmup]], index: int
+        self, step: Any, run: object, plan: Plan, inner: Callable[[], list[MemberWarmup]], index: int,
+        target: object = None,
     ) -> None: ...
 
 
@@ -166,7 +167,7 @@ def warm_together(
             return results
 
         def work(step: Any) -> None:
-            member._warmup_step(step, run, plan, inner, index)
+            member._warmup_step(step, run, plan, inner, index, target)
 
         return work
 

@@ -207,7 +207,7 @@ def run_warmup(
     """Warm ``members`` together at every bucket of ``plan`` (None: the implicit bucket), then
     settle; return what happened. Raises whatever the warm-up callable raised (the caller's
     transition records it), with every serving context restored."""
-    sharing = aot = False
+    sharing = bound = False
     dims: list[SharedDims] = []
     per_bucket: list[list[BucketWarmup]] = []
     for member in members:
@@ -217,7 +217,6 @@ def run_warmup(
         else:
             dims.append(member._shared_dims)
         per_bucket.append([])
-        aot = aot or member._aot is not None
     # Members share one process: the first one's backend counts every graph compiled in it.
     graph_count = members[0].backend.graph_count
     started = time.perf_counter()
@@ -259,9 +258,10 @@ def run_warmup(
         settle_runs = 0
         # Only a warm-up that compiled graphs settles: one that compiled nothing (again after
         # invalidate, every graph already built) left the first request nothing to pay.
-        # Ahead-of-time blocks compile no graph, but their packages' first runs still cost: a
-        # warm-up that bound them settles too.
-        if (compiled or (aot and _aot_bound(members))) and any(m.policy.compile for m in members):
+        # Blocks bound to compiled packages compile no graph, but their first runs still cost: a
+        # warm-up that ran them settles too.
+        bound = any(member._compiler.misses(member.module) is not None for member in members)
+        if (compiled or bound) and any(m.policy.compile for m in members):
             settle_started = time.perf_counter()
             if any(m.serving.measure_paths for m in members):
                 per_bucket = _measure_paths(members, call_at, per_bucket, dims)
@@ -435,13 +435,6 @@ def _emit(event: str, outcome: str, fields: dict[str, Any]) -> None:
     lost = emit_checked(event, outcome, fields)
     if lost is not None:
         warn_unwritten(event, str(fields.get("module")), lost)
-
-
-def _aot_bound(members: Sequence[Member]) -> bool:
-    for member in members:
-        if member._aot is not None and member._aot.bound_blocks(member.module):
-            return True
-    return False
 
 
 def _sync(members: Sequence[Member]) -> None:

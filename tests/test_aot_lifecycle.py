@@ -16,8 +16,7 @@ import torch
 from conftest import SERVING_STEPS
 
 from adapters import _torch_internals as internals
-from adapters import dynamo_graph_count
-from adapters.aot.session import AotSession
+from adapters import aot, dynamo_graph_count
 from lifecycle import CompilePlan, InvalidConfigError, LifecyclePolicy, ModuleLifecycle, State
 from lifecycle.testing import capture_audit
 from lifecycle.testing.tiny import FluxShape, demo_cache_config, denoise, flux_inputs, tiny_flux
@@ -93,7 +92,7 @@ def test_a_restart_loads_the_packages_and_serves_every_size_between_the_buckets(
     compile_event = next(e for e in audit_events.of("lifecycle.transition") if e["trigger"] == "compile")
     assert compile_event["ahead_of_time"] == "loaded"
     assert set(compile_event["aot_found"].values()) == {"ok"}
-    assert lc.stats()["ahead_of_time"]["ahead_of_time"] == "loaded"
+    assert lc.stats()["compiler"]["ahead_of_time"] == "loaded"
     assert all(row["ahead_of_time"] == "loaded" for row in lc.coverage())
     for tokens in (16, 24, 32):  # 24: between the buckets, never warmed
         req, out = _serve(lc, tokens)
@@ -101,7 +100,7 @@ def test_a_restart_loads_the_packages_and_serves_every_size_between_the_buckets(
         assert torch.allclose(out, _eager(tokens), atol=1e-4), tokens
     assert dynamo_graph_count() == graphs  # no dynamo anywhere: prepare and requests
     assert audit_events.of("lifecycle.shape_miss") == []
-    blocks = AotSession.bound_blocks(lc.module)
+    blocks = aot.aot_blocks(lc.module)
     assert len(blocks) == 4
     # Outside the bounds: the blocks run eagerly, the request says so.
     req, out = _serve(lc, 64)
@@ -109,7 +108,7 @@ def test_a_restart_loads_the_packages_and_serves_every_size_between_the_buckets(
     (miss,) = audit_events.of("lifecycle.shape_miss")
     assert miss["detected"] == "aot_bounds" and miss["input_sizes"]["hidden_states"][1] == 64
     lc.reset()
-    assert AotSession.bound_blocks(lc.module) == [] and lc.state is State.LOADED
+    assert aot.aot_blocks(lc.module) == [] and lc.state is State.LOADED
     assert all(internals.compiled_call(block) is None for block in blocks)
 
 
@@ -188,7 +187,7 @@ def test_outside_the_bounds_on_unwarmed_fail_refuses_typed(built, audit_events):
 
 _RESTART = """
 import json, sys, torch
-from adapters import dynamo_graph_count
+from adapters import aot, dynamo_graph_count
 from lifecycle import CompilePlan, ModuleLifecycle
 from lifecycle.testing import capture_audit
 from lifecycle.testing.tiny import FluxShape, demo_cache_config, denoise, flux_inputs, tiny_flux

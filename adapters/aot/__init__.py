@@ -43,7 +43,8 @@ How it fits under cache-dit (read from cache-dit 1.5.3's source, checked by test
 
 One job a module: ``kinds`` (which blocks one export serves), ``capture`` (the example calls),
 ``bounds`` (dynamic dims and the call guard), ``store`` (keys, manifests, files), ``check`` (the
-child-process check), ``build``, ``runtime`` (binding), ``session`` (one lifecycle's packages).
+child-process check), ``build``, ``runtime`` (binding), ``compiler`` (one lifecycle's packages:
+the ``Compiler``).
 """
 
 from adapters.aot.bounds import CallSpec, TensorSpec, plan_bounds
@@ -72,7 +73,6 @@ from adapters.aot.runtime import (
     AotStats,
     aot_blocks,
     bind,
-    binding,
     load_package,
     rebind,
     unbind,
@@ -94,7 +94,7 @@ __all__ = [
     "FORMAT_VERSION", "SUPPORTED_DEVICES", "AotBindError", "AotBinding", "AotBuild", "AotBuildFailed",
     "AotError", "AotPackageError", "AotStats", "AotUnsupported", "BlockCall", "CallSpec", "CheckJob",
     "CheckResult", "InvalidOptions", "Outcome", "PackageInfo", "PackageStatus", "Status", "TensorSpec",
-    "_check_device", "_run_check_process", "aot_blocks", "bind", "binding", "block_kind", "block_kinds",
+    "_check_device", "_run_check_process", "aot_blocks", "bind", "block_kind", "block_kinds",
     "build", "capture_calls", "check_packages", "default_tolerance", "device_description",
     "host_fingerprint", "inductor_configs", "load_package", "normalize_call", "open_packages",
     "package_key", "plan_bounds", "rebind", "repeated_blocks", "unbind", "verify_packages",

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from torch.utils import _pytree as pytree
 from adapters.aot.bounds import CallSpec
 from adapters.aot.capture import BlockCall, _eager
 from adapters.aot.kinds import _check_device, _constants, _device_of, block_kinds
-from adapters.aot.store import PackageInfo, host_fingerprint
+from adapters.aot.store import LocalFiles, PackageFiles, PackageInfo, host_fingerprint, write_manifest
 
 Outcome = Literal["passed", "mismatch", "error", "crashed", "timeout", "not_run"]
 CHECK_SCRIPT = Path(__file__).with_name("_child.py")
@@ -236,12 +235,15 @@ def verify_packages(
     if record:
         for kind, check in results.items():
             if check.ok:
-                info = packages[kind]
-                manifest = dict(info.manifest)
-                manifest["verified_on"] = host_fingerprint(_device_of(kinds[kind][0]))
-                manifest["check"] = check.to_json()
-                partial = info.manifest_path.with_name(f".{info.manifest_path.name}.{os.getpid()}")
-                partial.write_text(json.dumps(manifest, indent=1))
-                os.replace(partial, info.manifest_path)
+                record_check(LocalFiles(packages[kind].path.parent), packages[kind], kinds[kind][0], check)
     return results
+
+
+def record_check(files: PackageFiles, info: PackageInfo, block: nn.Module, check: CheckResult) -> None:
+    """Write a passed check into the package's manifest (this host), so a restart here skips it.
+    Raises ``OSError`` when the store cannot be written (a read-only volume)."""
+    manifest = dict(info.manifest)
+    manifest["verified_on"] = host_fingerprint(_device_of(block))
+    manifest["check"] = check.to_json()
+    write_manifest(files, info.manifest_name, manifest)
 

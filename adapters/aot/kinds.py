@@ -19,8 +19,28 @@ def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, _PLAIN):
+        return True
+    return isinstance(value, (tuple, list)) and len(value) <= 64 and all(isinstance(v, _PLAIN) for v in value)
+
+
+def plain_attributes(obj: object) -> list[list[Any]]:
+    """The public plain-valued attributes of ``obj`` (numbers, strings, flags, short tuples of
+    them): what a forward may read besides tensors (a per-layer LoRA or IP-Adapter ``scale``).
+    Export bakes them into the package, so they are part of the kind."""
+    values = getattr(obj, "__dict__", {})
+    return [[name, value if not isinstance(value, tuple) else list(value)]
+            for name, value in sorted(values.items())
+            if not name.startswith("_") and name != "training" and _plain(value)]
+
+
 def _structure(block: nn.Module) -> list[Any]:
-    """What makes two blocks of one class one kind: weights layout and submodule/processor classes."""
+    """What makes two blocks of one class one kind: weights layout, submodule/processor classes,
+    and the plain attributes of every submodule and processor (which export bakes in)."""
     tensors = [
         [name, list(t.shape), str(t.dtype)]
         for name, t in [*block.named_parameters(remove_duplicate=False),
@@ -30,7 +50,8 @@ def _structure(block: nn.Module) -> list[Any]:
     for name, sub in block.named_modules(remove_duplicate=False):
         processor = getattr(sub, "processor", None)
         classes.append([name, _qualname(type(sub)),
-                        None if processor is None else _qualname(type(processor))])
+                        None if processor is None else _qualname(type(processor)),
+                        plain_attributes(sub), [] if processor is None else plain_attributes(processor)])
     return [_qualname(type(block)), block.training, tensors, classes]
 
 

@@ -20,7 +20,7 @@ from adapters import _torch_internals as internals
 from adapters.aot.bounds import CallSpec, _Guard
 from adapters.aot.capture import _eager, _signature, normalize_call
 from adapters.aot.errors import AotBindError, AotError, AotPackageError
-from adapters.aot.kinds import _check_device, _constants, _device_of, block_kinds
+from adapters.aot.kinds import _check_device, _constants, _device_of, block_kind, block_kinds
 from adapters.aot.store import PackageInfo, _validate
 
 
@@ -31,6 +31,7 @@ class AotStats:
     calls: int = 0
     misses: Counter[str] = field(default_factory=Counter)
     rebinds: int = 0
+    copied: set[str] = field(default_factory=set)  # weights bound as contiguous copies
 
 
 def _flattener(spec: pytree.TreeSpec) -> Callable[[Any, list[Any]], bool]:
@@ -73,13 +74,8 @@ def _flattener(spec: pytree.TreeSpec) -> Callable[[Any, list[Any]], bool]:
 
 
 def load_package(path: Path, device_index: int) -> Any:
-    """Load one package: the loader class itself, as ``aoti_load_package`` does after its first try.
-    That first try (``load_pt2``) reads the device's description, which on a CPU compiles inductor's
-    ISA probe programs: seconds on a fresh machine (about 50 on the lent H100) before any load."""
-    loader_class = getattr(getattr(torch._C, "_aoti", None), "AOTIModelPackageLoader", None)
-    if loader_class is None:
-        return torch._inductor.aoti_load_package(str(path), device_index=device_index).loader
-    return loader_class(str(path), "model", False, 1, device_index)
+    """Load one package (``_torch_internals.load_aoti_package``): one load per block."""
+    return internals.load_aoti_package(str(path), device_index)
 
 
 class _AotCall:
@@ -114,11 +110,18 @@ class _AotCall:
         self.flat_tuple_out = self.out_spec.type is tuple and all(c.is_leaf() for c in children)
         self.constants = dict(spec.constants)
         self.dtypes = tuple(getattr(torch, t.dtype.removeprefix("torch.")) for t in spec.tensors)
-        self.bound: list[tuple[dict[str, Any], str, torch.Tensor, int]] = []
+        # (the owner's tensor slots, name, the tensor there at binding, its data pointer, its
+        # version counter when the package reads a contiguous copy of it, else None)
+        self.bound: list[tuple[dict[str, Any], str, torch.Tensor, int, int | None]] = []
         self.keep: list[Any] = []
+        self.copied: tuple[str, ...] = ()
 
     # Constants: which tensors the runner reads, by pointer; held here so none is freed under it.
     def bind_constants(self) -> None:
+        """Bind the block's own tensors without a copy; a weight the host replaced with a
+        non-contiguous tensor is bound as a contiguous copy (named in ``copied``), which is made
+        again when that tensor changes in place. Raises ``AotBindError`` (a weight missing, or on
+        another device)."""
         block = self.block_ref()
         assert block is not None
         tensors = _constants(block)
@@ -127,24 +130,34 @@ class _AotCall:
         if missing:
             raise AotBindError(f"{self.kind}: the package reads constants the block lacks: {missing[:5]}")
         constants = {name: tensors[name] for name in wanted}
+        bound: dict[str, torch.Tensor] = {}
+        copied: list[str] = []
         for name, tensor in constants.items():
-            if tensor.device != self.device or not tensor.is_contiguous():
-                raise AotBindError(f"{self.kind}: weight {name} is not a contiguous tensor on {self.device}")
-        # (map, use_inactive, check_full_update, user_managed): bind the tensors themselves, no copy.
-        self.loader.load_constants(constants, False, True, True)
-        entries: list[tuple[dict[str, Any], str, torch.Tensor, int]] = []
+            if tensor.device != self.device:
+                raise AotBindError(f"{self.kind}: weight {name} is on {tensor.device}, not {self.device}")
+            if tensor.is_contiguous():
+                bound[name] = tensor
+            else:
+                bound[name] = tensor.detach().contiguous()
+                copied.append(name)
+        internals.load_constants(self.loader, bound, user_managed=True)
+        entries: list[tuple[dict[str, Any], str, torch.Tensor, int, int | None]] = []
         owners = dict(block.named_modules(remove_duplicate=False))
         for name, tensor in constants.items():
             owner_name, _, attr = name.rpartition(".")
-            owner = owners[owner_name]
-            slots = owner._parameters if attr in owner._parameters else owner._buffers
-            entries.append((slots, attr, tensor, tensor.data_ptr()))
+            slots = internals.tensor_slots(owners[owner_name], attr)
+            version = internals.tensor_version(tensor) if name in copied else None
+            entries.append((slots, attr, tensor, tensor.data_ptr(), version))
         self.bound = entries
-        self.keep = [tensor.untyped_storage() for tensor in constants.values()]
+        self.keep = [tensor.untyped_storage() for tensor in bound.values()]
+        self.copied = tuple(copied)
 
     def constants_current(self) -> bool:
-        return all(slots.get(attr) is tensor and tensor.data_ptr() == ptr
-                   for slots, attr, tensor, ptr in self.bound)
+        return all(
+            slots.get(attr) is tensor and tensor.data_ptr() == ptr
+            and (version is None or internals.tensor_version(tensor) == version)
+            for slots, attr, tensor, ptr, version in self.bound
+        )
 
     def _miss(self, reason: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         self.stats.misses[reason] += 1
@@ -156,7 +169,7 @@ class _AotCall:
 
     def _grad_needed(self, tensors: Sequence[torch.Tensor]) -> bool:
         return any(t.requires_grad for t in tensors) or any(
-            tensor.requires_grad for _, _, tensor, _ in self.bound
+            tensor.requires_grad for _, _, tensor, _, _ in self.bound
         )
 
     def _normalize(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any] | None:
@@ -204,8 +217,12 @@ class _AotCall:
         if torch.is_grad_enabled() and self._grad_needed(tensors):
             return self._miss("grad", args, kwargs)
         if not self.constants_current():
-            self.bind_constants()
+            try:
+                self.bind_constants()
+            except AotError:
+                return self._miss("weights", args, kwargs)
             self.stats.rebinds += 1
+            self.stats.copied.update(f"{self.kind}:{name}" for name in self.copied)
         self.stats.calls += 1
         outputs = self.loader.boxed_run(tensors)
         return tuple(outputs) if self.flat_tuple_out else pytree.tree_unflatten(outputs, self.out_spec)
@@ -239,15 +256,8 @@ class AotBinding:
             "calls": self.stats.calls,
             "misses": dict(self.stats.misses),
             "rebinds": self.stats.rebinds,
+            "copied_weights": sorted(self.stats.copied),
         }
-
-
-_bindings: weakref.WeakKeyDictionary[nn.Module, AotBinding] = weakref.WeakKeyDictionary()
-
-
-def binding(module: nn.Module) -> AotBinding | None:
-    """The module's current binding, or None."""
-    return _bindings.get(module)
 
 
 def _check_manifest_fits(kind: str, info: PackageInfo, block: nn.Module) -> None:
@@ -275,8 +285,6 @@ def bind(
     missing, stale or corrupt: not loaded), ``AotBindError``, ``AotUnsupported``.
     """
     internals.check()
-    if module in _bindings:
-        raise AotBindError(f"{type(module).__name__} is already bound: unbind it first")
     kinds = block_kinds(module)
     for kind, blocks in kinds.items():
         if kind not in packages:
@@ -289,7 +297,7 @@ def bind(
             _check_manifest_fits(kind, packages[kind], block)
             if internals.compiled_call(block) is not None:
                 raise AotBindError(f"{kind}: a block is already compiled (its call slot is taken)")
-            if block._forward_hooks or block._forward_pre_hooks or block._forward_hooks_with_kwargs:
+            if internals.has_forward_hooks(block):
                 raise AotBindError(f"{kind}: a block has forward hooks, which the AOT call would skip")
     stats = AotStats()
     calls: dict[nn.Module, _AotCall] = {}
@@ -323,40 +331,42 @@ def bind(
         for block in calls:
             internals.set_compiled_call(block, None)
         raise AotBindError(f"loading or binding a package failed: {type(error).__name__}: {error}") from error
-    result = AotBinding(weakref.ref(module), calls, dict(packages), stats,
-                        time.perf_counter() - started, first_load_s)
-    _bindings[module] = result
-    return result
+    for call in calls.values():
+        stats.copied.update(f"{call.kind}:{name}" for name in call.copied)
+    return AotBinding(weakref.ref(module), calls, dict(packages), stats,
+                      time.perf_counter() - started, first_load_s)
 
 
-def rebind(module: nn.Module) -> int:
+def rebind(binding: AotBinding) -> int:
     """Re-bind the constants of every bound block whose weights were replaced (new tensors, a moved
-    ``.data``); returns how many were re-bound (0 when nothing is bound or nothing changed). In-place
-    changes need none: the packages read the block's tensors themselves. Raises ``AotPackageError``
-    (``stale``) when a weight changed shape or dtype: that needs a new build."""
-    current = _bindings.get(module)
-    if current is None:
-        return 0
+    ``.data``); returns how many were re-bound (0 when nothing changed). In-place changes need
+    none: the packages read the block's tensors themselves. Raises ``AotPackageError`` (``stale``)
+    when a weight changed shape or dtype, or a block's plain attributes changed (a new ``scale``):
+    that needs a new build."""
     count = 0
-    for block, call in current.calls.items():
+    for block, call in binding.calls.items():
+        if block_kind(block) != call.kind:
+            raise AotPackageError(
+                call.kind, "stale", "a block's plain attributes (a scale, a flag) changed since the build"
+            )
         if not call.constants_current():
-            _check_manifest_fits(call.kind, current.packages[call.kind], block)
+            _check_manifest_fits(call.kind, binding.packages[call.kind], block)
             call.bind_constants()
+            binding.stats.copied.update(f"{call.kind}:{name}" for name in call.copied)
             count += 1
-    current.stats.rebinds += count
+    binding.stats.rebinds += count
     return count
 
 
-def unbind(module: nn.Module) -> bool:
+def unbind(binding: AotBinding) -> bool:
     """Every bound block back to its eager call (exactly: the slot is cleared), packages released.
     Returns whether anything was bound."""
-    current = _bindings.pop(module, None)
-    if current is None:
+    if not binding.calls:
         return False
-    for block, call in current.calls.items():
+    for block, call in binding.calls.items():
         if _bound_call(block) is call:
             internals.set_compiled_call(block, None)
-    current.calls.clear()
+    binding.calls.clear()
     return True
 
 
