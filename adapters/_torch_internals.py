@@ -85,7 +85,6 @@ def _check() -> None:
         problems.append(f"torch.fx.experimental._config.use_duck_shape is gone ({exc})")
     if not callable(getattr(torch._dynamo, "mark_dynamic", None)):
         problems.append("torch._dynamo.mark_dynamic is gone")
-    problems.extend(_check_aot())
     if problems:
         from adapters.errors import TorchInternalsMoved
 
@@ -102,8 +101,9 @@ def check() -> None:
 
 
 def forget_check() -> None:
-    """Run the self-test again next time (for tests that simulate a moved internal)."""
+    """Run the self-tests again next time (for tests that simulate a moved internal)."""
     _check.cache_clear()
+    _checked_aot.cache_clear()
 
 
 # ---------------------------------------------------------------------------- the call slot
@@ -276,6 +276,24 @@ def _loader_class() -> Any:
     return getattr(getattr(torch._C, "_aoti", None), "AOTIModelPackageLoader", None)
 
 
+@cache
+def _checked_aot() -> None:
+    problems = _check_aot()
+    if problems:
+        from adapters.errors import TorchInternalsMoved
+
+        raise TorchInternalsMoved(
+            f"torch {torch.__version__} moved what ahead-of-time blocks rely on: {'; '.join(problems)}. "
+            "Use a torch version the library supports (see its pyproject), or a just-in-time plan"
+        )
+
+
+def check_aot() -> None:
+    """Raise ``TorchInternalsMoved`` if this torch moved anything ahead-of-time blocks use (checked
+    once per process, when a lifecycle asks for them: importing inductor costs seconds)."""
+    _checked_aot()
+
+
 def _check_aot() -> list[str]:
     """What ahead-of-time blocks use, present and callable (nothing is compiled here)."""
     problems: list[str] = []
@@ -400,6 +418,7 @@ __all__ = [
     "aoti_compile_and_package",
     "aoti_runner",
     "check",
+    "check_aot",
     "compile_in_place",
     "dynamo_backends",
     "has_forward_hooks",

@@ -210,6 +210,8 @@ def run_warmup(
     sharing = bound = False
     dims: list[SharedDims] = []
     per_bucket: list[list[BucketWarmup]] = []
+    # Per member, the buckets whose block calls lay outside the compiled bounds: they stay cold.
+    outside: list[list[str]] = [[] for _ in members]
     for member in members:
         if member._shares_graphs:
             sharing = True
@@ -226,6 +228,7 @@ def run_warmup(
         for shape in plan:
             key = IMPLICIT_KEY if shape is None else shape_key(shape)
             graphs_before = graph_count()
+            misses_before = [member._compiler.misses(member.module) for member in members]
             bucket_started = time.perf_counter()
             runs = 0
             with _BucketRun(members, dims, steer=True) as seen:
@@ -244,6 +247,12 @@ def run_warmup(
             for index, member in enumerate(members):
                 ok = done[index]
                 signatures = warm[index]
+                missed_before, missed_now = misses_before[index], member._compiler.misses(member.module)
+                if missed_before is not None and missed_now is not None and missed_now > missed_before:
+                    # Block calls here lay outside what was compiled and ran eagerly: a request
+                    # here would be refused (or run eagerly), so the bucket is not warm.
+                    ok = False
+                    outside[index].append(key)
                 if not ok and key == IMPLICIT_KEY and len(seen[index].signatures) > 1:
                     raise _undeclared_error(member, len(seen[index].signatures), len(signatures))
                 per_bucket[index].append(BucketWarmup(key, shape, graphs, seconds, ok, runs, signatures))
@@ -254,6 +263,7 @@ def run_warmup(
                         **member._audit_fields(), "shape": shape, "shape_key": key, "graphs": graphs,
                         "seconds": round(seconds, 6), "covered": ok, "warmup_runs": runs,
                         "signatures": len(signatures),
+                        **({"outside_compiled_bounds": True} if key in outside[index] else {}),
                     })
         settle_runs = 0
         # Only a warm-up that compiled graphs settles: one that compiled nothing (again after
@@ -274,11 +284,14 @@ def run_warmup(
     elapsed = time.perf_counter() - started
     out = []
     declared = bool(plan) and plan[0] is not None
-    for results, member_dims in zip(per_bucket, dims, strict=True):
+    for results, member_dims, cold in zip(per_bucket, dims, outside, strict=True):
         covered = True
         for result in results:
             covered = covered and result.covered
         fields: dict[str, Any] = {"warmup_runs": total_runs + settle_runs, "cached_branch_covered": covered}
+        if cold:
+            fields["outside_compiled_bounds"] = cold
+            results = [result for result in results if result.key not in cold]
         if settle_runs:
             fields["settle_runs"] = settle_runs
             fields["settle_s"] = settle_s

@@ -3,22 +3,21 @@ each block kind exported from the warm-up's calls and AOTInductor-compiled once 
 a restart loading the packages (no dynamo, nothing traced), invalidate and reset.
 
 Real parts: a tiny real Flux transformer, real cache-dit, real torch.export and AOTInductor on
-the CPU (slow on two cores: one build, shared by the module's tests)."""
+the CPU (slow on two cores: one build per process, shared with the other AOT tests)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from aot_builds import flux_packages
 from conftest import SERVING_STEPS
 
 from adapters import _torch_internals as internals
 from adapters import aot, dynamo_graph_count
 from lifecycle import CompilePlan, InvalidConfigError, LifecyclePolicy, ModuleLifecycle, State
-from lifecycle.testing import capture_audit
 from lifecycle.testing.tiny import FluxShape, demo_cache_config, denoise, flux_inputs, tiny_flux
 
 pytestmark = pytest.mark.slow
@@ -56,17 +55,12 @@ def _eager(tokens: int, module: torch.nn.Module | None = None) -> torch.Tensor:
     return _serve(lc, tokens)[1]
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, list[dict[str, Any]]]]:
-    """One cold build, its audit, and the directory a restart loads from."""
-    directory = tmp_path_factory.mktemp("artifacts")
-    torch._dynamo.reset()
-    with capture_audit() as events:
-        lc = _lifecycle(directory)
-        lc.prepare(run, shapes=BUCKETS)
-        assert lc.state is State.WARMED_UP
-        yield directory, [dict(e) for e in events.of("lifecycle.transition")]
-    lc.reset()
+@pytest.fixture
+def built() -> tuple[Path, list[dict[str, Any]]]:
+    """One cold build per process (shared, see tests/aot_builds.py), its audit, and the directory
+    a restart loads from."""
+    directory, events = flux_packages()
+    return directory, [dict(e) for e in events]
 
 
 def test_a_cold_build_compiles_each_block_kind_once_for_every_bucket(built):
@@ -149,15 +143,6 @@ def test_a_corrupt_package_is_audited_and_rebuilt_never_loaded(built, tmp_path, 
     _, out = _serve(lc, 16)
     assert torch.allclose(out, _eager(16), atol=1e-4)
     lc.reset()
-
-
-def test_compile_alone_is_refused_naming_prepare(tmp_path, audit_events):
-    lc = _lifecycle(tmp_path)
-    lc.mount_cache()
-    with pytest.raises(InvalidConfigError, match=r"prepare\(run, shapes="):
-        lc.compile()
-    assert lc.state is State.CACHE_MOUNTED
-    assert audit_events.of("lifecycle.transition")[-1]["outcome"] == "refused"
 
 
 def test_ahead_of_time_needs_inductor(tmp_path):

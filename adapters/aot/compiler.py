@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from adapters import _torch_internals as internals
 from adapters.aot import runtime as runtime
 from adapters.aot.bounds import CallSpec, plan_bounds
 from adapters.aot.build import build
@@ -119,6 +120,7 @@ class AotBlocksCompiler:
         fallback: Compiler,
         files: Callable[[Path], PackageFiles] = LocalFiles,
     ) -> None:
+        internals.check_aot()
         self._configs = inductor_configs(options, reproducible=reproducible)
         self._reproducible = reproducible
         self._root = None if directory is None else Path(directory) / SUBDIRECTORY

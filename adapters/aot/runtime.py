@@ -285,6 +285,7 @@ def bind(
     missing, stale or corrupt: not loaded), ``AotBindError``, ``AotUnsupported``.
     """
     internals.check()
+    internals.check_aot()
     kinds = block_kinds(module)
     for kind, blocks in kinds.items():
         if kind not in packages:
