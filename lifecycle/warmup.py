@@ -253,10 +253,10 @@ def run_warmup(
                     # here would be refused (or run eagerly), so the bucket is not warm.
                     ok = False
                     outside[index].append(key)
-                if not ok and key == IMPLICIT_KEY and len(seen[index].signatures) > 1:
+                if not done[index] and key == IMPLICIT_KEY and len(seen[index].signatures) > 1:
                     raise _undeclared_error(member, len(seen[index].signatures), len(signatures))
                 per_bucket[index].append(BucketWarmup(key, shape, graphs, seconds, ok, runs, signatures))
-                if not ok:
+                if not done[index]:
                     _warn_uncovered(member, runs)
                 if key != IMPLICIT_KEY:
                     _emit(WARMUP_SHAPE_EVENT, "ok" if ok else "refused", {

@@ -44,8 +44,6 @@ from lifecycle import (
 )
 from lifecycle.testing.tiny import FluxShape, denoise, flux_inputs, tiny_flux
 
-pytestmark = pytest.mark.slow
-
 
 def _compile_event(events: Any) -> dict[str, Any]:
     return dict(next(e for e in events.of("lifecycle.transition") if e["trigger"] == "compile"))
@@ -97,6 +95,7 @@ def test_reproducible_builds_in_deterministic_mode_and_the_key_records_it() -> N
 
 
 # ------------------------------------------------------------------------ attributes and kinds
+@pytest.mark.slow
 def test_blocks_differing_in_a_plain_attribute_get_their_own_package_and_check(
     tmp_path: Path, audit_events: Any
 ) -> None:
@@ -126,6 +125,7 @@ def test_blocks_differing_in_a_plain_attribute_get_their_own_package_and_check(
 
 
 # ------------------------------------------------------------------- other bounds, same volume
+@pytest.mark.slow
 def test_packages_for_other_bounds_do_not_overwrite_each_other(tmp_path: Path, audit_events: Any) -> None:
     for buckets in (STACK_BUCKETS, [{"tokens": 4}, {"tokens": 16}], STACK_BUCKETS):
         lc = stack_lifecycle(Stack(), tmp_path)
@@ -138,6 +138,7 @@ def test_packages_for_other_bounds_do_not_overwrite_each_other(tmp_path: Path, a
 
 
 # ------------------------------------------------------------------------------------ races
+@pytest.mark.slow
 def test_two_builds_at_once_in_one_process_both_succeed(tmp_path: Path) -> None:
     results: dict[int, Any] = {}
 
@@ -214,6 +215,7 @@ def test_a_read_only_empty_volume_falls_back_audited(
     assert event["ahead_of_time"] == "fallback" and "cannot be used" in event["aot_problem"]
 
 
+@pytest.mark.slow
 def test_a_read_only_volume_checked_elsewhere_still_loads(
     tmp_path: Path, audit_events: Any, read_only: Any
 ) -> None:
@@ -233,6 +235,7 @@ def test_a_read_only_volume_checked_elsewhere_still_loads(
     lc.reset()
 
 
+@pytest.mark.slow
 def test_a_deeply_nested_manifest_is_corrupt_not_a_crash(tmp_path: Path) -> None:
     directory, _ = flux_packages()
     copy = copy_of(directory, tmp_path / "copy") / "aot"
@@ -244,6 +247,7 @@ def test_a_deeply_nested_manifest_is_corrupt_not_a_crash(tmp_path: Path) -> None
 
 
 # ------------------------------------------------------------------------------ the public step
+@pytest.mark.slow
 def test_compile_alone_defers_until_the_warm_up_brings_calls(audit_events: Any) -> None:
     directory, _ = flux_packages()
     lc = flux_lifecycle(directory)
@@ -261,6 +265,7 @@ def test_compile_alone_defers_until_the_warm_up_brings_calls(audit_events: Any) 
 
 
 # ------------------------------------------------------------------ after a fallback to JIT
+@pytest.mark.slow
 def test_after_a_fallback_on_unwarmed_fail_and_reproducible_still_hold(
     tmp_path: Path, audit_events: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -295,6 +300,7 @@ def test_after_a_fallback_on_unwarmed_fail_and_reproducible_still_hold(
 
 
 # --------------------------------------------------------------- warming outside the bounds
+@pytest.mark.slow
 def test_warming_a_shape_outside_the_bounds_leaves_it_cold(audit_events: Any) -> None:
     directory, _ = flux_packages()
     lc = flux_lifecycle(directory, serving=ServingPolicy(on_unwarmed="fail"))
@@ -309,6 +315,7 @@ def test_warming_a_shape_outside_the_bounds_leaves_it_cold(audit_events: Any) ->
 
 
 # ------------------------------------------------------------------- weights swapped in place
+@pytest.mark.slow
 def test_a_non_contiguous_weight_is_bound_as_a_copy_and_served_correctly(audit_events: Any) -> None:
     directory, _ = flux_packages()
     module = tiny_flux()
@@ -337,6 +344,7 @@ def test_a_non_contiguous_weight_is_bound_as_a_copy_and_served_correctly(audit_e
 
 
 # ------------------------------------------------------------------------- the temporary store
+@pytest.mark.slow
 def test_a_private_package_directory_goes_with_reset_and_with_the_lifecycle() -> None:
     lc = stack_lifecycle(Stack(), None)
     lc.prepare(stack_run, shapes=STACK_BUCKETS)

@@ -336,18 +336,20 @@ def _validate(info: PackageInfo) -> str | None:
     return None
 
 
-def _any_spec(files: PackageFiles, kind: str) -> CallSpec | None:
-    """The bounds of the first readable manifest of ``kind`` (None: none)."""
+def _any_spec(files: PackageFiles, kind: str) -> tuple[CallSpec | None, str]:
+    """The bounds of the first readable manifest of ``kind``, or None and why none was read
+    (an empty reason: there is no manifest of this kind)."""
     try:
         names = files.list(f"{kind}.*{MANIFEST_SUFFIX}")
-    except OSError:
-        return None
+    except OSError as error:
+        return None, f"{type(error).__name__}: {error}"
+    problem = ""
     for name in names:
         try:
-            return CallSpec.from_json(_parse_manifest(files.read_bytes(name))["spec"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return None
+            return CallSpec.from_json(_parse_manifest(files.read_bytes(name))["spec"]), ""
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            problem = f"{name}: {type(error).__name__}: {error}"
+    return None, problem
 
 
 def open_packages(
@@ -372,11 +374,15 @@ def open_packages(
     found: dict[str, PackageStatus] = {}
     for kind, blocks in block_kinds(module).items():
         spec = None if specs is None else specs.get(kind)
+        unreadable = ""
         if spec is None:
             # No bounds given: the packages of this kind for whichever bounds they were built.
-            spec = _any_spec(files, kind)
+            spec, unreadable = _any_spec(files, kind)
         key = package_key(blocks[0], inductor_options=inductor_options, plan_token=plan_token,
                           configs=configs, spec=spec)
+        if unreadable:
+            found[kind] = PackageStatus(kind, "corrupt", key, reason=unreadable)
+            continue
         device = _device_of(blocks[0])
         if device.type not in here:
             here[device.type] = host_fingerprint(device)
