@@ -3,6 +3,7 @@ cache-dit. Device runtimes and cache-dit are imported lazily, when an adapter is
 
 from adapters.base import BackendAdapter, TorchCompileAdapter, dynamo_graph_count
 from adapters.cache import CacheDitAdapter, CacheSummary
+from adapters.compiler import Compiler, CompileReport, JitBlocksCompiler, JitModelCompiler, OutsideBounds
 from adapters.errors import AdapterError, BackendUnavailable, InvalidOptions, UnsupportedForCache
 from adapters.protocols import CacheAdapter, CompilePlanLike
 from adapters.registry import (
@@ -23,7 +24,12 @@ __all__ = [
     "CacheDitAdapter",
     "CacheSummary",
     "CompilePlanLike",
+    "CompileReport",
+    "Compiler",
     "InvalidOptions",
+    "JitBlocksCompiler",
+    "JitModelCompiler",
+    "OutsideBounds",
     "TorchCompileAdapter",
     "UnsupportedForCache",
     "backend_names",

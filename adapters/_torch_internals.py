@@ -16,6 +16,14 @@ Why each is needed, and how it is kept from the rest of the process:
 - **Dynamic-dim marks** are set on tensors the library makes (aliases), never on the host's.
 - **Counters**: dynamo's ``unique_graphs`` counts compiled graphs; inductor's FX-graph cache
   misses tell a load from artifacts from a cold compile.
+- **AOTInductor** (ahead-of-time blocks): ``aoti_compile_and_package``, the package loader class
+  ``torch._C._aoti.AOTIModelPackageLoader`` (its ``load_constants``, ``get_constant_fqns``,
+  ``get_call_spec``, ``boxed_run``), inductor's mode table and configs; a module's tensor slots
+  (``_parameters``/``_buffers``), its forward hooks, and a tensor's version counter.
+
+This file imports only the standard library and torch (``TorchInternalsMoved`` is imported where
+it is raised): the package check's child process loads it by path, without the ``adapters``
+package, so the child and the serving process load packages through the very same calls.
 
 ``check()`` runs at a lifecycle's construction and turns a torch that moved any of these into
 ``TorchInternalsMoved`` (a typed refusal naming what moved), never a silent no-op.
@@ -32,8 +40,6 @@ from typing import Any
 
 import torch
 from torch import nn
-
-from adapters.errors import TorchInternalsMoved
 
 SLOT = "_compiled_call_impl"
 # Ids of the modules that run their eager path in this thread or task (a context variable: an
@@ -80,6 +86,8 @@ def _check() -> None:
     if not callable(getattr(torch._dynamo, "mark_dynamic", None)):
         problems.append("torch._dynamo.mark_dynamic is gone")
     if problems:
+        from adapters.errors import TorchInternalsMoved
+
         raise TorchInternalsMoved(
             f"torch {torch.__version__} moved what dit-lifecycle relies on: {'; '.join(problems)}. "
             "Use a torch version the library supports (see its pyproject), or report it"
@@ -93,8 +101,9 @@ def check() -> None:
 
 
 def forget_check() -> None:
-    """Run the self-test again next time (for tests that simulate a moved internal)."""
+    """Run the self-tests again next time (for tests that simulate a moved internal)."""
     _check.cache_clear()
+    _checked_aot.cache_clear()
 
 
 # ---------------------------------------------------------------------------- the call slot
@@ -167,6 +176,8 @@ def compile_in_place(target: nn.Module, owner: nn.Module, torch_options: dict[st
         target.compile(**torch_options)
         compiled = compiled_call(target)
         if compiled is None:
+            from adapters.errors import TorchInternalsMoved
+
             raise TorchInternalsMoved(f"nn.Module.compile() left {SLOT} unset")
         install(target, owner, compiled)
     except BaseException:
@@ -257,12 +268,168 @@ def marked_alias(tensor: torch.Tensor, dims: list[tuple[int, int, int]]) -> torc
     return alias
 
 
+# ---------------------------------------------------------------------------- AOTInductor
+_LOADER_METHODS = ("load_constants", "get_constant_fqns", "get_call_spec", "boxed_run")
+
+
+def _loader_class() -> Any:
+    return getattr(getattr(torch._C, "_aoti", None), "AOTIModelPackageLoader", None)
+
+
+@cache
+def _checked_aot() -> None:
+    problems = _check_aot()
+    if problems:
+        from adapters.errors import TorchInternalsMoved
+
+        raise TorchInternalsMoved(
+            f"torch {torch.__version__} moved what ahead-of-time blocks rely on: {'; '.join(problems)}. "
+            "Use a torch version the library supports (see its pyproject), or a just-in-time plan"
+        )
+
+
+def check_aot() -> None:
+    """Raise ``TorchInternalsMoved`` if this torch moved anything ahead-of-time blocks use (checked
+    once per process, when a lifecycle asks for them: importing inductor costs seconds)."""
+    _checked_aot()
+
+
+def _check_aot() -> list[str]:
+    """What ahead-of-time blocks use, present and callable (nothing is compiled here)."""
+    problems: list[str] = []
+    loader = _loader_class()
+    if loader is None:
+        problems.append("torch._C._aoti.AOTIModelPackageLoader is gone")
+    else:
+        problems.extend(f"AOTIModelPackageLoader.{name} is gone" for name in _LOADER_METHODS
+                        if not callable(getattr(loader, name, None)))
+    try:
+        import torch._inductor as inductor
+
+        if not callable(getattr(inductor, "aoti_compile_and_package", None)):
+            problems.append("torch._inductor.aoti_compile_and_package is gone")
+        if not isinstance(inductor.list_mode_options("max-autotune"), dict):
+            problems.append("torch._inductor.list_mode_options no longer returns a dict")
+        if not inductor_has_config("aot_inductor.package_constants_in_so"):
+            problems.append("inductor config aot_inductor.package_constants_in_so is gone")
+    except Exception as exc:
+        problems.append(f"torch._inductor's AOT entry points are gone ({exc})")
+    probe = nn.Linear(1, 1)
+    slots = getattr(probe, "_parameters", None)
+    if not isinstance(slots, dict) or "weight" not in tensor_slots(probe, "weight"):
+        problems.append("nn.Module._parameters no longer holds a module's parameters")
+    if not isinstance(tensor_version(probe.weight), int):
+        problems.append("Tensor._version is gone")
+    try:
+        has_forward_hooks(probe)
+    except AttributeError as exc:
+        problems.append(f"nn.Module's forward hook dicts moved ({exc})")
+    return problems
+
+
+def aoti_compile_and_package(exported: Any, package_path: str, configs: dict[str, Any]) -> None:
+    """AOTInductor-compile an exported program into a package file."""
+    import torch._inductor as inductor
+
+    inductor.aoti_compile_and_package(exported, package_path=package_path, inductor_configs=dict(configs))
+
+
+def load_aoti_package(path: str, device_index: int) -> Any:
+    """One package's loader: the loader class itself, as ``aoti_load_package`` does after its first
+    try. That first try reads the device's description, which on a CPU compiles inductor's ISA
+    probe programs: seconds on a fresh machine before any load."""
+    loader = _loader_class()
+    if loader is None:
+        return torch._inductor.aoti_load_package(path, device_index=device_index).loader
+    return loader(path, "model", False, 1, device_index)
+
+
+def load_constants(loader: Any, tensors: dict[str, torch.Tensor], *, user_managed: bool) -> None:
+    """Bind ``tensors`` as the package's constants: ``user_managed`` binds the tensors themselves
+    (no copy), else the loader copies them."""
+    # (map, use_inactive, check_full_update, user_managed)
+    loader.load_constants(tensors, False, True, user_managed)
+
+
+def aoti_runner(loader: Any) -> Any:
+    """A callable over a loader that takes the exported call's arguments (the check's runner)."""
+    from torch._inductor.package.package import AOTICompiledModel  # type: ignore[attr-defined]
+
+    return AOTICompiledModel(loader)
+
+
+def inductor_mode_options(mode: str) -> dict[str, Any]:
+    """The inductor configs a ``torch.compile`` mode stands for."""
+    import torch._inductor as inductor
+
+    return dict(inductor.list_mode_options(mode))
+
+
+def inductor_has_config(name: str) -> bool:
+    """Whether this torch's inductor has the config ``name`` (dotted)."""
+    from torch._inductor import config
+
+    return name in config.get_config_copy()
+
+
+def inductor_config_copy() -> dict[str, Any]:
+    """Inductor's configs, by dotted name."""
+    from torch._inductor import config
+
+    return dict(config.get_config_copy())
+
+
+def inductor_config_type(name: str) -> Any:
+    """The declared type of inductor config ``name``."""
+    from torch._inductor import config
+
+    return config.get_type(name)  # type: ignore[attr-defined]
+
+
+def dynamo_backends() -> list[str]:
+    """The torch.compile backends dynamo knows by name."""
+    return list(torch._dynamo.list_backends(exclude_tags=()))
+
+
+def tensor_slots(module: nn.Module, name: str) -> dict[str, Any]:
+    """The dict of ``module`` that holds its tensor ``name`` (parameters, else buffers): read by
+    identity on every call of a bound block, where ``getattr`` would cost more."""
+    parameters: dict[str, Any] = module._parameters
+    if name in parameters:
+        return parameters
+    buffers: dict[str, Any] = module._buffers
+    return buffers
+
+
+def tensor_version(tensor: torch.Tensor) -> int:
+    """The tensor's version counter (bumped by every in-place change)."""
+    return int(tensor._version)
+
+
+def has_forward_hooks(module: nn.Module) -> bool:
+    """Whether the module has forward hooks of its own (a compiled call slot skips them)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._forward_hooks_with_kwargs)
+
+
 __all__ = [
     "SLOT",
     "TRACE_LOCK",
     "EagerSwitch",
+    "aoti_compile_and_package",
+    "aoti_runner",
     "check",
+    "check_aot",
     "compile_in_place",
+    "dynamo_backends",
+    "has_forward_hooks",
+    "inductor_config_copy",
+    "inductor_config_type",
+    "inductor_has_config",
+    "inductor_mode_options",
+    "load_aoti_package",
+    "load_constants",
+    "tensor_slots",
+    "tensor_version",
     "compiled_call",
     "duck_shape",
     "eager_call",

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import inspect
+import os
 import typing
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from adapters import _torch_internals as internals
+from adapters.compiler import Compiler, JitBlocksCompiler, JitModelCompiler
 from adapters.errors import BackendUnavailable, InvalidOptions
 from adapters.protocols import CompilePlanLike
 from adapters.regional import check_regional_module, compile_regional, decompile_regional
@@ -131,6 +134,24 @@ class BackendAdapter(ABC):
 
             adapter.compile(module, adapter.validate_options({}), CompilePlan(scope="blocks"))
         """
+
+    def compiler(
+        self, plan: CompilePlanLike, options: Mapping[str, Any], artifact_dir: str | os.PathLike[str] | None
+    ) -> Compiler:
+        """The one compiler a lifecycle calls, configured from ``plan`` and validated ``options``
+        (see ``adapters.compiler``). The default compiles just in time through ``compile`` and
+        ``decompile``; ``validate_plan`` has refused what this backend cannot run.
+
+        Raises:
+            InvalidOptions: ``options`` have no meaning for the compiler the plan picks.
+
+        Example::
+
+            compiler = adapter.compiler(CompilePlan(scope="blocks"), options, None)
+        """
+        if plan.scope == "blocks":
+            return JitBlocksCompiler(self.compile, self.decompile, plan)
+        return JitModelCompiler(self.compile, self.decompile, plan)
 
     @abstractmethod
     def decompile(self, module: nn.Module) -> None:
@@ -270,7 +291,7 @@ class TorchCompileAdapter(BackendAdapter):
         check_option_types(merged)
         backend = merged["backend"]
         if isinstance(backend, str):
-            known = torch._dynamo.list_backends(exclude_tags=())
+            known = internals.dynamo_backends()
             if backend not in known:
                 raise InvalidOptions(
                     f"unknown torch.compile backend {backend!r}; available: {sorted(known)}"
@@ -323,6 +344,19 @@ class TorchCompileAdapter(BackendAdapter):
         """
         return torch_compile_kwargs(options, reproducible=plan.reproducible)
 
+    def compiler(
+        self, plan: CompilePlanLike, options: Mapping[str, Any], artifact_dir: str | os.PathLike[str] | None
+    ) -> Compiler:
+        if not plan.ahead_of_time:
+            return super().compiler(plan, options, artifact_dir)
+        from adapters.aot.compiler import AotBlocksCompiler
+
+        # The fallback compiles the same blocks with the same options and the same reproducibility.
+        fallback = JitBlocksCompiler(self.compile, self.decompile, BlocksPlan(reproducible=plan.reproducible))
+        return AotBlocksCompiler(
+            options=options, reproducible=plan.reproducible, directory=artifact_dir, fallback=fallback
+        )
+
     def compile(self, module: nn.Module, options: Mapping[str, Any], plan: CompilePlanLike) -> None:
         torch_options = self.torch_options(options, plan)
         if plan.scope == "blocks":
@@ -346,6 +380,15 @@ class TorchCompileAdapter(BackendAdapter):
         return audit_fields(plan.reproducible, options, self.device_type)
 
 
+@dataclass(frozen=True)
+class BlocksPlan:
+    """A just-in-time blocks plan (the ahead-of-time compiler's fallback)."""
+
+    reproducible: bool = False
+    scope: str = "blocks"
+    ahead_of_time: bool = False
+
+
 def check_option_types(options: Mapping[str, Any]) -> None:
     """Type checks shared by every torch.compile adapter (values, not key names)."""
     for key in _BOOL_KEYS:
@@ -366,9 +409,7 @@ def check_option_types(options: Mapping[str, Any]) -> None:
 def check_inductor_options(options: Mapping[str, Any]) -> None:
     """Inductor's own checks (``torch._TorchCompileInductorWrapper.apply_options``), done before
     any work: a key inductor does not know, or a value of the wrong type, is a bad argument."""
-    from torch._inductor import config
-
-    current = config.get_config_copy()
+    current = internals.inductor_config_copy()
     for key, value in options.items():
         name = str(key).replace("-", "_")
         if name not in current:
@@ -377,7 +418,7 @@ def check_inductor_options(options: Mapping[str, Any]) -> None:
                 f"unknown inductor option {key!r} in compile_options['options']"
                 + (f"; did you mean one of {close}?" if close else "; see torch._inductor.list_options()")
             )
-        expected = config.get_type(name)  # type: ignore[attr-defined]
+        expected = internals.inductor_config_type(name)
         plain = typing.get_origin(expected) is None and isinstance(expected, type)
         if plain and not isinstance(value, expected):
             raise InvalidOptions(

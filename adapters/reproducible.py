@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 
+from adapters import _torch_internals as internals
 from adapters.errors import InvalidOptions
 
 # inductor config keys the option sets for its compiles (as torch.compile ``options``).
@@ -55,10 +56,9 @@ INDUCTOR_SETTINGS: dict[str, Any] = {"deterministic": True}
 def supported() -> bool:
     """Whether this torch's inductor has the deterministic mode (torch >= 2.8)."""
     try:
-        import torch._inductor.config as inductor_config
+        return internals.inductor_has_config("deterministic")
     except Exception:  # a torch without inductor
         return False
-    return hasattr(inductor_config, "deterministic")
 
 
 def validate_reproducible(reproducible: bool, options: Mapping[str, Any]) -> None:
@@ -89,10 +89,10 @@ def torch_compile_kwargs(options: Mapping[str, Any], *, reproducible: bool) -> d
     kwargs = dict(options)
     if not reproducible or kwargs.get("backend", "inductor") != "inductor":
         return kwargs
-    from torch._inductor import list_mode_options
-
     mode = kwargs.pop("mode", None)
-    merged: dict[str, Any] = dict(list_mode_options(mode)) if mode not in (None, "default") else {}
+    merged: dict[str, Any] = {}
+    if mode not in (None, "default"):
+        merged.update(internals.inductor_mode_options(str(mode)))
     merged.update(kwargs.get("options") or {})
     merged.update(INDUCTOR_SETTINGS)
     kwargs["options"] = merged

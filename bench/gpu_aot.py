@@ -411,6 +411,7 @@ def _bench_child(args: argparse.Namespace) -> dict[str, Any]:
     graphs0 = counters["stats"]["unique_graphs"]
     package_dir = Path(args.packages)
     t0 = time.perf_counter()
+    binding: aot.AotBinding | None = None  # the caller owns a binding
     if args.scenario == "eager":
         pass
     elif args.scenario == "jit":
@@ -454,7 +455,6 @@ def _bench_child(args: argparse.Namespace) -> dict[str, Any]:
     result["to_ready_s"] = round(time.perf_counter() - t0, 2)
     result["requests"] = latencies
     result["dynamo_graphs"] = counters["stats"]["unique_graphs"] - graphs0
-    binding = aot.binding(model)
     if binding is not None:
         result["aot_stats"] = binding.summary()
     saved = {k: v.float().cpu() for k, v in outputs.items()}

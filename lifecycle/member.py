@@ -13,7 +13,7 @@ from typing import Any, Protocol
 from torch import nn
 
 from adapters import BackendAdapter
-from adapters.aot_session import AotSession
+from adapters.compiler import Compiler
 from lifecycle.config import ServingPolicy
 from lifecycle.locking import OwnerLock
 from lifecycle.serving_state import RequestResult, ServingState
@@ -47,8 +47,8 @@ class Member(Protocol):
     _lock: OwnerLock
     # The fields every audit event of this lifecycle starts from (never mutate it).
     _base: dict[str, Any]
-    # Ahead-of-time blocks (None: the plan compiles just in time, or not at all).
-    _aot: AotSession | None
+    # The one compiler of this lifecycle (picked by the backend from the plan).
+    _compiler: Compiler
 
     def _audit_fields(self) -> dict[str, Any]: ...
 

@@ -16,18 +16,19 @@ from __future__ import annotations
 import os
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from functools import partial
 from types import MappingProxyType
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
 from adapters import BackendAdapter
-from adapters.aot_session import AotReport, AotSession
 from adapters.artifact_session import ArtifactSession
 from adapters.artifacts import ArtifactKey, ArtifactReport, build_key
+from adapters.compiler import Compiler, CompileReport, Example
 from adapters.errors import AdapterError
 from adapters.protocols import CacheAdapter
 from lifecycle.audit import signals
@@ -71,8 +72,6 @@ __all__ = [
     "WarmupRun",
 ]
 
-# The plan an ahead-of-time compile falls back to when no trusted package can serve the blocks.
-_JUST_IN_TIME_BLOCKS = CompilePlan(scope="blocks")
 _WARMED_UP = State.WARMED_UP.value
 _LOADED = State.LOADED
 _RESET = Trigger.RESET
@@ -152,9 +151,12 @@ class ModuleLifecycle(AsyncPrepare):
             self._artifacts = (
                 ArtifactSession(artifact_dir) if artifact_dir is not None and policy.compile else None
             )
-            # Ahead-of-time packages: kept in artifact_dir across restarts, else in a private
-            # temporary directory for this process.
-            self._aot = AotSession(artifact_dir) if compile_plan.ahead_of_time and policy.compile else None
+            # The one compiler this lifecycle calls, picked and configured by the backend.
+            self._compiler: Compiler = self._backend.compiler(
+                compile_plan if policy.compile else CompilePlan(), self._torch_options, artifact_dir
+            )
+            # What the compiler keeps for this process only goes with the lifecycle.
+            weakref.finalize(self, self._compiler.close)
         except AdapterError as exc:
             raise translate_adapter_error(exc, module=name, state=State.LOADED) from exc
         commit = commit if commit is not None else LocalCommit()
@@ -169,7 +171,8 @@ class ModuleLifecycle(AsyncPrepare):
             module, self._cache, self._cache_config, enabled=policy.cache_dit, base_fields=self._base
         )
         self._serving_state = ServingState(self._context)
-        self._aot_report: AotReport | None = None
+        # What the latest compile reports on each coverage row (e.g. packages loaded or built).
+        self._compile_row: dict[str, Any] = {}
         self._compiles = 0
         self._compile_s = 0.0
         # Lifecycles over one module share its lock (lifecycle.holds); registered last, so a
@@ -306,10 +309,9 @@ class ModuleLifecycle(AsyncPrepare):
             cold = [row for row in lc.coverage() if not row["warmed"]]
         """
         rows = self._serving_state.book.coverage()
-        report = self._aot_report
-        if report is not None:
+        if self._compile_row:
             for row in rows:
-                row["ahead_of_time"] = report.outcome
+                row.update(self._compile_row)
         return rows
 
     def missed_shapes(self) -> list[dict[str, Any]]:
@@ -353,15 +355,9 @@ class ModuleLifecycle(AsyncPrepare):
             "warmup_covered_cached_branch": serving.covered,
             "cache": cache_summary,
             "artifacts": self._artifacts.statuses() if self._artifacts is not None else None,
-            "ahead_of_time": self._aot_stats(),
+            "compiler": self._compiler.describe(),
             "shapes": shapes,
         }
-
-    def _aot_stats(self) -> dict[str, Any] | None:
-        report = self._aot_report
-        if report is None or self._aot is None:
-            return None
-        return {**report.as_dict(), "binding": self._aot.summary(self._module)}
 
     def __repr__(self) -> str:
         return f"ModuleLifecycle({self._name!r}, state={self.state.value}, policy={self._policy})"
@@ -476,67 +472,67 @@ class ModuleLifecycle(AsyncPrepare):
         step.on_undo(lambda: self._release_cache_mount(unmount=adopted is None))
         step.extra["cache_config"] = self._cache.describe_config(self._cache_config)
 
-    def compile(self) -> None:
+    def compile(self, examples: Sequence[Example] | None = None) -> None:
         """-> Compiled: compile the (cache-wrapped) module in place on the backend, as the
         ``CompilePlan`` says. Legal only after ``mount_cache`` while Cache-DiT is on.
 
-        Ahead of time, the blocks are exported from real calls: ``prepare(run, ...)`` makes them
-        (one per declared bucket); ``compile()`` alone is refused naming that fix.
+        ``examples``: zero-argument callables that each run the module once (one per serving
+        bucket), for a compiler that builds from real calls (ahead-of-time blocks). Without them
+        such a compiler defers: the next ``warm_up`` passes its own calls first.
+        ``prepare(run, shapes=...)`` passes one per declared bucket.
 
         Raises:
             IllegalTransitionError: the table does not allow ``compile`` in this state.
-            InvalidConfigError: ahead of time without ``prepare(run, ...)``.
+            InvalidConfigError: ``examples`` is not a sequence of callables.
             TransitionFailedError: the backend's compile failed (the state is unchanged).
 
         Example::
 
             lc.mount_cache()
-            lc.compile()
-            lc.warm_up(run)
+            lc.compile(examples=[lambda: run(lc.module, shape) for shape in shapes])
+            lc.warm_up(run, shapes=shapes)
         """
-        self._runner.fire(Trigger.COMPILE, self._compile)
+        if examples is not None:
+            examples = self._check_examples(examples)
+        self._runner.fire(Trigger.COMPILE, lambda step: self._compile(step, examples))
 
-    def _compile_for(self, run: WarmupRun, target: object, declared: list[dict[str, Any]] | None) -> None:
-        """The prepare walk's compile: ahead of time, the warm-up callable's calls (one per
-        bucket) are the examples each block kind is exported from."""
-        if not self._plan.ahead_of_time:
-            self.compile()
-            return
+    def _check_examples(self, examples: object) -> list[Example]:
+        items = list(examples) if isinstance(examples, Sequence) and not isinstance(examples, str) else []
+        if not items or not all(callable(example) for example in items):
+            raise self._refuse(self._invalid(
+                Trigger.COMPILE,
+                f"compile(examples=...) takes a non-empty list of zero-argument callables that each "
+                f"run the module once, got {examples!r}; e.g. "
+                "[lambda: run(lc.module, shape) for shape in shapes]",
+            ), Trigger.COMPILE)
+        return items
+
+    def _examples(
+        self, run: WarmupRun, target: object, planned: Sequence[dict[str, Any] | None] | None
+    ) -> list[Example]:
+        """The warm-up callable's calls, one per bucket: what a compile from real calls builds from."""
         call_at = call_at_shape(run, target)
-        shapes: Buckets = list(declared or self._serving_state.book.declared_shapes()) or [None]
-        runs = [partial(call_at, shape) for shape in shapes]
-        self._runner.fire(Trigger.COMPILE, lambda step: self._compile(step, runs))
+        shapes: Buckets = list(planned or self._serving_state.book.declared_shapes()) or [None]
+        return [partial(call_at, shape) for shape in shapes]
+
+    def _compile_for(self, run: WarmupRun, target: object, planned: list[dict[str, Any]] | None) -> None:
+        """The prepare walk's compile, from the warm-up callable's calls (one per bucket)."""
+        examples = self._examples(run, target, planned)
+        self._runner.fire(Trigger.COMPILE, lambda step: self._compile(step, examples))
 
     def _compile_kwargs(self) -> dict[str, Any]:
         """torch.compile's arguments for this compile: the validated options, plus
         ``dynamic=True`` when the buckets share graphs (never written back)."""
         return {**self._torch_options, "dynamic": True} if self._shares_graphs else dict(self._torch_options)
 
-    def _compile(self, step: TransitionStep, runs: Sequence[Callable[[], object]] | None = None) -> None:
+    def _compile(self, step: TransitionStep, examples: Sequence[Example] | None = None) -> None:
         started = time.perf_counter()
         kwargs = self._compile_kwargs()
-        aot_session = self._aot
-        if aot_session is not None and runs is None:
-            raise self._invalid(
-                Trigger.COMPILE,
-                "CompilePlan(ahead_of_time=True) exports each block from real calls of the warm-up "
-                "callable; call prepare(run, shapes=[...]) instead of compile()",
-            )
         with self._compiled_hold.acquire(self._module_id) as first:
             if first:
                 if self._artifacts is not None:
                     self._report_artifacts(self._artifacts.before_compile(self._artifact_key), step.extra)
-                if aot_session is not None and runs is not None:
-                    report = aot_session.compile_blocks(
-                        self._module, runs, kwargs.get("options"),
-                        fallback=partial(self._backend.compile, self._module, kwargs, _JUST_IN_TIME_BLOCKS),
-                    )
-                    # The capture calls ran the host's callable: the next call starts afresh.
-                    self._context.fresh()
-                    self._aot_report = report
-                    step.extra.update(report.as_dict())
-                else:
-                    self._backend.compile(self._module, kwargs, self._plan)
+                self._apply_compile(self._compiler.compile(self._module, examples, kwargs), step.extra)
                 self._compiles += 1
             step.extra["reused_compiled"] = not first
         step.on_undo(self._release_compiled)
@@ -548,6 +544,13 @@ class ModuleLifecycle(AsyncPrepare):
         reproducible = self._backend.reproducibility(self._plan, kwargs)
         if reproducible is not None:
             step.extra["reproducible"] = reproducible
+
+    def _apply_compile(self, report: CompileReport, extra: dict[str, Any]) -> None:
+        if report.ran_examples:
+            # The examples ran the host's callable: the next call starts afresh.
+            self._context.fresh()
+        self._compile_row = dict(report.row)
+        extra.update(report.fields)
 
     def warm_up(self, run: WarmupRun, shapes: Any = None) -> None:
         """-> WarmedUp: call ``run(module)``; with cache-dit mounted and compile on, the warm-up
@@ -586,30 +589,38 @@ class ModuleLifecycle(AsyncPrepare):
         """This lifecycle's own warm-up at ``declared`` (None: as ``buckets_to_warm`` says)."""
         buckets = buckets_to_warm(self._serving_state.book, run, declared)
         call_at = call_at_shape(run, target)
-        self._warm_step(run, buckets, lambda: run_warmup([self], call_at, buckets).members[0])
+        self._warm_step(run, buckets, lambda: run_warmup([self], call_at, buckets).members[0], target)
 
-    def _warm_step(self, run: object, buckets: Buckets, inner: Callable[[], MemberWarmup]) -> None:
+    def _warm_step(
+        self, run: object, buckets: Buckets, inner: Callable[[], MemberWarmup], target: object = None
+    ) -> None:
         """The warm_up transition around ``inner``: the warm-up itself, or in a pipeline's
         joint warm-up the next member's transition (``lifecycle.walk``); it returns this
         lifecycle's part of the result, applied here."""
-        self._runner.fire(Trigger.WARM_UP, lambda step: self._warmup_step(step, run, buckets, inner))
+        self._runner.fire(Trigger.WARM_UP, lambda step: self._warmup_step(step, run, buckets, inner, target))
 
     def _warmup_step(
-        self, step: TransitionStep, run: object, buckets: Buckets, inner: Callable[[], MemberWarmup]
+        self, step: TransitionStep, run: object, buckets: Buckets, inner: Callable[[], MemberWarmup],
+        target: object = None,
     ) -> None:
         """The warm_up transition's work: ``run`` must be callable; the declared buckets it is
         asked to warm are the lifecycle's from now on (cold until a warm-up succeeds; the
         implicit bucket joins only when its warm-up did); ``inner`` runs the warm-up, and its
-        result is applied here."""
+        result is applied here (``target``: what ``run`` is called with, the module by default)."""
         check_callable(run, module=self._name, state=step.source, trigger=Trigger.WARM_UP)
         if buckets[0] is not None or len(buckets) > 1:
             self._serving_state.declare([shape for shape in buckets if shape is not None])
-        if self._aot is not None:
-            # Weights replaced since the binding (invalidate after a LoRA fuse, say): the blocks
-            # read the new tensors from here on.
-            rebound = self._aot.rebind(self._module)
-            if rebound:
-                step.extra["aot_rebound_blocks"] = rebound
+        if self._compiler.pending:
+            # A compile deferred until real calls come: the warm-up's, one per bucket.
+            called_with = self._module if target is None else target
+            examples = self._examples(cast(WarmupRun, run), called_with, buckets)
+            self._apply_compile(
+                self._compiler.compile(self._module, examples, self._compile_kwargs()), step.extra
+            )
+        else:
+            # Weights replaced since the compile (invalidate after a LoRA fuse, say): the compiled
+            # code reads the new tensors from here on.
+            step.extra.update(self._compiler.rebind(self._module))
         result = inner()
         # The warm-up succeeded: its result becomes this lifecycle's.
         extra = step.extra
@@ -684,6 +695,7 @@ class ModuleLifecycle(AsyncPrepare):
             # Either is undone only by the last lifecycle holding it (a shared module).
             self._release_cache_mount()
             self._release_compiled()
+            self._compiler.close()
             self._serving_state.forget()
 
         self._runner.fire(Trigger.RESET, work)
@@ -697,10 +709,8 @@ class ModuleLifecycle(AsyncPrepare):
     def _release_compiled(self) -> None:
         with self._compiled_hold.release(self._module_id) as last:
             if last:
-                if self._aot is not None:
-                    self._aot.unbind(self._module)
-                    self._aot_report = None
-                self._backend.decompile(self._module)
+                self._compiler.restore(self._module)
+                self._compile_row = {}
 
     def prepare(
         self, run: WarmupRun, num_inference_steps: int | None = None, shapes: Any = None

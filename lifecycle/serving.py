@@ -26,6 +26,7 @@ import itertools
 import os
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from contextvars import Token
 from dataclasses import dataclass
 from types import TracebackType
@@ -33,8 +34,8 @@ from typing import Any, Literal
 
 import structlog
 
-from adapters.aot_session import OutsideBounds, refusing_outside
 from adapters.calls import CallDecision, guard_calls, input_signature, signature_sizes, with_shared_dims
+from adapters.compiler import OUTSIDE_BOUNDS, OutsideBounds
 from lifecycle import audit
 from lifecycle.audit import signals
 from lifecycle.buckets import BucketCoverage, ShapeMiss, canonical_shape, shape_key
@@ -125,7 +126,7 @@ class ActiveRequest:
     guard's decision per call. Written by the scope and by its own methods only."""
 
     __slots__ = (
-        "aot_misses", "bucket", "dims", "graphs_before", "key", "member", "miss", "policy", "record",
+        "bound_misses", "bucket", "dims", "graphs_before", "key", "member", "miss", "policy", "record",
         "shape", "sizes", "started",
     )
 
@@ -139,10 +140,9 @@ class ActiveRequest:
         self.miss: str | None = None  # None | "shape" | "signature"
         self.sizes: dict[str, list[int]] | None = None
         self.dims = member._serving_state.shared_dims
-        # Ahead-of-time blocks decide per block call whether the packages' bounds cover it (and
-        # run that block eagerly when not): the request counts their misses instead.
-        aot_session = member._aot
-        self.aot_misses = aot_session.misses(member.module) if aot_session is not None else None
+        # A compiler that checks each block call against what it compiled (and runs that block
+        # eagerly when outside): the request counts its misses instead (None: it checks none).
+        self.bound_misses = member._compiler.misses(member.module)
         self.started = time.perf_counter()
         self.graphs_before = member.backend.graph_count()
 
@@ -171,7 +171,7 @@ class ActiveRequest:
         (decided now, before anything runs). Returns whether it is a miss."""
         self.key, self.shape = key, shape
         self.bucket = self.member._serving_state.book.lookup(key)
-        if self.bucket is None and compiles and self.aot_misses is None:
+        if self.bucket is None and compiles and self.bound_misses is None:
             self.miss = "shape"
         return self.miss is not None
 
@@ -184,15 +184,15 @@ class ActiveRequest:
             cached_steps=cached_steps, cfg_cached_steps=cfg_cached_steps, outcome=outcome,
         )
 
-    def note_aot_miss(self) -> None:
-        """Some block call lay outside the packages' bounds (and ran eagerly, or was refused)."""
-        self.miss = "aot_bounds"
+    def note_bound_miss(self) -> None:
+        """Some block call lay outside the compiled bounds (and ran eagerly, or was refused)."""
+        self.miss = OUTSIDE_BOUNDS
         if self.policy == "compile":
-            self.policy = "eager"  # nothing compiles inline outside ahead-of-time packages
+            self.policy = "eager"  # nothing compiles inline outside the compiled bounds
 
     def outside_bounds_error(self, cause: BaseException) -> UnwarmedShapeError:
         """The request's typed refusal when a block was outside the packages' bounds."""
-        self.miss = "aot_bounds"
+        self.miss = OUTSIDE_BOUNDS
         member = self.member
         return UnwarmedShapeError(
             f"{member.name}: request {self.record.request_id!r} at input sizes {self.sizes} lies outside "
@@ -209,7 +209,7 @@ class ActiveRequest:
     def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> CallDecision | None:
         """In front of each call of the member's module (outside compiled code)."""
         eager = exclusive = False
-        if self.aot_misses is not None:
+        if self.bound_misses is not None:
             if self.sizes is None:
                 self.sizes = signature_sizes(input_signature(args, kwargs))
         elif self.key is not None:
@@ -268,7 +268,7 @@ class RequestScope:
         self._actives: list[ActiveRequest] = []
         self._guards: list[guard_calls] = []
         self._token: Mapping[str, Token[Any]] | None = None
-        self._refusing: list[refusing_outside] = []
+        self._refusing: list[AbstractContextManager[Any]] = []
 
     # ------------------------------------------------------------------ entering
     def __enter__(self) -> list[RequestRecord]:
@@ -283,10 +283,10 @@ class RequestScope:
                     guard = guard_calls(active.member.module, active)
                     guard.__enter__()
                     self._guards.append(guard)
-                if active.aot_misses is not None and active.policy == "fail":
-                    # Ahead-of-time blocks decide per call: outside the packages' bounds the
-                    # block is refused rather than run eagerly.
-                    refusing = refusing_outside(True)
+                if active.bound_misses is not None and active.policy == "fail":
+                    # The compiler decides per block call: outside its bounds the block is
+                    # refused rather than run eagerly.
+                    refusing = active.member._compiler.refusing(True)
                     refusing.__enter__()
                     self._refusing.append(refusing)
         except BaseException:
@@ -396,7 +396,7 @@ class RequestScope:
         refused: UnwarmedShapeError | None = None
         if isinstance(exc, OutsideBounds):
             for active in self._actives:
-                if active.aot_misses is not None and active.policy == "fail":
+                if active.bound_misses is not None and active.policy == "fail":
                     refused = active.outside_bounds_error(exc)
                     break
         try:
@@ -446,10 +446,9 @@ def _finish(active: ActiveRequest, error: BaseException | None) -> AuditWriteErr
     refused = isinstance(error, UnwarmedShapeError)
     outcome: RequestOutcome = "ok" if error is None else "refused" if refused else "failed"
     active.complete(new_graphs, cached, cfg_cached, outcome)
-    aot_session = member._aot
-    if active.aot_misses is not None and aot_session is not None:
-        if aot_session.misses(member.module) > active.aot_misses:
-            active.note_aot_miss()
+    if active.bound_misses is not None:
+        if (member._compiler.misses(member.module) or 0) > active.bound_misses:
+            active.note_bound_miss()
     miss: ShapeMiss | None = None
     if active.miss is not None:
         miss = ShapeMiss(

@@ -44,7 +44,9 @@ class Walker(Member, Protocol):
         self, run: Callable[..., object], target: object, declared: list[dict[str, Any]] | None
     ) -> None: ...
 
-    def _warm_step(self, run: object, buckets: Buckets, inner: Callable[[], MemberWarmup]) -> None: ...
+    def _warm_step(
+        self, run: object, buckets: Buckets, inner: Callable[[], MemberWarmup], target: object = None
+    ) -> None: ...
 
 
 def prepare(
@@ -110,7 +112,7 @@ def warm_together(
     def inner_of(index: int) -> Callable[[], MemberWarmup]:
         def inner() -> MemberWarmup:
             if index + 1 < len(members):
-                members[index + 1]._warm_step(run, buckets, inner_of(index + 1))
+                members[index + 1]._warm_step(run, buckets, inner_of(index + 1), target)
             else:
                 results.extend(run_warmup(members, call_at, buckets).members)
             return results[index]
@@ -118,7 +120,7 @@ def warm_together(
         return inner
 
     try:
-        members[0]._warm_step(run, buckets, inner_of(0))
+        members[0]._warm_step(run, buckets, inner_of(0), target)
     except LifecycleError as exc:
         raise on_joint(members, exc) from exc
 

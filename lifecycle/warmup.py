@@ -234,9 +234,11 @@ def run_warmup(
     """Warm ``members`` together at every bucket of ``buckets`` (None: the implicit bucket), then
     settle; return what happened. Raises whatever the warm-up callable raised (the caller's
     transition records it), with every serving context restored."""
-    sharing = aot = False
+    sharing = bound = False
     dims: list[SharedDims] = []
     per_bucket: list[list[BucketWarmup]] = []
+    # Per member, the buckets whose block calls lay outside the compiled bounds: they stay cold.
+    outside: list[list[str]] = [[] for _ in members]
     for member in members:
         if member._serving_state.shares_graphs:
             sharing = True
@@ -244,7 +246,6 @@ def run_warmup(
         else:
             dims.append(member._serving_state.shared_dims)
         per_bucket.append([])
-        aot = aot or member._aot is not None
     # Members share one process: the first one's backend counts every graph compiled in it.
     graph_count = members[0].backend.graph_count
     started = time.perf_counter()
@@ -254,6 +255,7 @@ def run_warmup(
         for shape in buckets:
             key = IMPLICIT_KEY if shape is None else shape_key(shape)
             graphs_before = graph_count()
+            misses_before = [member._compiler.misses(member.module) for member in members]
             bucket_started = time.perf_counter()
             runs = 0
             with _BucketRun(members, dims, steer=True) as seen:
@@ -272,23 +274,31 @@ def run_warmup(
             for index, member in enumerate(members):
                 ok = done[index]
                 signatures = warm[index]
-                if not ok and key == IMPLICIT_KEY and len(seen[index].signatures) > 1:
+                missed_before, missed_now = misses_before[index], member._compiler.misses(member.module)
+                if missed_before is not None and missed_now is not None and missed_now > missed_before:
+                    # Block calls here lay outside what was compiled and ran eagerly: a request
+                    # here would be refused (or run eagerly), so the bucket is not warm.
+                    ok = False
+                    outside[index].append(key)
+                if not done[index] and key == IMPLICIT_KEY and len(seen[index].signatures) > 1:
                     raise _undeclared_error(member, len(seen[index].signatures), len(signatures))
                 per_bucket[index].append(BucketWarmup(key, shape, graphs, seconds, ok, runs, signatures))
-                if not ok:
+                if not done[index]:
                     _warn_uncovered(member, runs)
                 if key != IMPLICIT_KEY:
                     _emit(WARMUP_SHAPE_EVENT, "ok" if ok else "refused", {
                         **member._audit_fields(), "shape": shape, "shape_key": key, "graphs": graphs,
                         "seconds": round(seconds, 6), "covered": ok, "warmup_runs": runs,
                         "signatures": len(signatures),
+                        **({"outside_compiled_bounds": True} if key in outside[index] else {}),
                     })
         settle_runs = 0
         # Only a warm-up that compiled graphs settles: one that compiled nothing (again after
         # invalidate, every graph already built) left the first request nothing to pay.
-        # Ahead-of-time blocks compile no graph, but their packages' first runs still cost: a
-        # warm-up that bound them settles too.
-        if (compiled or (aot and _aot_bound(members))) and any(m.policy.compile for m in members):
+        # Blocks bound to compiled packages compile no graph, but their first runs still cost: a
+        # warm-up that ran them settles too.
+        bound = any(member._compiler.misses(member.module) is not None for member in members)
+        if (compiled or bound) and any(m.policy.compile for m in members):
             settle_started = time.perf_counter()
             if any(m.serving.measure_paths for m in members):
                 per_bucket = _measure_paths(members, call_at, per_bucket, dims)
@@ -301,11 +311,14 @@ def run_warmup(
     elapsed = time.perf_counter() - started
     out = []
     declared = bool(buckets) and buckets[0] is not None
-    for results, member_dims in zip(per_bucket, dims, strict=True):
+    for results, member_dims, cold in zip(per_bucket, dims, outside, strict=True):
         covered = True
         for result in results:
             covered = covered and result.covered
         fields: dict[str, Any] = {"warmup_runs": total_runs + settle_runs, "cached_branch_covered": covered}
+        if cold:
+            fields["outside_compiled_bounds"] = cold
+            results = [result for result in results if result.key not in cold]
         if settle_runs:
             fields["settle_runs"] = settle_runs
             fields["settle_s"] = settle_s
@@ -462,13 +475,6 @@ def _emit(event: str, outcome: str, fields: dict[str, Any]) -> None:
     lost = emit_checked(event, outcome, fields)
     if lost is not None:
         warn_unwritten(event, str(fields.get("module")), lost)
-
-
-def _aot_bound(members: Sequence[Member]) -> bool:
-    for member in members:
-        if member._aot is not None and member._aot.bound_blocks(member.module):
-            return True
-    return False
 
 
 def _sync(members: Sequence[Member]) -> None:

@@ -1,4 +1,4 @@
-"""Ahead-of-time compiled blocks (adapters/aot.py) on the CPU: a tiny real Flux, real torch.export
+"""Ahead-of-time compiled blocks (adapters/aot/) on the CPU: a tiny real Flux, real torch.export
 and AOTInductor with the system compiler. One build per module (two block kinds, ~30-60 s on two
 cores); every other test binds those packages to a fresh transformer with the same weights."""
 
@@ -8,6 +8,7 @@ import json
 import shutil
 import signal
 import sys
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +18,13 @@ import torch
 from torch._dynamo.utils import counters
 
 from adapters import CacheDitAdapter, aot
+from adapters import _torch_internals as internals
 from lifecycle.testing.tiny import FluxShape, demo_cache_config, denoise, flux_inputs, tiny_flux
 
 SIZES = (64, 128)  # the "declared buckets": image tokens of the two captured runs
 BETWEEN, OUTSIDE = 96, 160
+# Each bound test model's binding (the caller owns a binding: there is no registry).
+BINDINGS: weakref.WeakKeyDictionary[torch.nn.Module, aot.AotBinding] = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -54,9 +58,11 @@ def built(tmp_path_factory: pytest.TempPathFactory, captured: dict[str, list[aot
 def bound(built: Built) -> Iterator[torch.nn.Module]:
     model = tiny_flux()
     found = aot.open_packages(model, built.directory)
-    aot.bind(model, {kind: status.info for kind, status in found.items() if status.info})
+    BINDINGS[model] = aot.bind(model, {kind: status.info for kind, status in found.items() if status.info})
     yield model
-    aot.unbind(model)
+    binding = BINDINGS.pop(model, None)
+    if binding is not None:
+        aot.unbind(binding)
 
 
 def _graphs() -> int:
@@ -102,7 +108,7 @@ def test_build_saves_small_checked_packages_with_the_inferred_relation(built: Bu
 @pytest.mark.slow
 def test_bound_blocks_equal_eager_at_two_sizes_and_compile_nothing(bound: torch.nn.Module) -> None:
     reference = tiny_flux()
-    binding = aot.binding(bound)
+    binding = BINDINGS.get(bound)
     assert binding is not None and binding.blocks == 4 and len(aot.aot_blocks(bound)) == 4
     before = _graphs()
     for tokens in (SIZES[0], BETWEEN):
@@ -117,10 +123,10 @@ def test_bound_blocks_equal_eager_at_two_sizes_and_compile_nothing(bound: torch.
 def test_outside_the_bounds_runs_eager_and_reports_the_miss(bound: torch.nn.Module) -> None:
     inputs = _inputs(OUTSIDE)
     torch.testing.assert_close(denoise(bound, inputs, 1), denoise(tiny_flux(), inputs, 1), rtol=0, atol=0)
-    binding = aot.binding(bound)
-    assert binding is not None and binding.stats.misses["shape"] == 4 and binding.stats.calls == 0
+    binding = BINDINGS[bound]
+    assert binding.stats.misses["shape"] == 4 and binding.stats.calls == 0
 
-    aot.unbind(bound)
+    aot.unbind(binding)
     seen: list[str] = []
 
     def refuse(block: torch.nn.Module, reason: str) -> None:
@@ -128,7 +134,9 @@ def test_outside_the_bounds_runs_eager_and_reports_the_miss(bound: torch.nn.Modu
         raise RuntimeError(f"not warmed: {reason}")
 
     found = aot.open_packages(bound, Path(binding.packages[next(iter(binding.packages))].path).parent)
-    aot.bind(bound, {kind: status.info for kind, status in found.items() if status.info}, on_miss=refuse)
+    BINDINGS[bound] = aot.bind(
+        bound, {kind: status.info for kind, status in found.items() if status.info}, on_miss=refuse
+    )
     with pytest.raises(RuntimeError, match="not warmed: shape"):
         denoise(bound, inputs, 1)
     assert seen == ["shape"]
@@ -163,8 +171,9 @@ def test_cache_dit_caches_steps_through_its_wrappers_calling_aot_blocks(built: B
 def test_unbind_restores_eager_exactly(bound: torch.nn.Module) -> None:
     inputs = _inputs(SIZES[0])
     denoise(bound, inputs, 1)
-    assert aot.unbind(bound) and not aot.unbind(bound)
-    assert aot.binding(bound) is None and not aot.aot_blocks(bound)
+    binding = BINDINGS[bound]
+    assert aot.unbind(binding) and not aot.unbind(binding)
+    assert not aot.aot_blocks(bound)
     assert all(block._compiled_call_impl is None for block in aot.repeated_blocks(bound))
     assert torch.equal(denoise(bound, inputs, 2), denoise(tiny_flux(), inputs, 2))
 
@@ -173,21 +182,20 @@ def test_unbind_restores_eager_exactly(bound: torch.nn.Module) -> None:
 def test_bound_blocks_follow_changed_weights(bound: torch.nn.Module) -> None:
     reference = tiny_flux()
     inputs = _inputs(SIZES[0])
-    binding = aot.binding(bound)
-    assert binding is not None
+    binding = BINDINGS[bound]
     with torch.no_grad():
         # In place: the packages read the block's own tensors, nothing to re-bind.
         for model in (bound, reference):
             model.transformer_blocks[0].ff.net[2].weight.mul_(1.5)
     torch.testing.assert_close(denoise(bound, inputs, 1), denoise(reference, inputs, 1), rtol=1e-5, atol=1e-5)
-    assert aot.rebind(bound) == 0 and binding.stats.rebinds == 0
+    assert aot.rebind(binding) == 0 and binding.stats.rebinds == 0
 
     with torch.no_grad():
         # New tensors, as a LoRA fuse assigns them: re-bound by ``rebind``...
         for model in (bound, reference):
             single = model.single_transformer_blocks[1]
             single.proj_out.weight = torch.nn.Parameter(single.proj_out.weight * 0.5)
-    assert aot.rebind(bound) == 1 and aot.rebind(bound) == 0
+    assert aot.rebind(binding) == 1 and aot.rebind(binding) == 0
     torch.testing.assert_close(denoise(bound, inputs, 1), denoise(reference, inputs, 1), rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         # ...or, when nobody called it, at the block's next call (a moved ``.data`` here).
@@ -200,7 +208,7 @@ def test_bound_blocks_follow_changed_weights(bound: torch.nn.Module) -> None:
     with torch.no_grad():
         bound.transformer_blocks[0].ff.net[2].bias = torch.nn.Parameter(torch.zeros(33))
     with pytest.raises(aot.AotPackageError, match="stale"):
-        aot.rebind(bound)
+        aot.rebind(binding)
 
 
 _RESTART = """
@@ -262,7 +270,7 @@ def test_corrupt_or_stale_packages_are_reported_and_never_loaded(
     def no_load(*args: object, **kwargs: object) -> None:
         raise AssertionError("a damaged package was loaded")
 
-    monkeypatch.setattr(aot, "load_package", no_load)
+    monkeypatch.setattr(internals, "load_aoti_package", no_load)
     monkeypatch.setattr(torch._inductor, "aoti_load_package", no_load)
     model = tiny_flux()
     statuses = aot.open_packages(model, tmp_path / "pk")
@@ -270,7 +278,7 @@ def test_corrupt_or_stale_packages_are_reported_and_never_loaded(
     assert statuses[single].status == "corrupt"
     with pytest.raises(aot.AotPackageError, match="corrupt"):
         aot.bind(model, {double: found[double].info, single: built.result.packages[single]})  # type: ignore[dict-item]
-    assert not aot.aot_blocks(model) and aot.binding(model) is None
+    assert not aot.aot_blocks(model)
 
     # Another plan (other declared bounds) or other inductor options: another key.
     other = aot.open_packages(model, built.directory, plan_token="buckets=512,1024")

@@ -3,23 +3,21 @@ each block kind exported from the warm-up's calls and AOTInductor-compiled once 
 a restart loading the packages (no dynamo, nothing traced), invalidate and reset.
 
 Real parts: a tiny real Flux transformer, real cache-dit, real torch.export and AOTInductor on
-the CPU (slow on two cores: one build, shared by the module's tests)."""
+the CPU (slow on two cores: one build per process, shared with the other AOT tests)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from aot_builds import flux_packages
 from conftest import SERVING_STEPS
 
 from adapters import _torch_internals as internals
-from adapters import dynamo_graph_count
-from adapters.aot_session import AotSession
+from adapters import aot, dynamo_graph_count
 from lifecycle import CompilePlan, InvalidConfigError, LifecyclePolicy, ModuleLifecycle, State
-from lifecycle.testing import capture_audit
 from lifecycle.testing.tiny import FluxShape, demo_cache_config, denoise, flux_inputs, tiny_flux
 
 pytestmark = pytest.mark.slow
@@ -57,17 +55,12 @@ def _eager(tokens: int, module: torch.nn.Module | None = None) -> torch.Tensor:
     return _serve(lc, tokens)[1]
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, list[dict[str, Any]]]]:
-    """One cold build, its audit, and the directory a restart loads from."""
-    directory = tmp_path_factory.mktemp("artifacts")
-    torch._dynamo.reset()
-    with capture_audit() as events:
-        lc = _lifecycle(directory)
-        lc.prepare(run, shapes=BUCKETS)
-        assert lc.state is State.WARMED_UP
-        yield directory, [dict(e) for e in events.of("lifecycle.transition")]
-    lc.reset()
+@pytest.fixture
+def built() -> tuple[Path, list[dict[str, Any]]]:
+    """One cold build per process (shared, see tests/aot_builds.py), its audit, and the directory
+    a restart loads from."""
+    directory, events = flux_packages()
+    return directory, [dict(e) for e in events]
 
 
 def test_a_cold_build_compiles_each_block_kind_once_for_every_bucket(built):
@@ -93,7 +86,7 @@ def test_a_restart_loads_the_packages_and_serves_every_size_between_the_buckets(
     compile_event = next(e for e in audit_events.of("lifecycle.transition") if e["trigger"] == "compile")
     assert compile_event["ahead_of_time"] == "loaded"
     assert set(compile_event["aot_found"].values()) == {"ok"}
-    assert lc.stats()["ahead_of_time"]["ahead_of_time"] == "loaded"
+    assert lc.stats()["compiler"]["ahead_of_time"] == "loaded"
     assert all(row["ahead_of_time"] == "loaded" for row in lc.coverage())
     for tokens in (16, 24, 32):  # 24: between the buckets, never warmed
         req, out = _serve(lc, tokens)
@@ -101,7 +94,7 @@ def test_a_restart_loads_the_packages_and_serves_every_size_between_the_buckets(
         assert torch.allclose(out, _eager(tokens), atol=1e-4), tokens
     assert dynamo_graph_count() == graphs  # no dynamo anywhere: prepare and requests
     assert audit_events.of("lifecycle.shape_miss") == []
-    blocks = AotSession.bound_blocks(lc.module)
+    blocks = aot.aot_blocks(lc.module)
     assert len(blocks) == 4
     # Outside the bounds: the blocks run eagerly, the request says so.
     req, out = _serve(lc, 64)
@@ -109,7 +102,7 @@ def test_a_restart_loads_the_packages_and_serves_every_size_between_the_buckets(
     (miss,) = audit_events.of("lifecycle.shape_miss")
     assert miss["detected"] == "aot_bounds" and miss["input_sizes"]["hidden_states"][1] == 64
     lc.reset()
-    assert AotSession.bound_blocks(lc.module) == [] and lc.state is State.LOADED
+    assert aot.aot_blocks(lc.module) == [] and lc.state is State.LOADED
     assert all(internals.compiled_call(block) is None for block in blocks)
 
 
@@ -152,15 +145,6 @@ def test_a_corrupt_package_is_audited_and_rebuilt_never_loaded(built, tmp_path, 
     lc.reset()
 
 
-def test_compile_alone_is_refused_naming_prepare(tmp_path, audit_events):
-    lc = _lifecycle(tmp_path)
-    lc.mount_cache()
-    with pytest.raises(InvalidConfigError, match=r"prepare\(run, shapes="):
-        lc.compile()
-    assert lc.state is State.CACHE_MOUNTED
-    assert audit_events.of("lifecycle.transition")[-1]["outcome"] == "refused"
-
-
 def test_ahead_of_time_needs_inductor(tmp_path):
     with pytest.raises(InvalidConfigError, match="AOTInductor"):
         _lifecycle(tmp_path, compile_options={"backend": "aot_eager"})
@@ -188,7 +172,7 @@ def test_outside_the_bounds_on_unwarmed_fail_refuses_typed(built, audit_events):
 
 _RESTART = """
 import json, sys, torch
-from adapters import dynamo_graph_count
+from adapters import aot, dynamo_graph_count
 from lifecycle import CompilePlan, ModuleLifecycle
 from lifecycle.testing import capture_audit
 from lifecycle.testing.tiny import FluxShape, demo_cache_config, denoise, flux_inputs, tiny_flux

@@ -36,7 +36,7 @@ class DemoOptions:
     warmup_steps: int = 2
     requests: int = 3
     regional: bool = False  # compile the repeated blocks one by one (adapters/regional.py)
-    aot: bool = False  # compile the repeated blocks ahead of time (adapters/aot.py)
+    aot: bool = False  # compile the repeated blocks ahead of time (adapters/aot/)
     artifact_dir: str | None = None  # load compile artifacts before compile, save at WarmedUp
 
 
@@ -157,7 +157,7 @@ def run_demo(
         "recompiles_since_warmup": recompiles,
         "regional": options.regional,
         "artifacts": stats.get("artifacts"),
-        "ahead_of_time": _aot_summary(stats.get("ahead_of_time"), lc),
+        "ahead_of_time": _aot_summary(stats.get("compiler"), lc),
         "identical_outputs": identical,
         "wall_s": round(time.perf_counter() - started, 3),
         "ok": recompiles == 0 and identical and lc.state is State.WARMED_UP,
@@ -227,7 +227,7 @@ def _aot_lines(aot: dict[str, Any] | None) -> list[str]:
 
 def _aot_summary(stats: dict[str, Any] | None, lc: ModuleLifecycle) -> dict[str, Any] | None:
     """The ahead-of-time line of the summary: cold build, restart from packages, or fallback."""
-    if not stats:
+    if not stats or "ahead_of_time" not in stats:
         return None
     return {
         "outcome": stats["ahead_of_time"],

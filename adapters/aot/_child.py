@@ -8,9 +8,11 @@ the parent computed. The parent reads one JSON line per step from stdout, so whe
 dies it still knows which package was being loaded or run.
 
 This file imports only the standard library and torch, and the parent runs it by path (not as
-``adapters.aot_check``): the package's ``__init__`` and cache-dit stay out of the child.
+``adapters.aot._child``): the package's ``__init__`` and cache-dit stay out of the child. It loads
+``adapters/_torch_internals.py`` by path too (that file imports only torch), so the child loads
+and binds packages through the same calls as the serving process.
 
-    python adapters/aot_check.py JOBS.pt      # JOBS.pt: a list of job dicts, see ``_run_job``
+    python adapters/_child.py JOBS.pt      # JOBS.pt: a list of job dicts, see ``_run_job``
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import math
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 
@@ -49,19 +52,31 @@ def relative_error(actual: Any, expected: Any) -> float:
     return float((a[finite] - b[finite]).abs().max()) / scale
 
 
-def _run_job(index: int, job: dict[str, Any]) -> dict[str, Any]:
+def _internals() -> Any:
+    """``adapters/_torch_internals.py``, loaded by path."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "_torch_internals.py"
+    spec = importlib.util.spec_from_file_location("_dit_lifecycle_torch_internals", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run_job(index: int, job: dict[str, Any], internals: Any) -> dict[str, Any]:
     import torch
-    from torch._inductor.package.package import AOTICompiledModel  # type: ignore[attr-defined]
     from torch.utils import _pytree as pytree
 
     started = time.perf_counter()
     _say({"index": index, "stage": "loading"})
-    # The loader class itself, as the serving process loads it (no device probing first).
-    device_index = int(job["device_index"])
-    loader = torch._C._aoti.AOTIModelPackageLoader(job["package"], "model", False, 1, device_index)
-    runner = AOTICompiledModel(loader)
-    weights = {name: tensor for name, tensor in job["weights"].items()}
-    loader.load_constants(weights, False, True, False)
+    loader = internals.load_aoti_package(job["package"], int(job["device_index"]))
+    runner = internals.aoti_runner(loader)
+    # Only what the package reads: inductor may fold a weight into another (a bias into a fused
+    # kernel), and the loader refuses a constant it does not know.
+    wanted = set(loader.get_constant_fqns())
+    weights = {name: tensor for name, tensor in job["weights"].items() if name in wanted}
+    internals.load_constants(loader, weights, user_managed=False)
     load_s = time.perf_counter() - started
     _say({"index": index, "stage": "running"})
     with torch.no_grad():
@@ -87,14 +102,15 @@ def _run_job(index: int, job: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
-        sys.stderr.write("usage: aot_check.py JOBS.pt\n")
+        sys.stderr.write("usage: _child.py JOBS.pt\n")
         return 2
     import torch
 
     jobs = torch.load(argv[0], weights_only=True)
+    internals = _internals()
     for index, job in enumerate(jobs):
         try:
-            _say(_run_job(index, job))
+            _say(_run_job(index, job, internals))
         except Exception as error:  # a Python-level failure is a result, not the end of the check
             _say({"index": index, "stage": "done", "outcome": "error",
                   "detail": f"{type(error).__name__}: {error}"[:2000]})
