@@ -187,9 +187,9 @@ class CacheDitAdapter:
 
         Example::
 
-            CacheDitAdapter().version()     # cache_dit.__version__
+            CacheDitAdapter().version()     # "1.5.3"
         """
-        return str(getattr(_cache_dit(), "__version__", "unknown"))
+        return versions.cache_dit_version()
 
     def default_config(self) -> Any:
         """``cache_dit.DBCacheConfig()``: the config a lifecycle built with ``cache_config=None`` uses.

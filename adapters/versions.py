@@ -47,13 +47,26 @@ class Difference:
 
     def __post_init__(self) -> None:
         if self.package not in ("cache-dit", "diffusers"):
-            raise ValueError(f"Difference {self.key}: package must be cache-dit or diffusers, got {self.package!r}")
+            raise ValueError(
+                f"Difference {self.key}: package must be cache-dit or diffusers, got {self.package!r}"
+            )
         Version(self.fixed_in)  # raises InvalidVersion for a typo
 
 
+VERSION_ATTRIBUTE: Final = "version_attribute"
 FAKE_PIPELINE_FLAG: Final = "fake_pipeline_flag"
 
 DIFFERENCES: Final[tuple[Difference, ...]] = (
+    Difference(
+        VERSION_ATTRIBUTE,
+        "cache-dit",
+        "1.5.1",
+        what="`cache_dit.__version__` says `1.3.13.dev9` (the installed distribution is 1.5.0)",
+        handling=(
+            "`CacheDitAdapter.version()` (part of the compile-artifact key) reads the installed "
+            "distribution's version, which is right on every release"
+        ),
+    ),
     Difference(
         FAKE_PIPELINE_FLAG,
         "cache-dit",
@@ -89,6 +102,22 @@ def installed(package: str) -> Version:
         installed("diffusers") >= Version("0.37")
     """
     return Version(metadata.version(package))
+
+
+def cache_dit_version() -> str:
+    """The installed cache-dit's version, from its distribution (see ``VERSION_ATTRIBUTE``);
+    ``cache_dit.__version__`` when cache-dit runs from a source tree with no metadata.
+
+    Example::
+
+        cache_dit_version()     # "1.5.3"
+    """
+    try:
+        return str(installed("cache-dit"))
+    except metadata.PackageNotFoundError:
+        import cache_dit
+
+        return str(getattr(cache_dit, "__version__", "unknown"))
 
 
 def active(key: str) -> bool:
@@ -131,8 +160,10 @@ __all__ = [
     "DIFFERENCES",
     "FAKE_PIPELINE_FLAG",
     "TESTED",
+    "VERSION_ATTRIBUTE",
     "Difference",
     "active",
+    "cache_dit_version",
     "forget_fake_pipeline_flag",
     "installed",
 ]
