@@ -113,7 +113,6 @@ def test_bare_transformer_mounts_in_a_row_each_get_a_context() -> None:
 
 def test_a_family_missing_from_an_older_diffusers_is_skipped_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
     import diffusers
-
     import families
 
     assert all(unavailable(family) is None for family in FAMILIES)  # every tested diffusers has them
