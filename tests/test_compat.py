@@ -16,7 +16,15 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 from adapters import CacheDitAdapter
-from adapters.versions import DIFFERENCES, FAKE_PIPELINE_FLAG, TESTED, Difference, active, installed
+from adapters.versions import (
+    DIFFERENCES,
+    FAKE_PIPELINE_FLAG,
+    TESTED,
+    Difference,
+    active,
+    forget_fake_pipeline_flag,
+    installed,
+)
 from lifecycle.testing.tiny import FluxShape, demo_cache_config, denoise, flux_inputs, tiny_flux
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,6 +95,7 @@ def test_bare_transformer_mounts_in_a_row_each_get_a_context() -> None:
     inputs = flux_inputs(SMALL)
     if active(FAKE_PIPELINE_FLAG):
         first, second = tiny_flux(SMALL), tiny_flux(SMALL)
+        forget_fake_pipeline_flag()  # an earlier mount in this process left it
         cache_dit.enable_cache(first, cache_config=demo_cache_config(8))
         try:
             with pytest.raises(AssertionError):
