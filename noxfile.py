@@ -24,6 +24,9 @@ import nox
 ROOT = Path(__file__).resolve().parent
 nox.options.default_venv_backend = "venv"
 nox.options.error_on_missing_interpreters = True
+# The outer environment's packages, pip and setuptools included: a venv's own old setuptools
+# cannot build the editable project.
+VENV = ["--system-site-packages", "--without-pip"]
 
 
 def _tested() -> dict[str, dict[str, str]]:
@@ -86,7 +89,7 @@ def _pytest_args(session: nox.Session, default: list[str]) -> list[str]:
 
 
 def _matrix_session(name: str, pins: dict[str, str], paths: list[str]) -> None:
-    @nox.session(name=name, venv_params=["--system-site-packages"])
+    @nox.session(name=name, venv_params=VENV)
     def session(session: nox.Session) -> None:
         _prepare(session, pins)
         session.run("python", "-m", "pytest", *_pytest_args(session, paths))
@@ -103,7 +106,7 @@ for _name, _pins in TESTED.items():
 ENGINE_TORCH = {"sglang-0.5.23": "2.14.1"}
 
 
-@nox.session(name="resolve", venv_params=["--system-site-packages"])
+@nox.session(name="resolve", venv_params=VENV)
 def resolve(session: nox.Session) -> None:
     """pip resolves the project with each engine's pins (and SGLang's torch pin), installing nothing."""
     for name, pins in TESTED.items():
