@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import nn
 
+from adapters import versions
 from adapters.errors import InvalidOptions, UnsupportedForCache
 
 
@@ -186,9 +187,9 @@ class CacheDitAdapter:
 
         Example::
 
-            CacheDitAdapter().version()     # cache_dit.__version__
+            CacheDitAdapter().version()     # "1.5.3"
         """
-        return str(getattr(_cache_dit(), "__version__", "unknown"))
+        return versions.cache_dit_version()
 
     def default_config(self) -> Any:
         """``cache_dit.DBCacheConfig()``: the config a lifecycle built with ``cache_config=None`` uses.
@@ -343,6 +344,7 @@ class CacheDitAdapter:
         try:
             # Matched by the module's own class: cache-dit builds the same adapter itself.
             target = module if by_module else self._block_adapter(module, prefix)
+            versions.forget_fake_pipeline_flag()  # older cache-dit releases: see adapters.versions
             _cache_dit().enable_cache(target, cache_config=config)
         except BaseException:
             self.unmount(module)  # never leave half-installed hooks behind

@@ -51,10 +51,57 @@ class FamilyCase:
     shape_gap: str | None = None
 
 
+class NotInDiffusers(LookupError):
+    """An older diffusers than the newest tested one lacks a class a family needs: the family
+    is skipped, by the class's name, not failed. On the newest tested diffusers a missing class
+    stays an ``AttributeError`` (a typo here must fail)."""
+
+
+def _older_diffusers() -> str | None:
+    """The installed diffusers' version when it is older than the newest tested one, else None."""
+    import diffusers
+    from packaging.version import Version
+
+    from adapters.versions import TESTED
+
+    older = Version(diffusers.__version__) < Version(TESTED["newest"]["diffusers"])
+    return str(diffusers.__version__) if older else None
+
+
+def missing_from_diffusers(*names: str) -> str | None:
+    """Why an older diffusers cannot build a family: the ``names`` it lacks, or None when it
+    has them all (or is the newest tested diffusers, where a missing name is a bug).
+
+    Example::
+
+        missing_from_diffusers("FluxPipeline")     # None on every tested diffusers
+    """
+    import diffusers
+
+    missing = [name for name in names if not hasattr(diffusers, name)]
+    version = _older_diffusers() if missing else None
+    return f"diffusers {version} has no {', '.join(missing)}" if version else None
+
+
+def unavailable(family: FamilyCase) -> str | None:
+    """Why the installed diffusers cannot serve ``family`` (its pipeline class is missing from
+    an older diffusers), or None.
+
+    Example::
+
+        reason = unavailable(case("flux"))     # None
+    """
+    reason = missing_from_diffusers(family.pipeline_class)
+    return f"{family.family}: {reason}" if reason else None
+
+
 def _diffusers(*names: str) -> Any:
     """diffusers' classes by name (imported on first use; typed Any: diffusers is untyped)."""
     import diffusers
 
+    reason = missing_from_diffusers(*names)
+    if reason is not None:
+        raise NotInDiffusers(reason)
     found = tuple(getattr(diffusers, name) for name in names)
     return found[0] if len(found) == 1 else found
 
@@ -663,10 +710,8 @@ def _cosmos2_call(steps: int, seed: int = 0) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------- videos
 def _wan_transformer(seed: int, cls_name: str = "WanTransformer3DModel") -> torch.nn.Module:
-    import diffusers
-
     torch.manual_seed(seed)
-    cls = getattr(diffusers, cls_name)
+    cls = _diffusers(cls_name)
     return _eval(
         cls(
             patch_size=(1, 2, 2),

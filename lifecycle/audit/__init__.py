@@ -1,8 +1,9 @@
 """The audit: event names and the logger (``events``), the JSONL sink (``sink``), the replaying
 verifier (``verify``) and the timeline (``show``).
 
-The library never calls ``structlog.configure``: events go through ``structlog.get_logger`` and
-follow whatever the host configured (and ``structlog.testing.capture_logs`` sees them).
+The library never calls ``structlog.configure`` or ``logging.basicConfig``: an event goes through
+structlog when the host configured structlog (and ``structlog.testing.capture_logs`` sees it),
+otherwise through the standard ``logging`` logger ``dit_lifecycle`` (``route``).
 ``add_listener`` hands every event to a callable as well (how ``LifecycleMetrics.attach`` feeds
 the metrics). Nothing
 here imports torch, and the sink (with structlog) loads on first use of its names.

@@ -1,9 +1,10 @@
 """The audit's event names, keys and levels, and the one logger every event goes through.
 
-The library never calls ``structlog.configure``: events go through ``structlog.get_logger`` and
-follow whatever the host configured (and ``structlog.testing.capture_logs`` sees them).
-structlog itself is imported at the first event, so that the verifier and ``audit show``, which
-only need the names, start fast.
+The library never calls ``structlog.configure`` or ``logging.basicConfig``. Each event goes
+through structlog when the host configured structlog (and ``structlog.testing.capture_logs``
+sees it), otherwise through the standard ``logging`` logger ``dit_lifecycle`` (see
+``lifecycle.audit.route``). structlog itself is imported at the first event, so that the
+verifier and ``audit show``, which only need the names, start fast.
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, Final, Literal
 
+from lifecycle.audit.route import AuditLogger
+
 LOGGER_NAME: Final = "dit_lifecycle"
-"""The structlog logger name every event goes through (``structlog.get_logger(LOGGER_NAME)``)."""
+"""The logger name every event goes through: ``structlog.get_logger(LOGGER_NAME)`` when the host
+configured structlog, else ``logging.getLogger(LOGGER_NAME)``."""
 TRANSITION_EVENT: Final = "lifecycle.transition"
 """One per trigger attempt: ok, refused or failed."""
 REQUEST_EVENT: Final = "lifecycle.request"
@@ -64,38 +68,34 @@ REQUEST_KEYS: Final = (
 
 _LEVEL_BY_OUTCOME: Final = {"ok": "info", "refused": "warning", "failed": "error"}
 
-# A lazy proxy: it binds against the configuration current at each call, so a host that
-# configures structlog later (or structlog.testing.capture_logs) is still followed. Made at the
-# first event (two threads racing here make two equivalent proxies: harmless).
-_LOGGER: Any = None
+_LOGGER: Final = AuditLogger(LOGGER_NAME)
+# The library convention for its own logger: without it, a process that configured no logging
+# at all would have the warning events printed by logging's last-resort handler.
+if not any(isinstance(h, logging.NullHandler) for h in logging.getLogger(LOGGER_NAME).handlers):
+    logging.getLogger(LOGGER_NAME).addHandler(logging.NullHandler())
 
 
-def logger() -> Any:
-    """The library's structlog logger (a lazy proxy named ``LOGGER_NAME``).
+def logger() -> AuditLogger:
+    """The library's audit logger: structlog's methods (``info``, ``debug``, ...), routed per
+    event to structlog when the host configured it, else to ``logging.getLogger(LOGGER_NAME)``.
 
     Example::
 
         logger().info("lifecycle.note", module="transformer")
     """
-    global _LOGGER
-    if _LOGGER is None:
-        import structlog
-
-        _LOGGER = structlog.get_logger(LOGGER_NAME)
     return _LOGGER
 
 
 def debug_enabled() -> bool:
-    """Whether a debug event would be written, so a caller can skip building one. Loggers
-    without ``is_enabled_for`` (structlog's unfiltered ``BoundLogger``) are taken to write it.
+    """Whether a debug event would be written, so a caller can skip building one. structlog
+    loggers without ``is_enabled_for`` (the unfiltered ``BoundLogger``) are taken to write it.
 
     Example::
 
         if debug_enabled():
             logger().debug(CACHE_REFRESH_EVENT, module="transformer")
     """
-    check = getattr(logger(), "is_enabled_for", None)
-    return bool(check(logging.DEBUG)) if callable(check) else True
+    return _LOGGER.is_enabled_for(logging.DEBUG)
 
 
 def level_for(outcome: str) -> str:
@@ -199,10 +199,9 @@ def emit(event: str, outcome: str, fields: dict[str, Any]) -> None:
 
         emit("lifecycle.note", "ok", {"module": "transformer"})  # an info-level event
     """
-    log = _LOGGER if _LOGGER is not None else logger()
     listeners = _LISTENERS
     try:
-        getattr(log, _LEVEL_BY_OUTCOME.get(outcome, "warning"))(event, **fields)
+        _LOGGER.log(_LEVEL_BY_OUTCOME.get(outcome, "warning"), event, fields)
     finally:
         if listeners:
             _tell_listeners(listeners, event, fields)

@@ -201,11 +201,13 @@ def configure_default(
     """Configure structlog for a *script* that has no logging configuration of its own.
 
     The library never calls this (a host owns its logging); scripts, notebooks and the CLI
-    may. Events get the contextvars bound with ``structlog.contextvars`` (e.g. a request id
-    or rank), the level and a UTC ISO timestamp; then ``processors`` (extra ones of the
-    caller's, e.g. a progress display); then, when ``path`` is given, one JSON line each in
-    that file (``fsync=True`` also survives an OS crash). With ``echo`` the events are also
-    printed readably to ``stream`` (stderr by default), otherwise they stop after the file.
+    may. Without it, or another structlog configuration, the events go to the ``logging``
+    logger ``dit_lifecycle`` instead (``lifecycle.audit.route``). Events get the contextvars
+    bound with ``structlog.contextvars`` (e.g. a request id or rank), the level and a UTC ISO
+    timestamp; then ``processors`` (extra ones of the caller's, e.g. a progress display); then,
+    when ``path`` is given, one JSON line each in that file (``fsync=True`` also survives an OS
+    crash). With ``echo`` the events are also printed readably to ``stream`` (stderr by
+    default), otherwise they stop after the file.
 
     Args:
         path: the JSONL audit file; None for no file (events are only printed).
