@@ -97,7 +97,15 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
                               "cuda_module_loading": os.environ.get("CUDA_MODULE_LOADING")}
     sync()
     started = time.perf_counter()
-    lc.prepare(run, shapes=[{"tokens": tokens} for tokens in buckets.values()])
+    if args.sdpa == "no-cudnn" and args.variant == "build":
+        # The attention op is chosen when a block is exported: without cuDNN's, the packages call
+        # flash attention, which builds no per-sequence-length plan on a first call.
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            lc.prepare(run, shapes=[{"tokens": tokens} for tokens in buckets.values()])
+    else:
+        lc.prepare(run, shapes=[{"tokens": tokens} for tokens in buckets.values()])
     sync()
     result["prepare_s"] = round(time.perf_counter() - started, 3)
     if args.variant == "build":
@@ -167,7 +175,8 @@ def parent(args: argparse.Namespace) -> dict[str, Any]:
                    "--index", str(index), "--artifacts", str(artifacts), "--device", args.device,
                    "--blocks", *map(str, args.blocks), "--steps", str(args.steps),
                    "--warmup-steps", str(args.warmup_steps), "--threshold", str(args.threshold),
-                   "--repeats-in-process", str(args.repeats_in_process), *(["--tiny"] if args.tiny else [])]
+                   "--repeats-in-process", str(args.repeats_in_process), "--sdpa", args.sdpa,
+                   *(["--tiny"] if args.tiny else [])]
         started = time.perf_counter()
         done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.timeout)
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -192,7 +201,8 @@ def parent(args: argparse.Namespace) -> dict[str, Any]:
     report["first_over_steady"] = summary
     print(json.dumps(summary, indent=1))
     gpu = (report["machine"].get("gpu") or "cpu").replace(" ", "-")
-    path = out / f"gpu_first_request-{gpu}.json"
+    suffix = "" if args.sdpa == "default" else f"-{args.sdpa}"
+    path = out / f"gpu_first_request-{gpu}{suffix}.json"
     path.write_text(json.dumps(report, indent=1) + "\n")
     print("wrote", path)
     return report
@@ -210,6 +220,8 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.6)
     parser.add_argument("--timeout", type=float, default=400)
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--sdpa", choices=("default", "no-cudnn"), default="default",
+                        help="no-cudnn: export the blocks with cuDNN attention off")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--child", action="store_true")
     parser.add_argument("--variant")
