@@ -8,6 +8,8 @@ python3 -m pip install -q torch==2.13.0          # the CPU wheel on local disk; 
 python3 -m pip install -q -e ".[test]"
 python3 -m ruff check states lifecycle adapters tests bench
 python3 -m mypy --strict states lifecycle adapters
-python3 -m pytest -q -p no:cacheprovider "$@"
+# One worker per core (at most 8), a group of tests that shares a build on one worker; "$@" comes
+# last, so `-n 0` runs in one process.
+python3 -m pytest -q -p no:cacheprovider -n auto --maxprocesses 8 --dist loadgroup "$@"
 python3 -m nox -r -s sglang-0.5.23 vllm-omni-0.30.0  # the engines' pinned cache-dit/diffusers (noxfile.py)
 NO_MKDOCS_2_WARNING=1 python3 -m mkdocs build --strict --quiet --site-dir "$(mktemp -d)"

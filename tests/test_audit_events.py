@@ -18,6 +18,7 @@ from lifecycle.audit import REQUEST_KEYS, TRANSITION_KEYS
 from lifecycle.testing.tiny import denoise, denoiser
 
 
+@pytest.mark.slow
 def test_transition_events_key_by_key(flux, inputs, cache_config, audit_events):
     lc = ModuleLifecycle(flux, name="dit", backend="cpu", cache_config=cache_config,
                          compile_options=FAST_COMPILE)
@@ -45,6 +46,7 @@ def test_transition_events_key_by_key(flux, inputs, cache_config, audit_events):
     assert [r.outcome for r in lc.history] == ["ok"] * 3
 
 
+@pytest.mark.slow
 def test_request_events_key_by_key(flux, inputs, cache_config, audit_events):
     lc = ModuleLifecycle(flux, backend="cpu", cache_config=cache_config, compile_options=FAST_COMPILE)
     lc.prepare(denoiser(inputs, 2))
@@ -59,6 +61,7 @@ def test_request_events_key_by_key(flux, inputs, cache_config, audit_events):
     assert event["duration_ms"] == pytest.approx(req.duration_ms, abs=0.01)
 
 
+@pytest.mark.slow
 def test_refused_and_failed_attempts_are_audited_and_keep_the_state(flux, inputs, cache_config, audit_events):
     lc = ModuleLifecycle(flux, backend="cpu", cache_config=cache_config, compile_options=FAST_COMPILE)
     lc.mount_cache()
@@ -100,6 +103,7 @@ def test_unsupported_module_refused_at_mount(cache_config, audit_events):
     assert event["outcome"] == "refused" and event["error_type"] == "UnsupportedModuleError"
 
 
+@pytest.mark.slow
 def test_policy_without_cache_never_touches_cache_dit(flux, inputs, audit_events):
     lc = ModuleLifecycle(flux, policy=LifecyclePolicy(cache_dit=False), backend="cpu",
                          compile_options=FAST_COMPILE)

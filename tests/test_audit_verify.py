@@ -60,6 +60,7 @@ def _lines(path: Path) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------- real lifecycles
+@pytest.mark.slow
 def test_full_lifecycle_with_compile_verifies_clean(flux, inputs, cache_config, audit_file):
     lc = ModuleLifecycle(flux, backend="cpu", cache_config=cache_config, compile_options=FAST_COMPILE)
     with pytest.raises(IllegalTransitionError):

@@ -108,6 +108,7 @@ def test_missing_backend_is_one_line_and_exit_1(tmp_path, capsys, monkeypatch):
 
 
 # ---------------------------------------------------------------------------- demo
+@pytest.mark.slow
 def test_demo_json_with_audit_then_verify_and_show(tmp_path):
     audit = tmp_path / "demo.jsonl"
     run = cli("demo", *FAST_DEMO, "--json", "--audit", str(audit))
@@ -132,6 +133,7 @@ def test_demo_json_with_audit_then_verify_and_show(tmp_path):
     assert "request r2" in show.stdout and "verify: " in show.stdout
 
 
+@pytest.mark.slow
 def test_demo_pipeline_delegates_and_audits(tmp_path):
     audit = tmp_path / "flux.jsonl"
     run = cli("demo", "--pipeline", "flux", "--backend", "cpu", "--steps", "4", "--requests", "2",
@@ -145,6 +147,7 @@ def test_demo_pipeline_delegates_and_audits(tmp_path):
     assert verify.returncode == 0 and "2 requests" in verify.stdout, verify.stderr
 
 
+@pytest.mark.slow
 def test_demo_table_without_cache_or_compile():
     run = cli("demo", "--no-cache", "--no-compile", "--steps", "2", "--requests", "1", "--quiet")
     assert run.returncode == 0, run.stderr

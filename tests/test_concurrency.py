@@ -6,6 +6,7 @@ import asyncio
 import threading
 from collections.abc import Awaitable, Callable
 
+import pytest
 import torch
 from conftest import FAST_COMPILE
 
@@ -41,6 +42,7 @@ def _seqs_ok(lc: ModuleLifecycle) -> None:
     assert [r.seq for r in lc.history] == list(range(1, len(lc.history) + 1))
 
 
+@pytest.mark.slow
 def test_prepare_from_32_threads_compiles_once_and_all_return_warm(flux, inputs, cache_config,
                                                                   audit_events):
     lc = _lifecycle(flux, cache_config)
@@ -116,6 +118,7 @@ def _assert_consistent(lc: ModuleLifecycle) -> None:
         assert lc.state is State.WARMED_UP and mounted and compiled
 
 
+@pytest.mark.slow
 def test_reset_issued_mid_prepare_runs_after_it(flux, inputs, cache_config):
     lc = _lifecycle(flux, cache_config)
     entered, release = threading.Event(), threading.Event()
@@ -145,6 +148,7 @@ def test_reset_issued_mid_prepare_runs_after_it(flux, inputs, cache_config):
     assert torch.equal(denoise(lc.module, inputs, 2), denoise(tiny_flux(), inputs, 2))
 
 
+@pytest.mark.slow
 def test_reset_racing_prepare_never_tears_the_state(flux, inputs, cache_config):
     lc = _lifecycle(flux, cache_config)
     errors: list[BaseException] = []

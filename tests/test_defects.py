@@ -368,6 +368,7 @@ def test_i20_4_compile_options_that_fail_inside_compile_are_refused_at_construct
     assert module._compiled_call_impl is None
 
 
+@pytest.mark.slow
 def test_i20_5_a_plain_warmup_at_two_shapes_fails_typed_naming_declared_shapes(cache_config, audited):
     shape = FluxShape()
     small = FluxShape(image_tokens=16)

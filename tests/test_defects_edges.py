@@ -158,6 +158,7 @@ def test_a_damaged_file_of_another_configuration_is_passed_over(tmp_path, cache_
 
 
 @pytest.mark.parametrize("kind", ["dangling link", "infinite size", "deep header"])
+@pytest.mark.slow
 def test_the_compile_runs_cold_past_a_damaged_file(tmp_path, cache_config, inputs, audit_events, kind):
     key = _key(cache_config)
     _damage(kind, ArtifactStore(tmp_path).path_for(key))

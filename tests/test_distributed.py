@@ -199,6 +199,7 @@ def _ok_walk(result: dict[str, Any]) -> list[tuple[str, str]]:
     return [(t["trigger"], t["outcome"]) for t in result["transitions"]]
 
 
+@pytest.mark.slow
 def test_two_ranks_agree_on_every_transition_and_on_faults(tmp_path):
     results = _spawn(tmp_path, 2, "flux")
     for rank, result in enumerate(results):
@@ -225,6 +226,7 @@ def test_two_ranks_agree_on_every_transition_and_on_faults(tmp_path):
             assert all(f"rank {FAULTY_RANK}" in t["error"] for t in failed)
 
 
+@pytest.mark.slow
 def test_three_ranks_agree_on_faults_divergence_and_reset(tmp_path):
     results = _spawn(tmp_path, 3, "linear")
     for rank, result in enumerate(results):

@@ -38,6 +38,9 @@ from torch import nn
 from adapters import CacheDitAdapter
 from lifecycle import LifecyclePolicy, ModuleLifecycle, PipelineLifecycle, State, UnsupportedModuleError
 
+# One xdist worker runs this module in order: the last test compares the docs' table with the
+# rows the family runs above recorded in this process.
+pytestmark = pytest.mark.xdist_group("families")
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "pipelines.md"
 # The slowest families on the 2-core CPU (``FamilyCase.slow``). CI runs them too: the suite runs
 # with plain `pytest -q`, which does not deselect `slow`.

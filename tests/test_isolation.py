@@ -56,6 +56,7 @@ def _lifecycle(shape: FluxShape, options: dict[str, Any], **kw: Any) -> ModuleLi
     )
 
 
+@pytest.mark.slow
 def test_eager_misses_in_threads_while_another_prepares_leave_the_process_alone(audit_events):
     warm = FluxShape()
     cold = replace(warm, image_tokens=16)  # no warm-up calls this size: a miss by input sizes
@@ -140,6 +141,7 @@ def test_eager_misses_in_threads_while_another_prepares_leave_the_process_alone(
     assert dynamo_graph_count() == before + 1
 
 
+@pytest.mark.slow
 def test_an_eager_miss_runs_eager_and_matches_a_never_compiled_module(audit_events):
     warm = FluxShape()
     cold = replace(warm, image_tokens=16)
@@ -160,6 +162,7 @@ def test_an_eager_miss_runs_eager_and_matches_a_never_compiled_module(audit_even
     assert _stance() == "default"
 
 
+@pytest.mark.slow
 def test_shared_bucket_dims_mark_aliases_never_the_hosts_tensors(audit_events):
     a, b = FluxShape(image_tokens=16), FluxShape(image_tokens=64)
     seen: list[torch.Tensor] = []
@@ -184,6 +187,7 @@ def test_shared_bucket_dims_mark_aliases_never_the_hosts_tensors(audit_events):
     assert internals.duck_shape() is True
 
 
+@pytest.mark.slow
 def test_identical_lifecycles_over_one_module_stay_identical_after_buckets(audit_events):
     module = tiny_flux(FluxShape(image_tokens=16))
     config = demo_cache_config(SERVING_STEPS)
@@ -229,6 +233,7 @@ def test_a_torch_whose_module_call_ignores_the_slot_is_refused(monkeypatch):
         internals.forget_check()
 
 
+@pytest.mark.slow
 def test_an_inline_compile_miss_waits_for_a_trace_in_progress(audit_events):
     lc = _lifecycle(FluxShape(), STATIC, serving=ServingPolicy(on_unwarmed="compile"))
     lc.prepare(lambda module: denoise(module, flux_inputs(FluxShape()), 2), num_inference_steps=SERVING_STEPS)

@@ -269,6 +269,7 @@ def test_ahead_of_time_is_refused_by_a_backend_that_cannot():
         NpuAdapter().validate_plan(CompilePlan(scope="blocks", ahead_of_time=True), {})
 
 
+@pytest.mark.slow
 def test_compile_options_are_never_rewritten(audit_events):
     options = {"backend": "aot_eager"}
     lc = ModuleLifecycle(tiny_flux(), backend="cpu", cache_config=demo_cache_config(SERVING_STEPS),
@@ -384,6 +385,7 @@ def test_a_rewarm_that_skips_a_bucket_served_before_is_not_ready():
     assert lc.ready
 
 
+@pytest.mark.slow
 def test_a_warmup_whose_settle_call_fails_leaves_the_new_bucket_cold(flux, inputs, audit_events):
     cache_config = demo_cache_config(SERVING_STEPS)
     small = {"tokens": 16}

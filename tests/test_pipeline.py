@@ -44,6 +44,7 @@ def _ok_transitions(events):
     return [(e["module"], e["trigger"]) for e in events.of("lifecycle.transition") if e["outcome"] == "ok"]
 
 
+@pytest.mark.slow
 def test_prepare_refresh_invalidate_reset_on_two_members(flux, inputs, cache_config, audit_events):
     plc = _pair(flux, cache_config)
     first, second = plc.members.values()

@@ -113,6 +113,7 @@ def test_inductor_compiles_under_deterministic_mode_and_the_process_does_not(mon
     assert seen == [True, False]
 
 
+@pytest.mark.slow
 def test_the_compile_transition_audits_the_option(flux, cache_config, inputs, audit_events):
     lc = _lifecycle(flux, cache_config)
     lc.prepare(denoiser(inputs, 2))
@@ -146,6 +147,7 @@ def test_the_option_is_part_of_the_artifact_key(cache_config):
     assert on.fields["policy"]["compile_plan"]["reproducible"] is True
 
 
+@pytest.mark.slow
 def test_an_artifact_of_a_non_reproducible_compile_is_stale_and_ignored(
     tmp_path, cache_config, inputs, audit_events
 ):
@@ -204,6 +206,7 @@ _CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_two_processes_serve_bit_identical_outputs():
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     children = [

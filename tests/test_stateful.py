@@ -386,6 +386,7 @@ class LifecycleMachine(RuleBasedStateMachine):
 
 
 @pytest.mark.parametrize("policy", POLICIES, ids=str)
+@pytest.mark.slow
 def test_lifecycle_follows_api_table(policy: LifecyclePolicy) -> None:
     per_policy = max(1, _total_steps() // len(POLICIES))
     machine = type(f"Machine_{policy.cache_dit}_{policy.compile}", (LifecycleMachine,), {})
@@ -441,6 +442,7 @@ class FluxMachine(LifecycleMachine):
 @pytest.mark.parametrize(
     "policy", [p for p in POLICIES if p.cache_dit], ids=str,
 )
+@pytest.mark.slow
 def test_cache_dit_lifecycle_follows_api_table(policy: LifecyclePolicy) -> None:
     logging.getLogger("CACHE_DIT").setLevel(logging.WARNING)
     machine = type(f"Flux_{policy.compile}", (FluxMachine,), {})

@@ -117,6 +117,7 @@ def _act(shared: Shared, rng: random.Random) -> str:
         return "failed"
 
 
+@pytest.mark.slow
 def test_32_threads_random_triggers_on_shared_lifecycles(tmp_path: Path) -> None:
     # The audit goes through the JSONL sink as a host would attach it, and is captured as well.
     audit_file = tmp_path / "audit.jsonl"
@@ -203,6 +204,7 @@ def _stress(audit_events: AuditEvents) -> None:
 
 
 @pytest.mark.parametrize("policy", [LifecyclePolicy(), LifecyclePolicy(cache_dit=False)], ids=str)
+@pytest.mark.slow
 def test_32_threads_racing_prepare_compile_once(policy: LifecyclePolicy, audit_events) -> None:
     backend = NoopBackend()
     lc = ModuleLifecycle(nn.Linear(4, 4), policy=policy, backend=backend, cache_adapter=NoopCache())
@@ -312,6 +314,7 @@ def _drop(_logger: object, _name: str, _event: object) -> object:
     raise structlog.DropEvent
 
 
+@pytest.mark.slow
 def test_memory_does_not_grow_with_requests_misses_or_transitions():
     """A server keeps a lifecycle for months: what it keeps per request, per shape miss and per
     transition is bounded (counts of all, the latest of each); the audit has every event."""
