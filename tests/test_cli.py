@@ -291,8 +291,11 @@ def _interrupt_during(needle: str, *args: str) -> tuple[int, list[str]]:
     import signal
 
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    # A child inherits an ignored SIGINT (a test runner's worker may ignore it), and Python then
+    # installs no KeyboardInterrupt handler: start it with the default disposition, as a shell would.
     child = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "lifecycle", *args], cwd=ROOT,
-                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert child.stderr is not None
     sent = False
     for line in child.stderr:
