@@ -2,8 +2,9 @@
 
 The lifecycle fires each trigger and applies what its helpers return; each helper owns its
 fields: ``config`` (the checked arguments, a ``LifecycleConfig``), ``runner`` (state, commit,
-audit, history), ``compiling`` (the compile step and its bookkeeping), ``serving_state`` (what
-warm-ups and requests leave behind, applied here), ``holds`` (who drives and holds the module).
+audit, history), ``compiling`` (the compile step and its bookkeeping), ``context`` (the cache-dit
+mount and context), ``serving_state`` (what warm-ups and requests leave behind, applied here),
+``holds`` (who drives and holds the module). Its lock-free reads are ``lifecycle.views``.
 ``prepare`` walks ``states.remaining_path`` through the lifecycle's own steps, as a pipeline's
 walk (``lifecycle.walk``) does.
 """
@@ -15,7 +16,6 @@ import uuid
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from types import MappingProxyType
 from typing import Any, cast
 
 from torch import nn
@@ -30,7 +30,7 @@ from lifecycle import walk
 from lifecycle.audit import signals
 from lifecycle.commit import CommitHook, LocalCommit
 from lifecycle.compiling import CompileStep, check_examples, warmup_examples
-from lifecycle.config import CompilePlan, ServingPolicy, Setting, check_lifecycle_arguments, check_steps
+from lifecycle.config import CompilePlan, ServingPolicy, check_lifecycle_arguments, check_steps
 from lifecycle.context import CacheContext
 from lifecycle.errors import InvalidConfigError, LifecycleError, translate_adapter_error
 from lifecycle.holds import DRIVERS, check_drivers
@@ -40,28 +40,22 @@ from lifecycle.record import TransitionRecord
 from lifecycle.runner import HISTORY_LIMIT, TransitionRunner, TransitionStep
 from lifecycle.serving import RequestRecord, RequestScope, refuse_trigger_inside_request
 from lifecycle.serving_state import RequestResult, ServingState
+from lifecycle.views import LifecycleViews
 from lifecycle.warmup import MAX_WARMUP_RUNS, Buckets, MemberWarmup, WarmupCoverageWarning
-from states import LifecyclePolicy, State, Trigger, allowed_triggers, destination, remaining_path
+from states import LifecyclePolicy, State, Trigger, remaining_path
 
 WarmupRun = Callable[..., object]
 
 __all__ = [
-    "HISTORY_LIMIT",
-    "MAX_WARMUP_RUNS",
-    "ModuleLifecycle",
-    "RequestRecord",
-    "TransitionRecord",
-    "TransitionStep",
-    "WarmupCoverageWarning",
-    "WarmupRun",
+    "HISTORY_LIMIT", "MAX_WARMUP_RUNS", "ModuleLifecycle", "RequestRecord", "TransitionRecord",
+    "TransitionStep", "WarmupCoverageWarning", "WarmupRun",
 ]
 
-_WARMED_UP = State.WARMED_UP.value
 _LOADED = State.LOADED
 _RESET = Trigger.RESET
 
 
-class ModuleLifecycle(AsyncPrepare):
+class ModuleLifecycle(LifecycleViews, AsyncPrepare):
     """An explicit, audited lifecycle for one transformer module.
 
     Thread-safe: triggers and requests hold the lifecycle's lock (re-entrant for its owner, a
@@ -152,156 +146,6 @@ class ModuleLifecycle(AsyncPrepare):
         self._lock: OwnerLock = self._drivers.lock
         self._runner = TransitionRunner(name, policy, self._base, commit, self._lock, self._guard)
         check_drivers(self, module, self._drivers, config.cache, None)
-
-    # ------------------------------------------------------------------ configuration (read-only)
-    name: Setting[str] = Setting()
-    policy: Setting[LifecyclePolicy] = Setting()
-    compile_plan: Setting[CompilePlan] = Setting()
-    serving: Setting[ServingPolicy] = Setting()
-    cache_config: Setting[Any] = Setting()
-    backend: Setting[BackendAdapter] = Setting()
-    cache: Setting[CacheAdapter] = Setting()
-
-    @property
-    def compile_options(self) -> Mapping[str, Any]:
-        """torch.compile's arguments as the host passed them (read-only)."""
-        return MappingProxyType(self._config.compile_options)
-
-    @property
-    def module_id(self) -> str:
-        """This lifecycle's id in the audit (12 hex digits)."""
-        return self._module_id
-
-    # ------------------------------------------------------------------ read-only views
-    @property
-    def state(self) -> State:
-        """Where the module is now (``Loaded``, ``CacheMounted``, ``Compiled``, ``WarmedUp``);
-        read without a lock.
-
-        Example::
-
-            if lc.state is State.LOADED:
-                lc.prepare(run)
-        """
-        return self._runner.state
-
-    @property
-    def ready(self) -> bool:
-        """True only while WarmedUp, serving from the lifecycle's own cache context, with every
-        bucket of the plan warm: a readiness probe's answer. Takes no lock, never raises.
-
-        Example::
-
-            status = 200 if lc.ready else 503   # a readiness probe
-        """
-        return (
-            self._runner.holder.state == _WARMED_UP
-            and self._runner.unready_for is None
-            and not self._context.steered
-            and self._serving_state.book.all_warm
-        )
-
-    @property
-    def module(self) -> nn.Module:
-        """The module to call now: always the object passed in (mounted and compiled in place).
-
-        Example::
-
-            with lc.request():
-                out = lc.module(x)
-        """
-        return self._module
-
-    @property
-    def history(self) -> tuple[TransitionRecord, ...]:
-        """The latest ``HISTORY_LIMIT`` trigger attempts, oldest first.
-
-        Example::
-
-            for record in lc.history:
-                print(record.trigger, record.outcome, record.dest)
-        """
-        return self._runner.history()
-
-    def allowed_triggers(self) -> tuple[Trigger, ...]:
-        """The triggers the table makes legal in the current state.
-
-        Example::
-
-            if Trigger.COMPILE in lc.allowed_triggers():
-                lc.compile()
-        """
-        return allowed_triggers(self._config.policy, self.state)
-
-    def can(self, trigger: Trigger) -> bool:
-        """Whether the table makes ``trigger`` legal now.
-
-        Example::
-
-            if lc.can(Trigger.INVALIDATE):
-                lc.invalidate()
-        """
-        return destination(self._config.policy, self.state, trigger) is not None
-
-    def coverage(self) -> list[dict[str, Any]]:
-        """Per bucket: warmed, graphs, seconds, covered, the path serving it, the first-request
-        ratio once served, and what the compiler reports (e.g. ahead-of-time packages).
-
-        Example::
-
-            cold = [row for row in lc.coverage() if not row["warmed"]]
-        """
-        rows = self._serving_state.book.coverage()
-        compiled = self._compiling.row
-        for row in rows if compiled else ():
-            row.update(compiled)
-        return rows
-
-    def missed_shapes(self) -> list[dict[str, Any]]:
-        """Shapes that requests named and no bucket covers: ``warm_up(run, shapes=...)`` them.
-
-        Example::
-
-            if lc.missed_shapes():
-                lc.warm_up(run, shapes=lc.missed_shapes())
-        """
-        return self._serving_state.book.missed_shapes()
-
-    def stats(self) -> dict[str, Any]:
-        """Compiles, seconds, recompiles since warm-up, requests, cache, artifacts, buckets.
-
-        Example::
-
-            stats = lc.stats()
-            print(stats["state"], stats["compiles"], stats["recompiles_since_warmup"])
-        """
-        state, config, serving, compiled = self.state, self._config, self._serving_state, self._compiling
-        cache_summary = None
-        if config.policy.cache_dit and state is not State.LOADED:
-            try:
-                cache_summary = config.cache.summary(self._module).as_dict()
-            except Exception:  # a context being rebuilt by a request: report none, never raise
-                cache_summary = None
-        return {
-            "module": config.name,
-            "state": state.value,
-            "backend": config.backend.name,
-            "compile_plan": config.compile_plan.as_dict(),
-            "compiles": compiled.compiles,
-            "compile_s": compiled.seconds,
-            "warmup_s": serving.warmup_s,
-            "recompiles_since_warmup": serving.recompiles_since_warmup,
-            "serving_steps": self._context.serving_steps,
-            "requests": serving.requests,
-            "warmup_covered_cached_branch": serving.covered,
-            "cache": cache_summary,
-            "artifacts": self._artifacts.statuses() if self._artifacts is not None else None,
-            "compiler": self._compiler.describe(),
-            "shapes": {**serving.stats(), "on_unwarmed": config.serving.on_unwarmed},
-        }
-
-    def __repr__(self) -> str:
-        return f"ModuleLifecycle({self.name!r}, state={self.state.value}, policy={self.policy})"
 
     # ------------------------------------------------------------------ the Member protocol
     @property
