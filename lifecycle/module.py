@@ -148,14 +148,6 @@ class ModuleLifecycle(LifecycleViews, AsyncPrepare):
         check_drivers(self, module, self._drivers, config.cache, None)
 
     # ------------------------------------------------------------------ the Member protocol
-    @property
-    def _shares_graphs(self) -> bool:
-        return self._serving_state.shares_graphs
-
-    def _audit_fields(self) -> dict[str, Any]:
-        """The fields every audit event of this lifecycle starts from (a copy)."""
-        return dict(self._base)
-
     def _refuse(self, error: LifecycleError, trigger: Trigger) -> LifecycleError:
         """Audit a refusal decided before any trigger fired (prepare's arguments, a busy lock)."""
         return self._runner.refuse(error, trigger)

@@ -42,6 +42,7 @@ class LifecycleViews:
     _compiling: CompileStep
     _compiler: Compiler
     _artifacts: ArtifactSession | None
+    _base: dict[str, Any]
 
     # ------------------------------------------------------------------ configuration (read-only)
     name: Setting[str] = Setting()
@@ -192,6 +193,14 @@ class LifecycleViews:
 
     def __repr__(self) -> str:
         return f"ModuleLifecycle({self.name!r}, state={self.state.value}, policy={self.policy})"
+
+    @property
+    def _shares_graphs(self) -> bool:
+        return self._serving_state.shares_graphs
+
+    def _audit_fields(self) -> dict[str, Any]:
+        """The fields every audit event of this lifecycle starts from (a copy)."""
+        return dict(self._base)
 
 
 __all__ = ["LifecycleViews"]
