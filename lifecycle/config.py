@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, overload
 
 from lifecycle.errors import InvalidConfigError, UnsupportedModuleError
 from states import LifecyclePolicy, State, Trigger
@@ -332,6 +332,32 @@ def _same(a: object, b: object) -> bool:
         return bool(a == b)
     except Exception:  # e.g. configs holding tensors
         return False
+
+
+_T = TypeVar("_T")
+
+
+class Setting(Generic[_T]):
+    """A read-only attribute of a lifecycle, served from its ``LifecycleConfig`` (``_config``)."""
+
+    def __init__(self, doc: str = "") -> None:
+        self.__doc__ = doc or None
+        self._field = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._field = name
+
+    @overload
+    def __get__(self, lifecycle: None, owner: type) -> Setting[_T]: ...
+
+    @overload
+    def __get__(self, lifecycle: object, owner: type) -> _T: ...
+
+    def __get__(self, lifecycle: object, owner: type) -> Any:
+        return self if lifecycle is None else getattr(lifecycle._config, self._field)  # type: ignore[attr-defined]
+
+    def __set__(self, lifecycle: object, value: object) -> None:
+        raise AttributeError(f"{self._field} is read-only: construct a new lifecycle to change it")
 
 
 __all__ = [

@@ -1,5 +1,5 @@
-"""One lifecycle's cache-dit context: which config is live on the module, and the step count a
-request serves when it names none.
+"""One lifecycle's cache-dit side of its module: the mount, which config is live on the module,
+and the step count a request serves when it names none.
 
 Every change of the module's context goes through here (a request's fresh context, a refresh,
 a warm-up's steered context and its restore), so ``steered`` and ``serving_steps`` have one
@@ -10,19 +10,21 @@ one, so ``steered`` stays True (and the lifecycle not ready) until a restore suc
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import nn
 
+from adapters.errors import AdapterError
 from adapters.protocols import CacheAdapter
 from lifecycle import audit
+from lifecycle.holds import CACHE_MOUNTS
 
 
 class CacheContext:
     """The cache context of one module, as one lifecycle configures it."""
 
-    __slots__ = ("_base", "cache", "config", "enabled", "module", "serving_steps", "steered")
+    __slots__ = ("_base", "cache", "config", "enabled", "hold", "module", "serving_steps", "steered")
 
     def __init__(
         self,
@@ -38,9 +40,35 @@ class CacheContext:
         self.config = config
         self.enabled = enabled
         self._base = base_fields
+        # The lifecycles holding cache-dit's mount on this module (the last one unmounts).
+        self.hold = CACHE_MOUNTS.hold(module)
         self.serving_steps: int | None = getattr(config, "num_inference_steps", None)
         # True while a warm-up's steered context is the module's (its restore has not succeeded).
         self.steered = False
+
+    def mount(self, holder: str, unsupported: Callable[[AdapterError], BaseException]) -> str | None:
+        """The mount_cache trigger's work: mount cache-dit with this config, or adopt a mount
+        made by another lifecycle configured alike (``"lifecycle"``) or by the host, e.g. with a
+        BlockAdapter (``"host"``); returns which was adopted, or None. ``unsupported`` turns the
+        cache adapter's refusal of the module into the error to raise."""
+        module = self.module
+        with self.hold.acquire(holder) as first:
+            if first and not self.cache.is_mounted(module):
+                try:
+                    self.cache.check_supported(module)
+                except AdapterError as exc:
+                    raise unsupported(exc) from exc
+                self.cache.mount(module, self.config)
+                return None
+            self.fresh()
+            return "host" if first else "lifecycle"
+
+    def unmount(self, holder: str, *, unmount: bool = True) -> None:
+        """Drop ``holder``'s mount; the last holder unmounts (unless it adopted the host's)."""
+        if self.enabled:
+            with self.hold.release(holder) as last:
+                if unmount and last and self.cache.is_mounted(self.module):
+                    self.cache.unmount(self.module)
 
     def set_serving_steps(self, steps: int | None) -> None:
         """The step count a request serves when it names none (None keeps the current one)."""

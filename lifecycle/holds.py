@@ -5,8 +5,8 @@ Two lifecycles may drive one ``nn.Module`` when they would drive it the same way
 cache config and compile options): they hold its one lock, so their requests and transitions on it
 run one at a time, and the module's state is what both promise. The first to compile compiles,
 the others adopt; only the last to let go (``reset``) undoes it. Lifecycles that would drive the
-module differently are refused while the other is past Loaded (``ModuleLifecycle._check_drivers``
-raises ``InvalidConfigError`` naming the other).
+module differently are refused while the other is past Loaded (``check_drivers`` raises
+``InvalidConfigError`` naming the other).
 
 Locks: each module has its own lock for its hold bookkeeping and the work done under it; the
 registry lock guards only the registry's dictionaries, never any work, so unrelated lifecycles
@@ -18,10 +18,16 @@ from __future__ import annotations
 import threading
 import weakref
 from types import TracebackType
+from typing import TYPE_CHECKING, Any, Protocol
 
 from torch import nn
 
+from lifecycle.errors import InvalidConfigError, UnsupportedModuleError
 from lifecycle.locking import OwnerLock
+from states import LifecyclePolicy, State, Trigger
+
+if TYPE_CHECKING:
+    from adapters.protocols import CacheAdapter
 
 
 class ModuleHold:
@@ -140,7 +146,7 @@ class DriverRegistry:
             drivers.add(lifecycle)
             return drivers
 
-    def others(self, module: nn.Module, lifecycle: object) -> list[object]:
+    def others(self, module: nn.Module, lifecycle: object) -> list[Any]:
         with self._lock:
             drivers = self._by_module.get(module)
             refs = list(drivers.members) if drivers is not None else []
@@ -153,3 +159,56 @@ COMPILED = ModuleHolds("compiled code")
 CACHE_MOUNTS = ModuleHolds("cache-dit mount")
 # The lifecycles over each module.
 DRIVERS = DriverRegistry()
+
+
+class Alike(Protocol):
+    def drives_alike(self, other: Any) -> bool: ...
+
+
+class Driver(Protocol):
+    """A lifecycle over a module, as the drivers check sees it (``ModuleLifecycle``)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def state(self) -> State: ...
+
+    @property
+    def policy(self) -> LifecyclePolicy: ...
+
+    @property
+    def _config(self) -> Alike: ...
+
+
+def check_drivers(
+    lifecycle: Driver, module: nn.Module, drivers: ModuleDrivers, cache: CacheAdapter, trigger: Trigger | None
+) -> None:
+    """Refuse to drive a module another lifecycle drives differently.
+
+    Lifecycles over one module share it only when they would drive it the same way (same
+    policy, plan, serving policy, cache adapter, cache config and compile options); then
+    their state is the module's and their requests run one at a time on its shared lock.
+    Otherwise, while the other one is past Loaded, this one is refused: its outputs would
+    silently be the other's (a cache-less lifecycle serving cache-dit's cached steps, say)."""
+    name = lifecycle.name
+    if not lifecycle.policy.cache_dit and cache.is_mounted(module):
+        raise UnsupportedModuleError(
+            f"{name}: the module has cache-dit mounted (by the host or another lifecycle) "
+            "but this lifecycle's policy disables Cache-DiT, so it would serve cached steps; "
+            "unmount it first (cache_dit.disable_cache) or use LifecyclePolicy(cache_dit=True)",
+            module=name, state=lifecycle.state, trigger=trigger,
+        )
+    if not drivers.several:
+        return
+    for other in DRIVERS.others(module, lifecycle):
+        if other.state is State.LOADED or lifecycle._config.drives_alike(other._config):
+            continue
+        raise InvalidConfigError(
+            f"{name}: the module is already driven by lifecycle {other.name!r} "
+            f"(state {other.state.value}, policy {other.policy}) with another policy, plan, "
+            "cache or compile configuration; two lifecycles share a module only when "
+            f"configured alike. Call reset() on {other.name!r} first, give this lifecycle "
+            "its own module, or construct it with the same arguments",
+            module=name, state=lifecycle.state, trigger=trigger,
+        )

@@ -11,13 +11,14 @@
   transitions return. A failure fails every member's warm-up (each stays where it was, each
   audits ``failed`` with the same cause).
 
-The walk calls its members; no member calls the walk. The caller holds every member's lock.
+The walk calls its members' steps; a lone ``ModuleLifecycle`` walks itself through it too. The
+caller holds every member's lock.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 from lifecycle.errors import LifecycleError
 from lifecycle.member import Member
@@ -28,6 +29,17 @@ from states import State, Trigger
 # How a pipeline turns one member's failure into its own error.
 OnMember = Callable[[Member, LifecycleError], LifecycleError]
 OnJoint = Callable[[Sequence[Member], LifecycleError], LifecycleError]
+
+
+def _as_is(_members: object, error: LifecycleError) -> LifecycleError:
+    """A lone lifecycle's errors are its own."""
+    return error
+
+
+def _raise(error: LifecycleError, cause: LifecycleError) -> NoReturn:
+    if error is cause:
+        raise error
+    raise error from cause
 
 
 class Walker(Member, Protocol):
@@ -56,14 +68,14 @@ def prepare(
     steps: int | None,
     shapes: object,
     *,
-    on_member: OnMember,
-    on_joint: OnJoint,
+    on_member: OnMember = _as_is,
+    on_joint: OnJoint = _as_is,
 ) -> None:
     """Take every member to WarmedUp (see the module docstring)."""
     for member in members:
         refusal = check_prepare_arguments(member, run, steps)
         if refusal is not None:
-            raise on_member(member, refusal) from refusal
+            _raise(on_member(member, refusal), refusal)
     declared = check_shapes_audited(members, shapes)
     for member in members:
         member._begin_prepare(steps, declared)
@@ -78,7 +90,7 @@ def prepare(
         try:
             member._advance(run, target, declared)
         except LifecycleError as exc:
-            raise on_member(member, exc) from exc
+            _raise(on_member(member, exc), exc)
     cold_members = [member for member in members if member.state is not State.WARMED_UP]
     warm_together(cold_members, run, target, declared, on_member=on_member, on_joint=on_joint)
 
@@ -89,8 +101,8 @@ def warm_together(
     target: object,
     declared: list[dict[str, Any]] | None,
     *,
-    on_member: OnMember,
-    on_joint: OnJoint,
+    on_member: OnMember = _as_is,
+    on_joint: OnJoint = _as_is,
 ) -> None:
     """One warm-up transition per member around one shared warm-up (see the module docstring).
     Without ``declared``, the declared buckets are warmed again (after ``invalidate``), else the
@@ -104,7 +116,7 @@ def warm_together(
             try:  # refused (and audited) by the machine before any work
                 member._warm_step(run, [None], _never)
             except LifecycleError as exc:
-                raise on_member(member, exc) from exc
+                _raise(on_member(member, exc), exc)
     buckets = buckets_to_warm(members[0]._serving_state.book, run, declared)
     call_at = call_at_shape(run, target)
     results: list[MemberWarmup] = []
@@ -122,7 +134,7 @@ def warm_together(
     try:
         members[0]._warm_step(run, buckets, inner_of(0), target)
     except LifecycleError as exc:
-        raise on_joint(members, exc) from exc
+        _raise(on_joint(members, exc), exc)
 
 
 def _never() -> MemberWarmup:

@@ -146,7 +146,8 @@ def test_each_private_field_has_one_writing_module():
     # The lifecycle's own fields and the serving state's, each with its owner.
     for field, owner in {
         "_runner": "module.py", "_serving_state": "module.py", "_config": "module.py",
-        "_context": "module.py", "_compiles": "module.py", "_compile_s": "module.py",
+        "_context": "module.py", "_compiling": "module.py",
+        "_compiles": "compiling.py", "_compile_s": "compiling.py", "_row": "compiling.py",
         "_requests": "serving_state.py", "_recompiles": "serving_state.py", "_active": "serving_state.py",
         "_shares_graphs": "serving_state.py", "_shared_dims": "serving_state.py",
         "_covered": "serving_state.py", "_warmup_s": "serving_state.py",
