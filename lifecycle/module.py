@@ -98,7 +98,12 @@ class ModuleLifecycle(AsyncPrepare):
         compile_plan: how to compile (``CompilePlan``).
         serving: how to serve (``ServingPolicy``).
         cache_adapter: a ``CacheAdapter`` (default: cache-dit's).
-        artifact_dir: keep compile artifacts there and load them on the next start.
+        artifact_dir: keep compile artifacts there and load them on the next start: a local
+            path (a node disk, a shared volume) or an fsspec URL (``s3://bucket/prefix``).
+        artifact_storage_options: fsspec's options for a URL (``endpoint_url``, credentials).
+        artifact_signing_key: bytes: manifests are signed with it and must verify to be loaded.
+        cache_dir: where packages fetched from a remote store are kept on this node.
+        build_wait_s: how long to wait for another replica's build of the same packages.
 
     Raises:
         UnsupportedModuleError: not an ``nn.Module``, or one the host compiled itself.
@@ -127,12 +132,17 @@ class ModuleLifecycle(AsyncPrepare):
         serving: ServingPolicy | None = None,
         cache_adapter: CacheAdapter | None = None,
         artifact_dir: str | os.PathLike[str] | None = None,
+        artifact_storage_options: Mapping[str, Any] | None = None,
+        artifact_signing_key: bytes | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        build_wait_s: float = 600.0,
         commit: CommitHook | None = None,
     ) -> None:
         config = check_lifecycle_arguments(
             module, name, policy, backend, cache_config, compile_options,
             compile_plan=compile_plan, serving=serving, cache_adapter=cache_adapter,
-            artifact_dir=artifact_dir,
+            artifact_dir=artifact_dir, artifact_storage_options=artifact_storage_options,
+            artifact_signing_key=artifact_signing_key, cache_dir=cache_dir, build_wait_s=build_wait_s,
         )
         policy, compile_plan = config.policy, config.compile_plan
         self._config = config
@@ -149,11 +159,12 @@ class ModuleLifecycle(AsyncPrepare):
         self._cache_config: Any = config.cache_config
         try:
             self._artifacts = (
-                ArtifactSession(artifact_dir) if artifact_dir is not None and policy.compile else None
+                ArtifactSession(config.store) if config.store is not None and policy.compile else None
             )
             # The one compiler this lifecycle calls, picked and configured by the backend.
             self._compiler: Compiler = self._backend.compiler(
-                compile_plan if policy.compile else CompilePlan(), self._torch_options, artifact_dir
+                compile_plan if policy.compile else CompilePlan(), self._torch_options, config.store,
+                build_wait_s=config.build_wait_s,
             )
             # What the compiler keeps for this process only goes with the lifecycle.
             weakref.finalize(self, self._compiler.close)
@@ -551,6 +562,8 @@ class ModuleLifecycle(AsyncPrepare):
             self._context.fresh()
         self._compile_row = dict(report.row)
         extra.update(report.fields)
+        for event in report.events:  # what the artifact store did: loaded, built, waiting, ...
+            self._emit_artifacts(event, bool(event.get("problem")))
 
     def warm_up(self, run: WarmupRun, shapes: Any = None) -> None:
         """-> WarmedUp: call ``run(module)``; with cache-dit mounted and compile on, the warm-up
@@ -786,8 +799,10 @@ class ModuleLifecycle(AsyncPrepare):
     def _report_artifacts(self, report: ArtifactReport, extra: dict[str, Any]) -> None:
         """Audit one load or save; stale, corrupt and failed are warnings, never errors."""
         extra[f"artifacts_{report.action}"] = report.status
-        outcome = "refused" if report.problem else "ok"
-        lost = emit_checked("lifecycle.artifacts", outcome, {**self._base, **report.as_dict()})
+        self._emit_artifacts(report.as_dict(), report.problem)
+
+    def _emit_artifacts(self, fields: Mapping[str, Any], problem: bool) -> None:
+        lost = emit_checked("lifecycle.artifacts", "refused" if problem else "ok", {**self._base, **fields})
         if lost is not None:
             warn_unwritten("lifecycle.artifacts", self._name, lost)
 
