@@ -344,8 +344,9 @@ def open_artifact_store(
         ) if value is not None]
         if given:
             raise InvalidConfigError(
-                f"{name}: {', '.join(given)} apply to an artifact store; pass artifact_dir= (a "
-                "local path or an fsspec URL such as 's3://bucket/prefix') or drop them",
+                f"{name}: {', '.join(given)} given without artifact_dir (they configure the "
+                "artifact store); pass artifact_dir= (a local path or an fsspec URL such as "
+                "'s3://bucket/prefix') or drop them",
                 module=name, state=loaded,
             )
         return None
