@@ -266,7 +266,7 @@ def test_restart_loads_artifacts_and_inductor_compiles_nothing(tmp_path):
         {"action": "load", "status": "missing"}, {"action": "save", "status": "saved"},
     ]
     assert cold["misses"] >= 1 and cold["new_graphs"] == 0
-    assert len(list(artifacts.glob("Stack-*.dlart"))) == 1
+    assert len(list((artifacts / "jit" / "manifests").glob("Stack-*.json"))) == 1
 
     warm = _child(artifacts, tmp_path / "inductor-2")  # a fresh machine: only our file carries over
     assert warm["events"] == [{"action": "load", "status": "loaded"}]  # nothing new to save

@@ -69,7 +69,9 @@ def _spawn(workdir: Path, index: int, go: Path, **args: Any) -> tuple[subprocess
     return proc, out
 
 
-def _wait_ready(workdir: Path, count: int, procs: list[subprocess.Popen[bytes]], timeout: float = 180) -> None:
+def _wait_ready(
+    workdir: Path, count: int, procs: list[subprocess.Popen[bytes]], timeout: float = 180
+) -> None:
     deadline = time.monotonic() + timeout
     while len(list((workdir / "ready").iterdir())) < count:
         dead = [p for p in procs if p.poll() is not None]
@@ -175,7 +177,8 @@ def cli_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     store = work / "store"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CACHE_DIT_LOG_LEVEL": "error"}
     done = subprocess.run(
-        [sys.executable, "-m", "lifecycle", "build", "--model", "tiny-flux", "--shapes", "tokens=16,tokens=32",
+        [sys.executable, "-m", "lifecycle", "build", "--model", "tiny-flux",
+         "--shapes", "tokens=16,tokens=32",
          "--compile-plan", "blocks,aot", "--artifact-dir", str(store), "--signing-key-file", str(key_file),
          "--json"],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=600,
@@ -268,7 +271,8 @@ def test_a_store_that_does_not_answer_falls_back_to_a_local_build_audited(
     compile_event = next(e for e in audit_events.of("lifecycle.transition") if e["trigger"] == "compile")
     assert compile_event["ahead_of_time"] == "compiled" and compile_event["aot_store"] == "unreachable"
     (event,) = [e for e in audit_events.of("lifecycle.artifacts") if e.get("action") == "aot"]
-    assert event["status"] == "unreachable" and event["problem"] and "built on this replica" in event["detail"]
+    assert event["status"] == "unreachable" and event["problem"]
+    assert "built on this replica" in event["detail"]
     lc.reset()
 
 

@@ -318,7 +318,7 @@ class AotBlocksCompiler:
         result: FleetResult = obtain_packages(
             self._store, module, calls, specs, self._configs, scratch=self.directory, wait_s=self._wait_s,
         )
-        statuses.update({kind: result.store for kind in specs})
+        statuses.update(result.found)
         self._store_fields = {"aot_store_url": self._store.location.url, **result.fields}
         summary = "compiled" if result.store == "built" else result.store
         detail = str(result.fields.get("aot_store_detail", ""))

@@ -64,13 +64,16 @@ class AotBuildRejected(AotError):
 class FleetResult:
     """``outcome``: ``loaded``/``compiled`` (packages to bind) or the reason to fall back
     (``packages`` None); ``store``: what the store did (``Obtained.status``, or ``check failed``);
-    ``fields``: the audit's ``aot_store*`` fields; ``events``: the store's events as dicts."""
+    ``fields``: the audit's ``aot_store*`` fields; ``events``: the store's events as dicts;
+    ``found``: per kind, what the store held at first (``ok``, ``missing``, ``stale``: only other
+    keys of this kind, ``corrupt``: refused as untrusted, ``unreachable``)."""
 
     outcome: str
     packages: dict[str, PackageInfo] | None
     store: str
     fields: dict[str, Any] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)
+    found: dict[str, str] = field(default_factory=dict)
 
 
 def stems_for(
@@ -143,6 +146,41 @@ def obtain_packages(
     )
     fields = _fields(obtained)
     events = [event.as_dict() for event in obtained.events]
+    found = _found(store, stems, obtained)
+    result = _settle(store, module, calls, specs, configs, scratch, stems, obtained, fields, events)
+    result.found = found
+    if result.store == "untrusted" and obtained.status == "loaded":
+        result.found = {kind: "check failed" for kind in found}
+    return result
+
+
+_FOUND = {"found": "ok", "missing": "missing", "untrusted": "corrupt", "unreachable": "unreachable",
+          "denied": "unreachable"}
+
+
+def _found(store: PackageStore, stems: Mapping[str, tuple[str, str]], obtained: Obtained) -> dict[str, str]:
+    untrusted = {event.key for event in obtained.events if event.status == "untrusted"}
+    keys: tuple[str, ...] | None = None
+    found: dict[str, str] = {}
+    for kind, (_, stem) in stems.items():
+        fetched = obtained.fetches.get(stem)
+        status = "corrupt" if stem in untrusted else _FOUND.get(fetched.status, fetched.status) \
+            if fetched is not None else "missing"
+        if status == "missing":
+            keys = store.keys() if keys is None else keys
+            if any(other.startswith(f"{kind}.") for other in keys or ()):
+                status = "stale"
+        found[kind] = status
+    return found
+
+
+def _settle(
+    store: PackageStore, module: nn.Module, calls: Mapping[str, Sequence[BlockCall]],
+    specs: Mapping[str, CallSpec], configs: Mapping[str, Any], scratch: Path,
+    stems: Mapping[str, tuple[str, str]], obtained: Obtained, fields: dict[str, Any],
+    events: list[dict[str, Any]],
+) -> FleetResult:
+    kind_of = {stem: kind for kind, (_, stem) in stems.items()}
     if obtained.status in ("loaded", "built"):
         packages = {
             kind_of[stem]: PackageInfo(kind_of[stem], stems[kind_of[stem]][0],
