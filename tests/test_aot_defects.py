@@ -32,6 +32,7 @@ from aot_builds import (
 
 from adapters import _torch_internals as internals
 from adapters import aot
+from adapters.aot import compiler as aot_compiler
 from adapters.aot.store import LocalFiles, inductor_configs
 from lifecycle import (
     BackendUnavailableError,
@@ -279,10 +280,13 @@ def test_after_a_fallback_on_unwarmed_fail_and_reproducible_still_hold(
         real(target, owner, options)
 
     monkeypatch.setattr(internals, "compile_in_place", spy)
-    not_a_directory = tmp_path / "file"
-    not_a_directory.write_text("")
+
+    def failing_build(*args: Any, **kwargs: Any) -> Any:
+        raise aot.AotBuildFailed("Stack", "a build that fails")
+
+    monkeypatch.setattr(aot_compiler, "build", failing_build)
     lc = stack_lifecycle(
-        Stack(), not_a_directory, serving=ServingPolicy(on_unwarmed="fail"),
+        Stack(), None, serving=ServingPolicy(on_unwarmed="fail"),
         compile_plan=CompilePlan(scope="blocks", ahead_of_time=True, reproducible=True),
     )
     lc.prepare(stack_run, shapes=STACK_BUCKETS)

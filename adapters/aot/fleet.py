@@ -168,7 +168,8 @@ def _found(store: PackageStore, stems: Mapping[str, tuple[str, str]], obtained: 
             if fetched is not None else "missing"
         if status == "missing":
             keys = store.keys() if keys is None else keys
-            if any(other.startswith(f"{kind}.") for other in keys or ()):
+            # Another key of this kind (this start's own publish is not one).
+            if any(other.startswith(f"{kind}.") and other != stem for other in keys or ()):
                 status = "stale"
         found[kind] = status
     return found
