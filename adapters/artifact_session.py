@@ -12,14 +12,22 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+from adapters.artifact_store import StoredArtifacts
 from adapters.artifacts import ArtifactKey, ArtifactReport, ArtifactStore, inductor_cache_misses
+from adapters.store import PackageStore
+
+JIT_FOLDER = "jit"
 
 
 class ArtifactSession:
     """Compile artifacts of one lifecycle, in one directory."""
 
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
-        self.store = ArtifactStore(directory)
+    def __init__(self, directory: str | os.PathLike[str] | PackageStore) -> None:
+        # An artifact store: its ``jit`` folder; a plain path: files in that directory.
+        self.store = (
+            StoredArtifacts(directory.child(JIT_FOLDER)) if isinstance(directory, PackageStore)
+            else ArtifactStore(directory)
+        )
         self.reports: dict[str, ArtifactReport] = {}
         self._key: ArtifactKey | None = None
         self._misses_at_compile = 0

@@ -52,7 +52,7 @@ FORMAT = 1
 MAGIC = b"dit-lifecycle compile artifacts\n"
 SUFFIX = ".dlart"
 # Statuses whose audit event is a warning: something was there and could not be used or written.
-PROBLEM_STATUSES = frozenset({"stale", "corrupt", "failed"})
+PROBLEM_STATUSES = frozenset({"stale", "corrupt", "failed", "unreachable", "denied"})
 
 
 def _jsonable(value: Any) -> Any:
@@ -201,6 +201,18 @@ class ArtifactReport:
         }
 
 
+def artifact_file(key: ArtifactKey, payload: bytes) -> bytes:
+    """A file's bytes: magic, a JSON header (the whole key, the payload's size and SHA-256), payload."""
+    header = {
+        "format": FORMAT,
+        "key": dict(key.fields),
+        "digest": key.digest,
+        "payload_bytes": len(payload),
+        "payload_sha256": hashlib.sha256(payload).hexdigest(),
+    }
+    return MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n" + payload
+
+
 class _Unreadable(Exception):
     """A file that is not a well-formed artifact file (reported as corrupt)."""
 
@@ -277,14 +289,7 @@ class ArtifactStore:
     def write(self, key: ArtifactKey, payload: bytes) -> ArtifactReport:
         """Write ``payload`` under ``key`` atomically (a reader never sees half a file)."""
         path = self.path_for(key)
-        header = {
-            "format": FORMAT,
-            "key": dict(key.fields),
-            "digest": key.digest,
-            "payload_bytes": len(payload),
-            "payload_sha256": hashlib.sha256(payload).hexdigest(),
-        }
-        blob = MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n" + payload
+        blob = artifact_file(key, payload)
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=SUFFIX)

@@ -8,7 +8,7 @@ import typing
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -19,6 +19,9 @@ from adapters.errors import BackendUnavailable, InvalidOptions
 from adapters.protocols import CompilePlanLike
 from adapters.regional import check_regional_module, compile_regional, decompile_regional
 from adapters.reproducible import audit_fields, torch_compile_kwargs, validate_reproducible
+
+if TYPE_CHECKING:
+    from adapters.store import PackageStore
 
 
 def dynamo_graph_count() -> int:
@@ -136,11 +139,15 @@ class BackendAdapter(ABC):
         """
 
     def compiler(
-        self, plan: CompilePlanLike, options: Mapping[str, Any], artifact_dir: str | os.PathLike[str] | None
+        self, plan: CompilePlanLike, options: Mapping[str, Any],
+        artifact_dir: str | os.PathLike[str] | PackageStore | None, *, build_wait_s: float = 600.0,
     ) -> Compiler:
         """The one compiler a lifecycle calls, configured from ``plan`` and validated ``options``
-        (see ``adapters.compiler``). The default compiles just in time through ``compile`` and
-        ``decompile``; ``validate_plan`` has refused what this backend cannot run.
+        (see ``adapters.compiler``). ``artifact_dir`` is a local path or an opened artifact store
+        (``adapters.store``): ahead-of-time packages are loaded from it, or built once per fleet
+        under its lease while other replicas wait up to ``build_wait_s``. The default compiles
+        just in time through ``compile`` and ``decompile``; ``validate_plan`` has refused what
+        this backend cannot run.
 
         Raises:
             InvalidOptions: ``options`` have no meaning for the compiler the plan picks.
@@ -345,16 +352,18 @@ class TorchCompileAdapter(BackendAdapter):
         return torch_compile_kwargs(options, reproducible=plan.reproducible)
 
     def compiler(
-        self, plan: CompilePlanLike, options: Mapping[str, Any], artifact_dir: str | os.PathLike[str] | None
+        self, plan: CompilePlanLike, options: Mapping[str, Any],
+        artifact_dir: str | os.PathLike[str] | PackageStore | None, *, build_wait_s: float = 600.0,
     ) -> Compiler:
         if not plan.ahead_of_time:
-            return super().compiler(plan, options, artifact_dir)
+            return super().compiler(plan, options, artifact_dir, build_wait_s=build_wait_s)
         from adapters.aot.compiler import AotBlocksCompiler
 
         # The fallback compiles the same blocks with the same options and the same reproducibility.
         fallback = JitBlocksCompiler(self.compile, self.decompile, BlocksPlan(reproducible=plan.reproducible))
         return AotBlocksCompiler(
-            options=options, reproducible=plan.reproducible, directory=artifact_dir, fallback=fallback
+            options=options, reproducible=plan.reproducible, directory=artifact_dir, fallback=fallback,
+            build_wait_s=build_wait_s,
         )
 
     def compile(self, module: nn.Module, options: Mapping[str, Any], plan: CompilePlanLike) -> None:

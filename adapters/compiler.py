@@ -60,13 +60,16 @@ class CompileReport:
 
     ``fields``: what the compile transition's audit records; ``row``: what each coverage row
     reports about it; ``ran_examples``: the examples were called (the cache context is no longer
-    fresh); ``deferred``: nothing compiled yet, examples are needed first."""
+    fresh); ``deferred``: nothing compiled yet, examples are needed first; ``events``: what the
+    artifact store did (``status``: ``loaded``, ``compiled``, ``waiting``, ``untrusted``,
+    ``unreachable``, ``timeout``...), each a ``lifecycle.artifacts`` event."""
 
     compiler: str
     fields: dict[str, Any] = field(default_factory=dict)
     row: dict[str, Any] = field(default_factory=dict)
     ran_examples: bool = False
     deferred: bool = False
+    events: tuple[dict[str, Any], ...] = ()
 
 
 @runtime_checkable

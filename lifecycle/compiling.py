@@ -10,7 +10,7 @@ holds the lock; this module never fires one.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -163,8 +163,10 @@ class CompileStep:
     def report(self, report: ArtifactReport, extra: dict[str, Any]) -> None:
         """Audit one load or save; stale, corrupt and failed are warnings, never errors."""
         extra[f"artifacts_{report.action}"] = report.status
-        outcome = "refused" if report.problem else "ok"
-        lost = emit_checked("lifecycle.artifacts", outcome, {**self.base, **report.as_dict()})
+        self._emit(report.as_dict(), report.problem)
+
+    def _emit(self, fields: Mapping[str, Any], problem: bool) -> None:
+        lost = emit_checked("lifecycle.artifacts", "refused" if problem else "ok", {**self.base, **fields})
         if lost is not None:
             warn_unwritten("lifecycle.artifacts", self.config.name, lost)
 
@@ -174,6 +176,8 @@ class CompileStep:
             self.context.fresh()
         self._row = dict(report.row)
         extra.update(report.fields)
+        for event in report.events:  # what the artifact store did: loaded, built, waiting, ...
+            self._emit(event, bool(event.get("problem")))
 
 
 def _cache_version(cache: CacheAdapter) -> str | None:

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
     from adapters import BackendAdapter
     from adapters.protocols import CacheAdapter
+    from adapters.store import PackageStore
 
 Scope = Literal["model", "blocks"]
 OnUnwarmed = Literal["eager", "fail", "compile"]
@@ -189,6 +190,9 @@ class LifecycleConfig:
     torch_options: dict[str, Any]
     cache_config: Any
     artifact_dir: str | os.PathLike[str] | None
+    # The artifact store opened from artifact_dir and its options (None without artifact_dir).
+    store: PackageStore | None = None
+    build_wait_s: float = 600.0
 
     def drives_alike(self, other: LifecycleConfig) -> bool:
         """Whether two lifecycles would drive one module the same way (and may share it)."""
@@ -214,6 +218,10 @@ def check_lifecycle_arguments(
     serving: object,
     cache_adapter: object,
     artifact_dir: object,
+    artifact_storage_options: object = None,
+    artifact_signing_key: object = None,
+    cache_dir: object = None,
+    build_wait_s: object = 600.0,
 ) -> LifecycleConfig:
     """Every ``ModuleLifecycle`` argument checked before anything is built; the backend and
     the cache adapter validate what is theirs (options, plan, cache config, the module).
@@ -267,6 +275,10 @@ def check_lifecycle_arguments(
             "path to keep compile artifacts, or None to keep none",
             module=name, state=loaded,
         )
+    store = open_artifact_store(
+        name, artifact_dir, artifact_storage_options, artifact_signing_key, cache_dir
+    )
+    wait_s = check_build_wait(name, build_wait_s)
     check_not_moved(compile_options, module=name)
     try:
         internals.check()
@@ -303,8 +315,64 @@ def check_lifecycle_arguments(
     return LifecycleConfig(
         name=name, policy=policy, compile_plan=compile_plan, serving=serving, backend=chosen,
         cache=cache_adapter, compile_options=options, torch_options=torch_options,
-        cache_config=checked_cache_config, artifact_dir=artifact_dir,
+        cache_config=checked_cache_config, artifact_dir=artifact_dir, store=store,
+        build_wait_s=wait_s,
     )
+
+
+def open_artifact_store(
+    name: str, artifact_dir: object, storage_options: object, signing_key: object, cache_dir: object
+) -> PackageStore | None:
+    """The artifact store ``artifact_dir`` names (a local path or an fsspec URL), opened with its
+    options and checked without touching the network; None without ``artifact_dir``. The caller's
+    options mapping is copied, never kept or changed.
+
+    Raises:
+        InvalidConfigError: naming the option or the extra (a malformed URL, an unknown protocol,
+            fsspec or the protocol's package missing, no credentials, a bad signing key, options
+            without ``artifact_dir``).
+    """
+    from adapters.errors import AdapterError
+    from adapters.store import open_store
+    from lifecycle.errors import translate_adapter_error
+
+    loaded = State.LOADED
+    if artifact_dir is None:
+        given = [option for option, value in (
+            ("artifact_storage_options", storage_options), ("artifact_signing_key", signing_key),
+            ("cache_dir", cache_dir),
+        ) if value is not None]
+        if given:
+            raise InvalidConfigError(
+                f"{name}: {', '.join(given)} given without artifact_dir (they configure the "
+                "artifact store); pass artifact_dir= (a local path or an fsspec URL such as "
+                "'s3://bucket/prefix') or drop them",
+                module=name, state=loaded,
+            )
+        return None
+    try:
+        return open_store(
+            artifact_dir,  # type: ignore[arg-type]  # the location refuses a bad one
+            storage_options=storage_options,  # type: ignore[arg-type]
+            signing_key=signing_key,  # type: ignore[arg-type]
+            cache_dir=cache_dir,  # type: ignore[arg-type]
+        )
+    except AdapterError as exc:
+        raise translate_adapter_error(exc, module=name, state=loaded) from exc
+
+
+def check_build_wait(name: str, value: object) -> float:
+    """``build_wait_s``: seconds (finite, >= 0) a replica waits for another replica's build."""
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value < 0:
+        raise InvalidConfigError(
+            f"{name}: build_wait_s must be a finite number of seconds >= 0 (how long a replica "
+            f"waits for another replica's build), got {value!r}",
+            module=name, state=State.LOADED,
+        )
+    return float(value)
 
 
 def _refuse_host_compiled(module: nn.Module, name: str) -> None:
@@ -369,8 +437,10 @@ __all__ = [
     "OnUnwarmed",
     "Scope",
     "ServingPolicy",
+    "check_build_wait",
     "check_lifecycle_arguments",
     "check_not_moved",
     "check_on_unwarmed",
+    "open_artifact_store",
     "check_steps",
 ]

@@ -73,7 +73,12 @@ class ModuleLifecycle(LifecycleViews, AsyncPrepare):
         compile_plan: how to compile (``CompilePlan``).
         serving: how to serve (``ServingPolicy``).
         cache_adapter: a ``CacheAdapter`` (default: cache-dit's).
-        artifact_dir: keep compile artifacts there and load them on the next start.
+        artifact_dir: keep compile artifacts there and load them on the next start: a local
+            path (a node disk, a shared volume) or an fsspec URL (``s3://bucket/prefix``).
+        artifact_storage_options: fsspec's options for a URL (``endpoint_url``, credentials).
+        artifact_signing_key: bytes: manifests are signed with it and must verify to be loaded.
+        cache_dir: where packages fetched from a remote store are kept on this node.
+        build_wait_s: how long to wait for another replica's build of the same packages.
 
     Raises:
         UnsupportedModuleError: not an ``nn.Module``, or one the host compiled itself.
@@ -102,12 +107,17 @@ class ModuleLifecycle(LifecycleViews, AsyncPrepare):
         serving: ServingPolicy | None = None,
         cache_adapter: CacheAdapter | None = None,
         artifact_dir: str | os.PathLike[str] | None = None,
+        artifact_storage_options: Mapping[str, Any] | None = None,
+        artifact_signing_key: bytes | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        build_wait_s: float = 600.0,
         commit: CommitHook | None = None,
     ) -> None:
         config = check_lifecycle_arguments(
             module, name, policy, backend, cache_config, compile_options,
             compile_plan=compile_plan, serving=serving, cache_adapter=cache_adapter,
-            artifact_dir=artifact_dir,
+            artifact_dir=artifact_dir, artifact_storage_options=artifact_storage_options,
+            artifact_signing_key=artifact_signing_key, cache_dir=cache_dir, build_wait_s=build_wait_s,
         )
         self._config = config
         policy = config.policy
@@ -115,11 +125,12 @@ class ModuleLifecycle(LifecycleViews, AsyncPrepare):
         self._module = module
         try:
             self._artifacts = (
-                ArtifactSession(artifact_dir) if artifact_dir is not None and policy.compile else None
+                ArtifactSession(config.store) if config.store is not None and policy.compile else None
             )
             # The one compiler this lifecycle calls, picked and configured by the backend.
             self._compiler: Compiler = config.backend.compiler(
-                config.compile_plan if policy.compile else CompilePlan(), config.torch_options, artifact_dir
+                config.compile_plan if policy.compile else CompilePlan(), config.torch_options, config.store,
+                build_wait_s=config.build_wait_s,
             )
             # What the compiler keeps for this process only goes with the lifecycle.
             weakref.finalize(self, self._compiler.close)

@@ -32,6 +32,7 @@ from aot_builds import (
 
 from adapters import _torch_internals as internals
 from adapters import aot
+from adapters.aot import compiler as aot_compiler
 from adapters.aot.store import LocalFiles, inductor_configs
 from lifecycle import (
     BackendUnavailableError,
@@ -107,8 +108,8 @@ def test_blocks_differing_in_a_plain_attribute_get_their_own_package_and_check(
     assert event["ahead_of_time"] == "compiled", event.get("aot_problem")
     assert len(event["aot_packages"]) == 2  # one per distinct scale, each checked
     assert event["aot_deterministic"] is True
-    for manifest in (tmp_path / "aot").glob("*.json"):
-        data = json.loads(manifest.read_text())
+    for manifest in (tmp_path / "aot" / "manifests").glob("*.json"):
+        data = json.loads(manifest.read_text())["meta"]
         assert data["inductor_options"]["deterministic"] is True and data["check"]["outcome"] == "passed"
     torch.testing.assert_close(serve_stack(lc, 6), Stack(scales=(1.0, 0.5))(stack_input(6)).detach())
     lc.reset()
@@ -134,7 +135,7 @@ def test_packages_for_other_bounds_do_not_overwrite_each_other(tmp_path: Path, a
     compiles = [e for e in audit_events.of("lifecycle.transition") if e["trigger"] == "compile"]
     outcomes = [e["ahead_of_time"] for e in compiles]
     assert outcomes == ["compiled", "compiled", "loaded"]
-    assert len(list((tmp_path / "aot").glob("*.pt2"))) == 2
+    assert len(list((tmp_path / "aot" / "manifests").glob("*.json"))) == 2
 
 
 # ------------------------------------------------------------------------------------ races
@@ -184,35 +185,37 @@ def test_writes_use_unique_staging_names_and_never_tear(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------- starts that must not crash
 def _fallback_start(artifact_dir: Path, audit_events: Any) -> dict[str, Any]:
-    lc = flux_lifecycle(artifact_dir)
-    lc.mount_cache()
-    lc.compile(examples=_examples(lc, flux_run, FLUX_BUCKETS))
+    lc = stack_lifecycle(Stack(), artifact_dir)
+    lc.compile(examples=_examples(lc, stack_run, STACK_BUCKETS))
     assert lc.state is State.COMPILED
     event = _compile_event(audit_events)
     lc.reset()
     return event
 
 
-def test_an_artifact_dir_that_is_a_file_falls_back_audited(tmp_path: Path, audit_events: Any) -> None:
+# A store that cannot be read or written builds on this replica (nothing shared), audited.
+def test_an_artifact_dir_that_is_a_file_builds_locally_audited(tmp_path: Path, audit_events: Any) -> None:
     path = tmp_path / "file"
     path.write_text("not a directory")
     event = _fallback_start(path, audit_events)
-    assert event["ahead_of_time"] == "fallback" and "cannot be used" in event["aot_problem"]
+    assert event["ahead_of_time"] == "compiled" and event["aot_store"] in {"unreachable", "missing"}
+    assert path.read_text() == "not a directory"
 
 
-def test_a_symlink_loop_falls_back_audited(tmp_path: Path, audit_events: Any) -> None:
+def test_a_symlink_loop_builds_locally_audited(tmp_path: Path, audit_events: Any) -> None:
     (tmp_path / "aot").symlink_to(tmp_path / "aot")
     event = _fallback_start(tmp_path, audit_events)
-    assert event["ahead_of_time"] == "fallback"
+    assert event["ahead_of_time"] == "compiled" and event["aot_store"] in {"unreachable", "missing"}
 
 
-def test_a_read_only_empty_volume_falls_back_audited(
+def test_a_read_only_empty_volume_builds_locally_audited(
     tmp_path: Path, audit_events: Any, read_only: Any
 ) -> None:
     (tmp_path / "volume").mkdir()
     volume = read_only(tmp_path / "volume")
     event = _fallback_start(volume, audit_events)
-    assert event["ahead_of_time"] == "fallback" and "cannot be used" in event["aot_problem"]
+    assert event["ahead_of_time"] == "compiled" and event["aot_store"] in {"unreachable", "missing"}
+    assert not list(volume.iterdir())
 
 
 @pytest.mark.slow
@@ -221,28 +224,28 @@ def test_a_read_only_volume_checked_elsewhere_still_loads(
 ) -> None:
     directory, _ = flux_packages()
     volume = copy_of(directory, tmp_path / "volume")
-    for manifest in (volume / "aot").glob("*.json"):
-        data = json.loads(manifest.read_text())
-        data["verified_on"] = "another-host"
+    for manifest in (volume / "aot" / "manifests").glob("*.json"):
+        data = json.loads(manifest.read_text())  # unsigned: the store trusts its SHA-256s
+        data["meta"]["verified_on"] = "another-host"
         manifest.write_text(json.dumps(data))
     read_only(volume)
-    lc = flux_lifecycle(volume)
+    lc = flux_lifecycle(volume, cache_dir=tmp_path / "node-cache")
     lc.prepare(flux_run, shapes=FLUX_BUCKETS)
     event = _compile_event(audit_events)
     assert event["ahead_of_time"] == "loaded", event.get("aot_problem")
-    assert all("not recorded" in status for status in event["aot_found"].values())
+    # Checked here in a child process, remembered in the node's cache, not in the store.
+    assert sorted(event["aot_checked_here"]) == sorted(event["aot_packages"])
+    assert list((tmp_path / "node-cache").rglob("notes/*"))
     assert lc.ready
     lc.reset()
 
 
 @pytest.mark.slow
 def test_a_deeply_nested_manifest_is_corrupt_not_a_crash(tmp_path: Path) -> None:
-    directory, _ = flux_packages()
-    copy = copy_of(directory, tmp_path / "copy") / "aot"
-    victim = sorted(copy.glob("*.json"))[0]
+    kind = next(iter(aot.block_kinds(tiny_flux())))
+    victim = tmp_path / f"{kind}.{'0' * 20}.json"  # a private directory's layout
     victim.write_text("[" * 100_000 + "]" * 100_000)
-    found = aot.open_packages(tiny_flux(), copy)
-    kind = victim.name.split(".")[0]
+    found = aot.open_packages(tiny_flux(), tmp_path)
     assert found[kind].status == "corrupt" and "nested" in found[kind].reason
 
 
@@ -277,10 +280,13 @@ def test_after_a_fallback_on_unwarmed_fail_and_reproducible_still_hold(
         real(target, owner, options)
 
     monkeypatch.setattr(internals, "compile_in_place", spy)
-    not_a_directory = tmp_path / "file"
-    not_a_directory.write_text("")
+
+    def failing_build(*args: Any, **kwargs: Any) -> Any:
+        raise aot.AotBuildFailed("Stack", "a build that fails")
+
+    monkeypatch.setattr(aot_compiler, "build", failing_build)
     lc = stack_lifecycle(
-        Stack(), not_a_directory, serving=ServingPolicy(on_unwarmed="fail"),
+        Stack(), None, serving=ServingPolicy(on_unwarmed="fail"),
         compile_plan=CompilePlan(scope="blocks", ahead_of_time=True, reproducible=True),
     )
     lc.prepare(stack_run, shapes=STACK_BUCKETS)

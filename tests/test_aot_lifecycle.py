@@ -133,13 +133,14 @@ def test_a_corrupt_package_is_audited_and_rebuilt_never_loaded(built, tmp_path, 
     directory, _ = built
     copy = tmp_path / "copy"
     shutil.copytree(directory, copy)
-    for package in (copy / "aot").glob("*.pt2"):
+    for package in (copy / "aot" / "blobs").glob("*"):
         package.write_bytes(b"not a package")
     lc = _lifecycle(copy)
     lc.prepare(run, shapes=BUCKETS)
     compile_event = next(e for e in audit_events.of("lifecycle.transition") if e["trigger"] == "compile")
     assert compile_event["ahead_of_time"] == "compiled"
     assert set(compile_event["aot_found"].values()) == {"corrupt"}
+    assert compile_event["aot_store"] == "built" and compile_event["aot_store_events"].count("untrusted") == 2
     _, out = _serve(lc, 16)
     assert torch.allclose(out, _eager(16), atol=1e-4)
     lc.reset()

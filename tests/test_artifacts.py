@@ -158,11 +158,18 @@ def test_lifecycle_reports_missing_then_saves_nothing_for_aot_eager(
 def test_damaged_artifacts_are_reported_and_ignored(
     tmp_path, cache_config, inputs, audit_events, damage
 ):
+    from adapters.artifact_store import StoredArtifacts
+    from adapters.store import open_store
+
     module = tiny_flux()
     key = _key(module, cache_config)
-    store = ArtifactStore(tmp_path)
+    store = StoredArtifacts(open_store(tmp_path).child("jit"))  # where the lifecycle looks
     if damage == "corrupt-file":
-        store.path_for(key).write_bytes(b"\x89 torn write")
+        torn = tmp_path / "torn"
+        torn.write_bytes(b"\x89 torn write")
+        name = key.filename.removesuffix(".dlart")
+        published = store.packages.publish(name, {"payload": torn}, {"key": dict(key.fields)})
+        assert published.status == "published"
     elif damage == "torch-refuses":
         store.write(key, os.urandom(256))  # a well-formed file whose payload torch cannot read
     else:
@@ -266,7 +273,7 @@ def test_restart_loads_artifacts_and_inductor_compiles_nothing(tmp_path):
         {"action": "load", "status": "missing"}, {"action": "save", "status": "saved"},
     ]
     assert cold["misses"] >= 1 and cold["new_graphs"] == 0
-    assert len(list(artifacts.glob("Stack-*.dlart"))) == 1
+    assert len(list((artifacts / "jit" / "manifests").glob("Stack-*.json"))) == 1
 
     warm = _child(artifacts, tmp_path / "inductor-2")  # a fresh machine: only our file carries over
     assert warm["events"] == [{"action": "load", "status": "loaded"}]  # nothing new to save

@@ -54,7 +54,7 @@ def test_graph_prints_the_generated_diagrams(capsys):
 
 # ---------------------------------------------------------------------------- bad arguments
 BAD_ARGUMENTS = [
-    ((), ["required", "demo,graph,audit"]),
+    ((), ["required", "demo,build,graph,audit"]),
     (("frobnicate",), ["invalid choice: 'frobnicate'"]),
     (("graph", "--format", "svg"), ["invalid choice: 'svg'", "dit-lifecycle graph --help"]),
     (("demo", "--steps", "0"), ["--steps", "positive integer, got 0"]),

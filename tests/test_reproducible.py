@@ -15,10 +15,12 @@ import pytest
 import torch
 from conftest import FAST_COMPILE, SERVING_STEPS
 
-from adapters.artifacts import MAGIC, ArtifactKey, ArtifactStore
+from adapters.artifact_store import StoredArtifacts
+from adapters.artifacts import MAGIC, ArtifactKey
 from adapters.cpu import CpuAdapter
 from adapters.errors import InvalidOptions
 from adapters.reproducible import INDUCTOR_SETTINGS, supported, torch_compile_kwargs
+from adapters.store import open_store
 from lifecycle import CompilePlan, InvalidConfigError, ModuleLifecycle, State
 from lifecycle.testing.tiny import denoise, denoiser, tiny_flux
 
@@ -147,12 +149,17 @@ def test_the_option_is_part_of_the_artifact_key(cache_config):
     assert on.fields["policy"]["compile_plan"]["reproducible"] is True
 
 
+def _jit_store(artifact_dir: Path) -> StoredArtifacts:
+    """The compile artifacts of a lifecycle with this ``artifact_dir``."""
+    return StoredArtifacts(open_store(artifact_dir).child("jit"))
+
+
 @pytest.mark.slow
 def test_an_artifact_of_a_non_reproducible_compile_is_stale_and_ignored(
     tmp_path, cache_config, inputs, audit_events
 ):
     plain_key = _lifecycle(tiny_flux(), cache_config, tmp_path, PLAIN)._artifact_key()
-    ArtifactStore(tmp_path).write(plain_key, b"graphs compiled without the option")
+    _jit_store(tmp_path).write(plain_key, b"graphs compiled without the option")
     lc = _lifecycle(tiny_flux(), cache_config, tmp_path)
     lc.prepare(denoiser(inputs, 2))
     assert lc.state is State.WARMED_UP
@@ -165,9 +172,11 @@ def test_a_corrupt_artifact_under_the_mode_is_reported_and_ignored(
     tmp_path, cache_config, inputs, audit_events
 ):
     key: ArtifactKey = _lifecycle(tiny_flux(), cache_config, tmp_path)._artifact_key()
-    store = ArtifactStore(tmp_path)
-    store.write(key, b"x" * 64)
-    path = store.path_for(key)
+    store = _jit_store(tmp_path)
+    assert store.write(key, b"x" * 64).status == "saved"
+    fetched = store.packages.fetch(key.filename.removesuffix(".dlart")).package
+    assert fetched is not None
+    path = fetched.files["payload"]  # the stored bytes, in place in a local store
     path.write_bytes(path.read_bytes()[:-7] + b"damaged")  # checksum no longer matches
     lc = _lifecycle(tiny_flux(), cache_config, tmp_path)
     lc.prepare(denoiser(inputs, 2))

@@ -43,9 +43,11 @@ from adapters.aot.build import build
 from adapters.aot.capture import capture_calls
 from adapters.aot.check import record_check, verify_packages
 from adapters.aot.errors import AotError
+from adapters.aot.fleet import FleetResult, obtain_packages
 from adapters.aot.kinds import block_kinds
 from adapters.aot.store import LocalFiles, PackageFiles, PackageInfo, inductor_configs, open_packages
 from adapters.compiler import Compiler, CompileReport, Example, OutsideBounds
+from adapters.store import PROBLEMS, PackageStore, open_store
 
 SUBDIRECTORY = "aot"
 # The compilers whose block calls outside the packages' bounds are refused rather than run
@@ -104,9 +106,12 @@ class AotBlocksCompiler:
             (``mode`` expanded, ``options`` kept), anything without an ahead-of-time meaning
             refused (``InvalidOptions``) at construction.
         reproducible: build with inductor's deterministic mode (part of the package key).
-        directory: the artifact directory, or None for a private temporary one.
+        directory: the artifact store (an opened ``PackageStore``, or a local path opened as
+            one): packages in its ``aot`` folder, loaded when there, else built once per fleet
+            under its lease (``adapters.aot.fleet``); None: a private temporary directory.
         fallback: the just-in-time blocks compiler used when no package can serve.
-        files: how the store reads and writes (``LocalFiles`` over a directory by default).
+        files: how the private directory reads and writes (``LocalFiles``).
+        build_wait_s: how long to wait for another replica's build of the same packages.
     """
 
     name = "aot_blocks"
@@ -116,14 +121,21 @@ class AotBlocksCompiler:
         *,
         options: Mapping[str, Any],
         reproducible: bool,
-        directory: str | os.PathLike[str] | None,
+        directory: str | os.PathLike[str] | PackageStore | None,
         fallback: Compiler,
         files: Callable[[Path], PackageFiles] = LocalFiles,
+        build_wait_s: float = 600.0,
     ) -> None:
         internals.check_aot()
         self._configs = inductor_configs(options, reproducible=reproducible)
         self._reproducible = reproducible
-        self._root = None if directory is None else Path(directory) / SUBDIRECTORY
+        if directory is not None and not isinstance(directory, PackageStore):
+            directory = open_store(directory)
+        self._store = None if directory is None else directory.child(SUBDIRECTORY)
+        self._wait_s = build_wait_s
+        self._root: Path | None = None
+        self._events: list[dict[str, Any]] = []
+        self._store_fields: dict[str, Any] = {}
         self._files_for = files
         self._fallback = fallback
         self._temporary: Path | None = None
@@ -141,8 +153,14 @@ class AotBlocksCompiler:
         return dict(self._configs)
 
     @property
+    def store(self) -> PackageStore | None:
+        """The artifact store's ``aot`` folder (None: packages stay in a private directory)."""
+        return self._store
+
+    @property
     def directory(self) -> Path:
-        """Where the packages are (a private temporary directory is made on first use)."""
+        """This process's private directory (packages without a store, builds in progress; made
+        on first use, removed by ``close``)."""
         if self._root is not None:
             return self._root
         if self._temporary is None:
@@ -164,6 +182,8 @@ class AotBlocksCompiler:
             return CompileReport(self.name, fields, dict(fields), deferred=True)
         self._pending = False
         self._options = dict(options)
+        self._events = []
+        self._store_fields = {}
         started = time.perf_counter()
         bounds: dict[str, Any] = {}
         statuses: dict[str, str] = {}
@@ -184,7 +204,8 @@ class AotBlocksCompiler:
                 module, options, started, bounds, statuses, f"{type(error).__name__}: {error}", ran
             )
         fields = self._report(outcome, packages, bounds, statuses, started, self._binding.blocks)
-        return CompileReport(self.name, fields, {"ahead_of_time": outcome}, ran_examples=True)
+        return CompileReport(self.name, fields, {"ahead_of_time": outcome}, ran_examples=True,
+                             events=tuple(self._events))
 
     def rebind(self, module: nn.Module) -> dict[str, Any]:
         if self._binding is None:
@@ -219,7 +240,7 @@ class AotBlocksCompiler:
         return _Refusing(id(self)) if refuse and self._binding is not None else _NotRefusing()
 
     def describe(self) -> dict[str, Any]:
-        where = self._root if self._root is not None else self._temporary
+        where: object = self._store.location.url if self._store is not None else self._temporary
         return {
             "name": self.name,
             "inductor_configs": dict(self._configs),
@@ -254,6 +275,8 @@ class AotBlocksCompiler:
         statuses: dict[str, str],
     ) -> tuple[str, dict[str, PackageInfo] | None]:
         """(outcome, packages to bind); packages None: fall back, the outcome is the reason."""
+        if self._store is not None:
+            return self._through_store(module, calls, specs, statuses)
         files = self._files_for(self.directory)
         try:
             files.ensure()
@@ -287,18 +310,42 @@ class AotBlocksCompiler:
             return rejected or "incomplete build", None
         return "compiled", built.packages
 
+    def _through_store(
+        self, module: nn.Module, calls: Mapping[str, Any], specs: dict[str, CallSpec],
+        statuses: dict[str, str],
+    ) -> tuple[str, dict[str, PackageInfo] | None]:
+        assert self._store is not None
+        result: FleetResult = obtain_packages(
+            self._store, module, calls, specs, self._configs, scratch=self.directory, wait_s=self._wait_s,
+        )
+        statuses.update(result.found)
+        self._store_fields = {"aot_store_url": self._store.location.url, **result.fields}
+        summary = "compiled" if result.store == "built" else result.store
+        detail = str(result.fields.get("aot_store_detail", ""))
+        if result.store not in ("loaded", "built") and result.packages is not None:
+            detail = f"built on this replica, not shared ({detail})" if detail else "built on this replica"
+        events = [{"action": "aot", **event, "problem": event["status"] in PROBLEMS}
+                  for event in result.events]
+        events.append({"action": "aot", "status": summary, "key": "", "detail": detail,
+                       "elapsed_s": result.fields.get("aot_waited_s", 0.0),
+                       "problem": summary in PROBLEMS or summary == "missing"})
+        self._events = events
+        return result.outcome, result.packages
+
     def _report(
         self, outcome: str, packages: Mapping[str, PackageInfo], bounds: dict[str, Any],
         statuses: dict[str, str], started: float, blocks: int, problem: str | None = None,
     ) -> dict[str, Any]:
         fields: dict[str, Any] = {
             "ahead_of_time": outcome,
-            "aot_packages": {kind: info.path.name for kind, info in packages.items()},
+            "aot_packages": {kind: str(info.manifest.get("package", info.path.name))
+                             for kind, info in packages.items()},
             "aot_bounds": bounds,
             "aot_found": statuses,
             "aot_seconds": round(time.perf_counter() - started, 3),
             "aot_blocks": blocks,
             "aot_deterministic": self._reproducible,
+            **self._store_fields,
             **({"aot_problem": problem} if problem else {}),
         }
         self._fields = fields
@@ -314,7 +361,8 @@ class AotBlocksCompiler:
         self._fallback.compile(module, None, options)
         self._fell_back = True
         fields = self._report("fallback", {}, bounds, statuses, started, 0, problem)
-        return CompileReport(self.name, fields, {"ahead_of_time": "fallback"}, ran_examples=ran)
+        return CompileReport(self.name, fields, {"ahead_of_time": "fallback"}, ran_examples=ran,
+                             events=tuple(self._events))
 
 
 __all__ = ["SUBDIRECTORY", "AotBlocksCompiler"]

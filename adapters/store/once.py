@@ -121,8 +121,9 @@ def obtain(
         if taken:
             return _build(run, store, lease, build, fetches)
         holder = lease.holder()
-        if holder != last_holder:
-            last_holder = holder
+        who = holder.split(" until ", 1)[0]  # a renewal moves the expiry, not the holder
+        if who != last_holder:
+            last_holder = who
             run.event("waiting", lease_key, holder)
         if run.waited_from is None:
             run.waited_from = time.monotonic()

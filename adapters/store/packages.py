@@ -113,7 +113,7 @@ class PackageStore:
                 sha, size = file_sha256(Path(path))
                 entries[name] = FileEntry(sha, size)
                 blob = _blob_name(sha)
-                if not self.objects.exists(blob):
+                if not self._blob_intact(blob, sha, size):
                     self.objects.publish_file(blob, Path(path))
                     uploaded += size
             manifest = Manifest(key, entries, dict(meta or {}), _publisher())
@@ -129,6 +129,18 @@ class PackageStore:
             return Published(key, "failed", detail=f"{type(exc).__name__}: {exc}",
                              uploaded_bytes=uploaded)
         return Published(key, "published", manifest, uploaded_bytes=uploaded)
+
+    def _blob_intact(self, blob: str, sha256: str, size: int) -> bool:
+        """Whether the store already holds these bytes under ``blob``: a local file is hashed (a
+        tampered one is replaced by the publish that repairs it); a remote one is uploaded again
+        (publishing is rare: once per build), so a rebuild always repairs what was refused."""
+        in_place = self.objects.local_path(blob)
+        if in_place is None:
+            return False
+        try:
+            return file_sha256(in_place) == (sha256, size)
+        except OSError:
+            return False
 
     # -------------------------------------------------------------------------------- fetch
     def read_manifest(self, key: str) -> tuple[FetchStatus, Manifest | None, str]:

@@ -1,5 +1,5 @@
-"""The commands behind ``python -m lifecycle`` / ``dit-lifecycle``: demo, graph, audit verify,
-audit show.
+"""The commands behind ``python -m lifecycle`` / ``dit-lifecycle``: demo, build, graph, audit
+verify, audit show.
 
 This is a script, not the library: it is the one place that configures structlog (through
 ``audit.configure_default``) and quiets third-party loggers. Bad arguments and expected
@@ -113,13 +113,39 @@ def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_build_arguments(parser: argparse.ArgumentParser) -> None:
+    """The build's flags; each reaches ``_cmd_build`` as ``args.<name>``."""
+    parser.add_argument("--model", required=True,
+                        help="tiny-flux (the tests' tiny Flux) or package.module:factory returning "
+                        "(module, run) or (module, run, lifecycle_kwargs); "
+                        "run(module, shape) warms one bucket")
+    parser.add_argument("--shapes", required=True,
+                        help='the serving buckets: JSON (\'[{"tokens": 64}]\') or tokens=64,tokens=16 '
+                        "(a bucket's dims joined by '/': height=512/width=512)")
+    parser.add_argument("--compile-plan", default="blocks,aot",
+                        help="comma list of blocks, aot, reproducible, model (default blocks,aot)")
+    parser.add_argument("--compile-options", default="{}", metavar="JSON",
+                        help="torch.compile's arguments as JSON (default {}: inductor)")
+    parser.add_argument("--artifact-dir", required=True, help="a local path or an fsspec URL (s3://bucket/prefix)")
+    parser.add_argument("--storage-options-file", metavar="FILE",
+                        help="a JSON file of fsspec options (endpoint_url, credentials)")
+    parser.add_argument("--signing-key-env", metavar="NAME",
+                        help="sign manifests with this env variable's bytes")
+    parser.add_argument("--signing-key-file", metavar="FILE",
+                        help="sign manifests with this file's bytes (a trailing newline removed)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: build for this device")
+    parser.add_argument("--build-wait", type=float, default=600.0, metavar="S",
+                        help="seconds to wait for another builder of the same key (600)")
+    parser.add_argument("--json", action="store_true", help="print only a JSON result on stdout")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
         description="An explicit, audited lifecycle for diffusion-transformer modules.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}")
-    commands = parser.add_subparsers(dest="command", metavar="{demo,graph,audit}", required=True)
+    commands = parser.add_subparsers(dest="command", metavar="{demo,build,graph,audit}", required=True)
 
     demo = commands.add_parser(
         "demo",
@@ -129,6 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_demo_arguments(demo)
     demo.set_defaults(handler=_cmd_demo)
+
+    build = commands.add_parser(
+        "build", help="build a model's compile artifacts offline into a store (for a CI job)",
+        description="Prepare a model through the lifecycle with the store as artifact_dir, so that "
+        "replicas with the same model, buckets, plan and options load the artifacts. Exit 0 when "
+        "the store holds them (built or already there), 1 otherwise.",
+    )
+    _add_build_arguments(build)
+    build.set_defaults(handler=_cmd_build)
 
     graph = commands.add_parser(
         "graph", help="draw the legal transitions of a policy",
@@ -201,6 +236,37 @@ def _quiet_third_party() -> None:
         diffusers_logging.set_verbosity_error()
     except ImportError:
         pass
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from lifecycle.cli import build
+
+    try:
+        options = json.loads(args.compile_options)
+        if not isinstance(options, dict):
+            raise ValueError("not a JSON object")
+        request = build.BuildRequest(
+            model=args.model, shapes=build.parse_shapes(args.shapes),
+            compile_plan=build.parse_plan(args.compile_plan), compile_options=options,
+            artifact_dir=args.artifact_dir,
+            storage_options=build.read_json_file(args.storage_options_file, "--storage-options-file"),
+            signing_key=build.read_signing_key(args.signing_key_env, args.signing_key_file),
+            device=args.device, build_wait_s=args.build_wait,
+        )
+    except ValueError as exc:
+        raise UsageError(f"--compile-options: {exc}") from None
+    except build.BuildError as exc:
+        raise UsageError(str(exc)) from None
+    _quiet_third_party()
+    try:
+        result = build.run_build(request)
+    except build.BuildError as exc:
+        raise CliError(str(exc)) from None
+    if args.json:
+        print(json.dumps(result, default=str))
+    else:
+        sys.stdout.write(build.format_result(result))
+    return 0 if result["ok"] else 1
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
