@@ -85,7 +85,9 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     plan = CompilePlan(scope="model" if args.scenario == "jit-model" else "blocks", ahead_of_time=aot)
     extra: dict[str, Any] = {}
     if aot:
-        extra = {"artifact_dir": args.artifacts, "artifact_storage_options": _store_options(args.endpoint),
+        remote = args.artifacts.startswith("s3://")
+        extra = {"artifact_dir": args.artifacts,
+                 "artifact_storage_options": _store_options(args.endpoint) if remote else None,
                  "cache_dir": args.cache_dir, "build_wait_s": args.timeout}
     lc = ModuleLifecycle(model, name="transformer", backend=device.type, compile_plan=plan,
                          cache_config=demo_cache_config(args.steps, threshold=args.threshold), **extra)

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -118,3 +121,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             ranked[i] = best
     order = sorted(range(len(items)), key=lambda i: (ranked[i], i))
     items[:] = [items[i] for i in order]
+
+
+@pytest.fixture
+def immutable() -> Iterator[Any]:
+    """``make(path)``: the path and everything under it immutable, even for root (a read-only
+    volume as a container sees it); undone after the test."""
+    made: list[Path] = []
+
+    def make(path: Path) -> Path:
+        subprocess.run(["chattr", "-R", "+i", str(path)], check=True)
+        made.append(path)
+        return path
+
+    yield make
+    for path in made:
+        subprocess.run(["chattr", "-R", "-i", str(path)], check=False)

@@ -8,9 +8,7 @@ from __future__ import annotations
 import gc
 import json
 import os
-import subprocess
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,20 +51,6 @@ def _compile_event(events: Any) -> dict[str, Any]:
 def _examples(lc: Any, run: Any, buckets: list[dict[str, int]]) -> list[Any]:
     return [lambda shape=shape: run(lc.module, shape) for shape in buckets]
 
-
-@pytest.fixture
-def read_only() -> Iterator[Any]:
-    """``make(path)``: the path (and everything under it) immutable, even for root; undone after."""
-    made: list[Path] = []
-
-    def make(path: Path) -> Path:
-        subprocess.run(["chattr", "-R", "+i", str(path)], check=True)
-        made.append(path)
-        return path
-
-    yield make
-    for path in made:
-        subprocess.run(["chattr", "-R", "-i", str(path)], check=False)
 
 
 # ---------------------------------------------------------------------- construction refusals
@@ -209,10 +193,10 @@ def test_a_symlink_loop_builds_locally_audited(tmp_path: Path, audit_events: Any
 
 
 def test_a_read_only_empty_volume_builds_locally_audited(
-    tmp_path: Path, audit_events: Any, read_only: Any
+    tmp_path: Path, audit_events: Any, immutable: Any
 ) -> None:
     (tmp_path / "volume").mkdir()
-    volume = read_only(tmp_path / "volume")
+    volume = immutable(tmp_path / "volume")
     event = _fallback_start(volume, audit_events)
     assert event["ahead_of_time"] == "compiled" and event["aot_store"] in {"unreachable", "missing"}
     assert not list(volume.iterdir())
@@ -220,7 +204,7 @@ def test_a_read_only_empty_volume_builds_locally_audited(
 
 @pytest.mark.slow
 def test_a_read_only_volume_checked_elsewhere_still_loads(
-    tmp_path: Path, audit_events: Any, read_only: Any
+    tmp_path: Path, audit_events: Any, immutable: Any
 ) -> None:
     directory, _ = flux_packages()
     volume = copy_of(directory, tmp_path / "volume")
@@ -228,7 +212,7 @@ def test_a_read_only_volume_checked_elsewhere_still_loads(
         data = json.loads(manifest.read_text())  # unsigned: the store trusts its SHA-256s
         data["meta"]["verified_on"] = "another-host"
         manifest.write_text(json.dumps(data))
-    read_only(volume)
+    immutable(volume)
     lc = flux_lifecycle(volume, cache_dir=tmp_path / "node-cache")
     lc.prepare(flux_run, shapes=FLUX_BUCKETS)
     event = _compile_event(audit_events)

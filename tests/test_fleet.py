@@ -43,20 +43,6 @@ def s3() -> Iterator[S3Server]:
     yield from start_s3()
 
 
-@pytest.fixture
-def immutable() -> Iterator[Any]:
-    """``make(path)``: the path and everything under it immutable, even for root; undone after."""
-    made: list[Path] = []
-
-    def make(path: Path) -> Path:
-        subprocess.run(["chattr", "-R", "+i", str(path)], check=True)
-        made.append(path)
-        return path
-
-    yield make
-    for path in made:
-        subprocess.run(["chattr", "-R", "-i", str(path)], check=False)
-
 
 def _spawn(workdir: Path, index: int, go: Path, **args: Any) -> tuple[subprocess.Popen[bytes], Path]:
     (workdir / "ready").mkdir(parents=True, exist_ok=True)
