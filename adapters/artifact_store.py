@@ -70,6 +70,10 @@ class StoredArtifacts(ArtifactStore):
         where = self.where(key)
         fetched = self.packages.fetch(_name(key))
         if fetched.status == "missing":
+            if self.packages.read_manifest(_name(key))[0] == "found":
+                # Its manifest is there but a file it names is not (a dangling link, a cleanup).
+                detail = f"a stored file is missing: {fetched.detail}"
+                return ArtifactReport("load", "corrupt", where, detail), None
             return self._absent(key), None
         if fetched.status == "untrusted":
             return ArtifactReport("load", "corrupt", where, f"untrusted: {fetched.detail}"), None

@@ -24,8 +24,10 @@ import pytest
 from conftest import FAST_COMPILE
 
 from adapters.artifact_session import ArtifactSession
+from adapters.artifact_store import StoredArtifacts
 from adapters.artifacts import MAGIC, ArtifactKey, ArtifactStore
 from adapters.errors import InvalidOptions
+from adapters.store import open_store
 from lifecycle import InvalidConfigError, LifecyclePolicy, ModuleLifecycle, State
 from lifecycle.ops import make_wsgi_app, serve
 from lifecycle.testing import NoopBackend
@@ -160,8 +162,15 @@ def test_a_damaged_file_of_another_configuration_is_passed_over(tmp_path, cache_
 @pytest.mark.parametrize("kind", ["dangling link", "infinite size", "deep header"])
 @pytest.mark.slow
 def test_the_compile_runs_cold_past_a_damaged_file(tmp_path, cache_config, inputs, audit_events, kind):
+    # The lifecycle keeps its artifacts in the store's jit/ folder: damage the stored file there.
     key = _key(cache_config)
-    _damage(kind, ArtifactStore(tmp_path).path_for(key))
+    stored = StoredArtifacts(open_store(tmp_path).child("jit"))
+    assert stored.write(key, b"graphs").status == "saved"
+    fetched = stored.packages.fetch(key.filename.removesuffix(".dlart")).package
+    assert fetched is not None
+    path = fetched.files["payload"]
+    path.unlink()
+    _damage(kind, path)
     lc = ModuleLifecycle(tiny_flux(), backend="cpu", cache_config=cache_config,
                          compile_options=FAST_COMPILE, artifact_dir=tmp_path)
     lc.prepare(denoiser(inputs, 2))
