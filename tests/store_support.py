@@ -26,9 +26,10 @@ class S3Server:
     server: Any
 
     def options(self) -> dict[str, Any]:
-        # Short timeouts and one attempt: a stopped server is answered in about a second.
+        # A short connect timeout and one attempt: a stopped server is answered in about a second.
+        # A long read timeout: on two loaded cores the in-process server can take seconds to answer.
         return {**ACCESS, "endpoint_url": self.endpoint,
-                "config_kwargs": {"connect_timeout": 1, "read_timeout": 5,
+                "config_kwargs": {"connect_timeout": 1, "read_timeout": 60,
                                   "retries": {"max_attempts": 1}}}
 
     def url(self) -> str:
