@@ -283,6 +283,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
         ops = DemoOps(args.metrics_port)
     extra = ops.processors if ops is not None else []
+    # The demo configures structlog for itself; called in-process (main([...])), it gives the
+    # caller's configuration back afterwards, or later events would still run its processors.
+    import structlog
+
+    configured, previous = structlog.is_configured(), structlog.get_config()
     sink = audit.configure_default(args.audit, fsync=args.fsync, echo=False, processors=[progress, *extra])
     try:
         if ops is not None:
@@ -321,6 +326,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         progress.close()
         if sink is not None:
             sink.close()
+        if configured:
+            structlog.configure(**previous)
+        else:
+            structlog.reset_defaults()
     if args.json:
         print(json.dumps(result, default=str))
     elif args.pipeline:
