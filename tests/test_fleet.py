@@ -114,7 +114,10 @@ def test_four_replicas_started_together_build_once_and_agree_bit_for_bit(
         assert loader["compile"]["aot_store"] == "loaded"
         assert "waiting" in loader["compile"]["aot_store_events"]
         assert loader["compile"]["aot_waited_s"] > 0
-        assert [e["status"] for e in loader["artifacts"]] == ["waiting", "loaded"]
+        # It waited (once per lease it saw the builder hold: a renewal under load can be seen as
+        # another), then loaded; nothing else happened in between.
+        statuses = [e["status"] for e in loader["artifacts"]]
+        assert statuses[-1] == "loaded" and statuses[:-1] and set(statuses[:-1]) == {"waiting"}, statuses
         assert loader["graphs"] == 0  # no dynamo: the packages run
     assert len({r["out"] for r in results}) == 1  # bit-identical outputs
     assert all(r["ready"] for r in results)
