@@ -250,7 +250,10 @@ def _new_threads(before: set[threading.Thread], timeout: float = 5.0) -> list[th
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         # The server's own handler threads only: another test's thread may start or linger meanwhile.
-        found = [t for t in threading.enumerate() if t not in before and t.name.endswith(":connection")]
+        found = [
+            t for t in threading.enumerate()
+            if t not in before and t.name.endswith(":connection") and t.is_alive()
+        ]
         if found:
             return found
         time.sleep(0.01)
