@@ -369,6 +369,19 @@ def test_of_racing_replicas_exactly_one_takes_the_lease_object(s3: S3Server, tmp
     again.release()
 
 
+def test_a_lease_renewed_while_others_read_it_reads_as_held(s3: S3Server, tmp_path: Path) -> None:
+    # The holder replaces its lease object every 0.1 s; a reader's HEAD and GET may straddle it.
+    store = open_store(s3.url(), storage_options=s3.options(), cache_dir=tmp_path / "c")
+    holder = store.lease("renewed", ttl_s=0.3, clock_skew_s=5.0)
+    assert holder.try_acquire()
+    try:
+        others = [store.lease("renewed", ttl_s=0.3, clock_skew_s=5.0) for _ in range(60)]
+        assert not any(other.try_acquire() for other in others)
+        assert holder.renew_errors == 0 and not holder.lost
+    finally:
+        holder.release()
+
+
 def test_a_dead_holder_with_a_skewed_clock_is_taken_over_by_observation(
     s3: S3Server, tmp_path: Path
 ) -> None:
