@@ -3,7 +3,7 @@
 Each rank holds a full replica of a Flux-architecture ``FluxTransformer2DModel`` (random weights,
 the same seed on every rank: hidden 3072 = 24 heads x 128, 2 double + 4 single blocks, 4096 image
 + 512 text tokens, bf16, 28 steps, cache-dit DBCache F1B0) and takes it through
-``lifecycle.distributed.DistributedLifecycle``:
+``lifecycle._distributed.DistributedLifecycle``:
 
   phase "clean":    mount_cache -> compile (inductor) -> warm_up (2-step callable) -> requests
   phase "failure":  a second replica: mount_cache -> compile -> warm_up whose callable raises on
@@ -87,7 +87,7 @@ def _timed(device: torch.device, call: Any) -> float:
 
 
 def _lifecycle(module: torch.nn.Module, name: str, args: argparse.Namespace, device: torch.device) -> Any:
-    from lifecycle.distributed import DistributedLifecycle
+    from lifecycle._distributed import DistributedLifecycle
 
     return DistributedLifecycle(
         module,
@@ -145,7 +145,7 @@ def phase_clean(args: argparse.Namespace, rank: int, device: torch.device, input
 
 
 def phase_failure(args: argparse.Namespace, rank: int, device: torch.device, inputs: Any) -> dict[str, Any]:
-    from lifecycle.distributed import DistributedTransitionError
+    from lifecycle._distributed import DistributedTransitionError
 
     lc = _lifecycle(_build(args, device), "transformer_failure", args, device)
     lc.mount_cache()

@@ -16,33 +16,33 @@ from states import LifecyclePolicy, State, Trigger
 
 # public name -> the submodule that defines it
 _LAZY: dict[str, str] = {
-    "DistributedLifecycle": "lifecycle.distributed",
-    "DistributedTransitionError": "lifecycle.errors",
-    "PeerFailedError": "lifecycle.errors",
-    "RankDivergenceError": "lifecycle.errors",
-    "AuditWriteError": "lifecycle.errors",
-    "AuditWriteWarning": "lifecycle.errors",
-    "BackendUnavailableError": "lifecycle.errors",
-    "IllegalTransitionError": "lifecycle.errors",
-    "InvalidConfigError": "lifecycle.errors",
-    "LifecycleError": "lifecycle.errors",
-    "TransitionFailedError": "lifecycle.errors",
-    "UnsupportedModuleError": "lifecycle.errors",
-    "UnwarmedShapeError": "lifecycle.errors",
-    "PipelineError": "lifecycle.errors",
-    "CompilePlan": "lifecycle.config",
-    "ServingPolicy": "lifecycle.config",
-    "ModuleLifecycle": "lifecycle.module",
-    "RequestRecord": "lifecycle.serving",
-    "TransitionRecord": "lifecycle.record",
-    "WarmupCoverageWarning": "lifecycle.warmup",
-    "PipelineLifecycle": "lifecycle.pipeline",
+    "DistributedLifecycle": "lifecycle._distributed",
+    "DistributedTransitionError": "lifecycle._errors",
+    "PeerFailedError": "lifecycle._errors",
+    "RankDivergenceError": "lifecycle._errors",
+    "AuditWriteError": "lifecycle._errors",
+    "AuditWriteWarning": "lifecycle._errors",
+    "BackendUnavailableError": "lifecycle._errors",
+    "IllegalTransitionError": "lifecycle._errors",
+    "InvalidConfigError": "lifecycle._errors",
+    "LifecycleError": "lifecycle._errors",
+    "TransitionFailedError": "lifecycle._errors",
+    "UnsupportedModuleError": "lifecycle._errors",
+    "UnwarmedShapeError": "lifecycle._errors",
+    "PipelineError": "lifecycle._errors",
+    "CompilePlan": "lifecycle._config",
+    "ServingPolicy": "lifecycle._config",
+    "ModuleLifecycle": "lifecycle._module",
+    "RequestRecord": "lifecycle._serving",
+    "TransitionRecord": "lifecycle._record",
+    "WarmupCoverageWarning": "lifecycle._warmup",
+    "PipelineLifecycle": "lifecycle._pipeline",
 }
 
 if TYPE_CHECKING:
-    from lifecycle.config import CompilePlan, ServingPolicy
-    from lifecycle.distributed import DistributedLifecycle
-    from lifecycle.errors import (
+    from lifecycle._config import CompilePlan, ServingPolicy
+    from lifecycle._distributed import DistributedLifecycle
+    from lifecycle._errors import (
         BackendUnavailableError,
         DistributedTransitionError,
         IllegalTransitionError,
@@ -55,8 +55,8 @@ if TYPE_CHECKING:
         UnsupportedModuleError,
         UnwarmedShapeError,
     )
-    from lifecycle.module import ModuleLifecycle, RequestRecord, TransitionRecord, WarmupCoverageWarning
-    from lifecycle.pipeline import PipelineLifecycle
+    from lifecycle._module import ModuleLifecycle, RequestRecord, TransitionRecord, WarmupCoverageWarning
+    from lifecycle._pipeline import PipelineLifecycle
 
 
 def __getattr__(name: str) -> Any:

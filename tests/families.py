@@ -1308,8 +1308,8 @@ def run_family(family: FamilyCase, *, compile_backend: str = "aot_eager", reques
     import time
 
     from adapters import CacheDitAdapter
-    from lifecycle.errors import LifecycleError, PipelineError
-    from lifecycle.pipeline import PipelineLifecycle
+    from lifecycle._errors import LifecycleError, PipelineError
+    from lifecycle._pipeline import PipelineLifecycle
     from states import LifecyclePolicy, State
 
     started = time.perf_counter()
@@ -1384,7 +1384,7 @@ def _second_resolution(
     family: FamilyCase, plc: Any, pipe: Any, first: torch.Tensor, result: FamilyResult
 ) -> None:
     """The unwarmed-shape policy at a second resolution, then the first resolution again."""
-    from lifecycle.errors import UnwarmedShapeError
+    from lifecycle._errors import UnwarmedShapeError
     from lifecycle.testing import capture_audit
 
     first_call = family.call(steps=SERVING_STEPS)

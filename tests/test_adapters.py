@@ -24,7 +24,7 @@ from adapters.registry import (
     unregister_backend,
 )
 from lifecycle import InvalidConfigError, LifecyclePolicy, ModuleLifecycle
-from lifecycle.config import CompilePlan
+from lifecycle._config import CompilePlan
 
 PLUGIN_PACKAGE = "dit_lifecycle_test_plugin"
 

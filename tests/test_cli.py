@@ -12,7 +12,7 @@ import pytest
 import structlog
 import torch
 
-from lifecycle.cli import main
+from lifecycle._cli import main
 from states import LifecyclePolicy, State
 from states.graph import dot, mermaid
 
@@ -196,14 +196,14 @@ def test_main_returns_codes_in_process(capsys):
 
 def test_pipeline_demo_missing_is_one_clear_line(monkeypatch, capsys):
     saved = structlog.get_config()
-    monkeypatch.setitem(sys.modules, "lifecycle.cli.pipeline_demo", None)  # import now fails
+    monkeypatch.setitem(sys.modules, "lifecycle._cli.pipeline_demo", None)  # import now fails
     try:
         code = main(["demo", "--pipeline", "flux", "--quiet"])
     finally:
         structlog.configure(**saved)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1
-    assert "--pipeline needs lifecycle.cli.pipeline_demo.run_pipeline_demo" in err[0]
+    assert "--pipeline needs lifecycle._cli.pipeline_demo.run_pipeline_demo" in err[0]
 
 
 def test_show_reads_what_it_can_and_gives_the_verdict(tmp_path, capsys):
@@ -226,7 +226,7 @@ def test_progress_ticks_on_a_terminal():
     import io
     import time
 
-    from lifecycle.cli.progress import Progress
+    from lifecycle._cli.progress import Progress
 
     stream = io.StringIO()
     progress = Progress(stream, tty=True)
@@ -256,7 +256,7 @@ try:
 except SystemExit as exc:
     code = exc.code
 heavy = sorted(m for m in sys.modules if m.partition(".")[0] in heavy_roots)
-core = sorted(m for m in sys.modules if m in ("lifecycle.module", "lifecycle.pipeline"))
+core = sorted(m for m in sys.modules if m in ("lifecycle._module", "lifecycle._pipeline"))
 open(out, "w").write(json.dumps({"code": code, "heavy": heavy, "core": core}))
 """
 
@@ -316,7 +316,7 @@ def test_ctrl_c_during_start_up_is_one_line_and_130(needle):
 
 
 def test_ctrl_c_in_a_command_is_one_line_and_130(monkeypatch, capsys):
-    from lifecycle.cli import commands
+    from lifecycle._cli import commands
 
     def interrupted(_args: object) -> int:
         raise KeyboardInterrupt
@@ -342,7 +342,7 @@ def test_deeply_nested_audit_is_one_line_in_verify_and_show(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------- formatting
 def test_one_duration_format_and_one_table():
-    from lifecycle.cli.format import ms, table
+    from lifecycle._cli.format import ms, table
 
     assert [ms(v) for v in (0.04, 999.94, 1000, 1234.5, None, True, "3")] == [
         "0.0 ms", "999.9 ms", "1.00 s", "1.23 s", "?", "?", "?"]

@@ -34,9 +34,9 @@ from lifecycle import (
     TransitionFailedError,
     UnsupportedModuleError,
 )
+from lifecycle._errors import AuditWriteError, AuditWriteWarning
 from lifecycle.audit import JsonlSink
 from lifecycle.audit.verify import verify_file
-from lifecycle.errors import AuditWriteError, AuditWriteWarning
 from lifecycle.testing import AuditEvents, NoopBackend, NoopCache
 from lifecycle.testing.tiny import FluxShape, denoise, flux_inputs, tiny_flux
 
@@ -103,7 +103,7 @@ def test_d1_unrelated_lifecycles_compile_at_the_same_time(audited):
 def test_d2_distributed_lifecycle_accepts_artifact_dir(tmp_path: Path):
     import torch.distributed as dist
 
-    from lifecycle.distributed import DistributedLifecycle
+    from lifecycle._distributed import DistributedLifecycle
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:

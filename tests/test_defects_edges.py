@@ -61,7 +61,7 @@ def test_importing_the_machine_leaves_transitions_logger_alone_and_triggers_stay
             def emit(self, record):
                 records.append(record.name)
         logging.basicConfig(level=logging.INFO, handlers=[Keep()])
-        from lifecycle.machine import StateHolder, events_for
+        from lifecycle._machine import StateHolder, events_for
         from states import LifecyclePolicy, Trigger
 
         class Attempt:

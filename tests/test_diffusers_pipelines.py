@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lifecycle import InvalidConfigError, LifecyclePolicy, PipelineLifecycle
-from lifecycle.cli.pipeline_demo import (
+from lifecycle._cli.pipeline_demo import (
     format_pipeline_demo,
     pipeline_cache_config,
     run_pipeline_demo,

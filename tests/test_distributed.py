@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 
 from adapters.cpu import CpuAdapter
 from lifecycle import InvalidConfigError, LifecyclePolicy
-from lifecycle.distributed import DistributedLifecycle, DistributedTransitionError
+from lifecycle._distributed import DistributedLifecycle, DistributedTransitionError
 
 COMPILE = {"backend": "aot_eager"}
 STEPS = 8
@@ -99,7 +99,7 @@ def _linear_scenario(rank: int, lc_kwargs: dict[str, Any], out: dict[str, Any]) 
     """A module cache-dit does not know, compile-only: a warm-up fault on the last rank, ranks
     calling different triggers, and a reset that fails on rank 0 only."""
     from lifecycle import IllegalTransitionError
-    from lifecycle.distributed import RankDivergenceError
+    from lifecycle._distributed import RankDivergenceError
 
     module = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Linear(8, 8))
     x = torch.randn(2, 8)

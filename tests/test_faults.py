@@ -25,9 +25,9 @@ from lifecycle import (
     State,
     TransitionFailedError,
 )
+from lifecycle._warmup import MAX_WARMUP_RUNS, WarmupCoverageWarning
 from lifecycle.testing import AuditEvents, NoopBackend, NoopCache
 from lifecycle.testing.tiny import FluxInputs, denoise, denoiser
-from lifecycle.warmup import MAX_WARMUP_RUNS, WarmupCoverageWarning
 
 
 class CompilerCrashed(RuntimeError):

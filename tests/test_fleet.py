@@ -373,7 +373,7 @@ def test_jit_artifacts_report_an_unreachable_store(tmp_path: Path) -> None:
 def test_build_refuses_bad_arguments_with_one_line(
     argv: list[str], message: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    from lifecycle.cli.commands import run
+    from lifecycle._cli.commands import run
 
     base = {"--model": "tiny-flux", "--shapes": "tokens=16", "--artifact-dir": str(tmp_path)}
     for flag, value in zip(argv[::2], argv[1::2], strict=True):
@@ -383,7 +383,7 @@ def test_build_refuses_bad_arguments_with_one_line(
 
 
 def test_build_with_a_bad_store_exits_1_with_a_typed_message(capsys: pytest.CaptureFixture[str]) -> None:
-    from lifecycle.cli.commands import run
+    from lifecycle._cli.commands import run
 
     code = run(["build", "--model", "tiny-flux", "--shapes", "tokens=16", "--artifact-dir", "foo://bucket/x"])
     assert code == 1
@@ -391,7 +391,7 @@ def test_build_with_a_bad_store_exits_1_with_a_typed_message(capsys: pytest.Capt
 
 
 def test_shapes_parse_as_json_or_short_form() -> None:
-    from lifecycle.cli.build import parse_shapes
+    from lifecycle._cli.build import parse_shapes
 
     assert parse_shapes("tokens=64,tokens=16") == [{"tokens": 64}, {"tokens": 16}]
     assert parse_shapes("height=512/width=512") == [{"height": 512, "width": 512}]

@@ -26,7 +26,7 @@ from lifecycle import (
     State,
     TransitionFailedError,
 )
-from lifecycle.buckets import IMPLICIT_KEY, shape_key
+from lifecycle._buckets import IMPLICIT_KEY, shape_key
 from lifecycle.testing import NoopBackend, NoopCache
 from lifecycle.testing.tiny import FluxShape, demo_cache_config, denoise, flux_inputs, tiny_flux
 
@@ -145,13 +145,13 @@ def test_each_private_field_has_one_writing_module():
     owners = _owned_fields()
     # The lifecycle's own fields and the serving state's, each with its owner.
     for field, owner in {
-        "_runner": "module.py", "_serving_state": "module.py", "_config": "module.py",
-        "_context": "module.py", "_compiling": "module.py",
-        "_compiles": "compiling.py", "_compile_s": "compiling.py", "_row": "compiling.py",
-        "_requests": "serving_state.py", "_recompiles": "serving_state.py", "_active": "serving_state.py",
-        "_shares_graphs": "serving_state.py", "_shared_dims": "serving_state.py",
-        "_covered": "serving_state.py", "_warmup_s": "serving_state.py",
-        "_seq": "runner.py", "_history": "runner.py",
+        "_runner": "_module.py", "_serving_state": "_module.py", "_config": "_module.py",
+        "_context": "_module.py", "_compiling": "_module.py",
+        "_compiles": "_compiling.py", "_compile_s": "_compiling.py", "_row": "_compiling.py",
+        "_requests": "_serving_state.py", "_recompiles": "_serving_state.py", "_active": "_serving_state.py",
+        "_shares_graphs": "_serving_state.py", "_shared_dims": "_serving_state.py",
+        "_covered": "_serving_state.py", "_warmup_s": "_serving_state.py",
+        "_seq": "_runner.py", "_history": "_runner.py",
     }.items():
         assert owners.get(field) == owner, field
     shared = {field: sorted(files) for field, files in writers.items() if field in owners and len(files) > 1}
@@ -162,13 +162,13 @@ def test_each_private_field_has_one_writing_module():
 
 def test_only_the_lifecycle_applies_results_to_the_serving_state():
     """Warm-up and request code return results; the serving state's writing methods (and its
-    bucket book's) are called from lifecycle/module.py and serving_state.py only."""
-    from lifecycle.serving_state import WRITERS
+    bucket book's) are called from lifecycle/_module.py and serving_state.py only."""
+    from lifecycle._serving_state import WRITERS
 
     book_writers = {"declare", "apply_warmup", "note_request", "cool", "forget", "note_miss"}
     found = []
     for path in sorted((ROOT / "lifecycle").glob("*.py")):
-        if path.name in ("module.py", "serving_state.py"):
+        if path.name in ("_module.py", "_serving_state.py"):
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
@@ -527,3 +527,16 @@ def test_a_miss_found_by_input_sizes_records_the_sizes(flux, inputs, audit_event
     assert miss["input_sizes"]["hidden_states"] == [1, 16, 16]
     assert lc.stats()["shapes"]["missed_sizes"] == [miss["input_sizes"]]
     assert torch.isfinite(denoise(lc.module, inputs, 1)).all()
+
+
+def test_the_public_surface_is_the_package_audit_ops_and_testing():
+    """Internal modules carry a leading underscore, as structlog's do: a host imports
+    ``lifecycle``, ``lifecycle.audit``, ``lifecycle.ops`` and ``lifecycle.testing``, nothing else."""
+    public = {"__init__.py", "__main__.py", "py.typed", "audit", "ops", "testing", "__pycache__"}
+    exposed = sorted(p.name for p in (ROOT / "lifecycle").iterdir()
+                     if not p.name.startswith("_") or p.name in public)
+    assert set(exposed) - public == set()
+    import lifecycle
+
+    # Every public name still resolves through the lazy map after the move.
+    assert all(getattr(lifecycle, name) is not None for name in lifecycle.__all__)

@@ -20,7 +20,7 @@ from adapters import BackendUnavailable, InvalidOptions, get_backend
 from adapters.npu import REQUIRED_PACKAGES, NpuAdapter, NpuCompilePlan, plan_options
 from adapters.registry import AUTO_ORDER, backend_names
 from lifecycle import BackendUnavailableError, LifecyclePolicy, ModuleLifecycle, State
-from lifecycle.config import CompilePlan
+from lifecycle._config import CompilePlan
 
 INSTALLED = {name: importlib.util.find_spec(name) is not None for name in REQUIRED_PACKAGES}
 no_npu_stack = pytest.mark.skipif(any(INSTALLED.values()), reason="torch_npu or torchair is installed here")

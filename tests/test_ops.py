@@ -495,7 +495,7 @@ def test_attach_counts_the_audit_without_configuring_structlog(registry):
 
 # ---------------------------------------------------------------------------- the demo
 def test_demo_metrics_port_serves_and_flips_ready_at_warmed_up(capsys):
-    from lifecycle.cli import main
+    from lifecycle._cli import main
 
     before = {t.name for t in threading.enumerate()}
     code = main(["demo", "--no-compile", "--metrics-port", "0", "--json", "--quiet",
@@ -522,7 +522,7 @@ def test_demo_metrics_port_serves_and_flips_ready_at_warmed_up(capsys):
 
 
 def test_demo_metrics_port_in_use_is_one_line(capsys):
-    from lifecycle.cli import main
+    from lifecycle._cli import main
 
     holder = socket.socket()
     holder.bind(("127.0.0.1", 0))

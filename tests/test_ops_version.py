@@ -25,7 +25,7 @@ def test_python_m_lifecycle_version_prints_the_installed_version():
 
 
 def test_main_version_returns_zero_and_ignores_the_missing_command(capsys):
-    from lifecycle.cli import main
+    from lifecycle._cli import main
 
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"dit-lifecycle {version('dit-lifecycle')}"

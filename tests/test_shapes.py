@@ -30,8 +30,8 @@ from lifecycle import (
     TransitionFailedError,
     UnwarmedShapeError,
 )
+from lifecycle._buckets import shape_key
 from lifecycle.audit import configure_default
-from lifecycle.buckets import shape_key
 from lifecycle.testing.tiny import FluxInputs, FluxShape, denoise, flux_inputs, tiny_flux
 
 STATIC = {**FAST_COMPILE, "dynamic": False}
@@ -314,7 +314,7 @@ def test_a_plain_warmup_with_a_new_size_on_each_rerun_fails_typed(flux, cache_co
 
 # ---------------------------------------------------------------------------- a pipeline
 def test_wan22_pipeline_buckets_and_a_miss(audit_file):
-    from lifecycle.cli.pipeline_demo import pipeline_cache_config
+    from lifecycle._cli.pipeline_demo import pipeline_cache_config
     from lifecycle.testing.tiny_pipelines import WanShape, tiny_wan22_pipeline, wan_call
 
     pipe = tiny_wan22_pipeline()
@@ -355,7 +355,7 @@ def test_wan22_pipeline_buckets_and_a_miss(audit_file):
 
 # ---------------------------------------------------------------------------- the CLI
 def test_demo_shapes_shows_buckets_each_policy_and_the_table():
-    from lifecycle.cli.shapes_demo import format_shapes_demo, run_shapes_demo
+    from lifecycle._cli.shapes_demo import format_shapes_demo, run_shapes_demo
 
     result = run_shapes_demo(backend="cpu", compile_backend="eager", steps=SERVING_STEPS)
     rows = {(r["label"], r["policy"]): r for r in result["requests"]}

@@ -22,7 +22,7 @@ from adapters.store import NewPackage, StoreEvent, StoreLocation, obtain, open_s
 from adapters.store.cache import default_cache_dir
 from adapters.store.lease import ObjectLease
 from adapters.store.packages import PackageStore
-from lifecycle.errors import InvalidConfigError, translate_adapter_error
+from lifecycle._errors import InvalidConfigError, translate_adapter_error
 
 KEY_A = b"a" * 32
 KEY_B = b"b" * 32

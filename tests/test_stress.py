@@ -35,10 +35,10 @@ from lifecycle import (
     State,
     TransitionFailedError,
 )
+from lifecycle._buckets import RECENT_MISSES
+from lifecycle._module import HISTORY_LIMIT
 from lifecycle.audit import JsonlSink
 from lifecycle.audit.verify import verify_file
-from lifecycle.buckets import RECENT_MISSES
-from lifecycle.module import HISTORY_LIMIT
 from lifecycle.testing import AuditEvents, NoopBackend, NoopCache
 
 THREADS = 32
@@ -249,7 +249,7 @@ _CHURN = """
 import gc, sys, threading, time, weakref
 from torch import nn
 from lifecycle import LifecyclePolicy, ModuleLifecycle
-from lifecycle.machine import machine_for
+from lifecycle._machine import machine_for
 from lifecycle.testing import NoopBackend, NoopCache
 
 policy = LifecyclePolicy(cache_dit=True, compile=False)

@@ -12,7 +12,7 @@ from conftest import FAST_COMPILE
 from torch import nn
 
 from lifecycle import IllegalTransitionError, LifecyclePolicy, ModuleLifecycle, State, Trigger
-from lifecycle.machine import machine_for
+from lifecycle._machine import machine_for
 from lifecycle.testing import NoopBackend, NoopCache
 from states import allowed_triggers, destination, remaining_path, transitions_for
 

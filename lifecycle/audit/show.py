@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import IO, Any, TextIO
 
+from lifecycle._cli.format import ms, table_lines
 from lifecycle.audit import events as audit
 from lifecycle.audit.verify import AuditFormatError, VerifyResult, read_events, short, verify_file
-from lifecycle.cli.format import ms, table_lines
 from states import LifecyclePolicy, State, Trigger, destination
 
 HEADERS = ("time", "seq", "event", "detail", "outcome", "duration")

@@ -55,7 +55,7 @@ def requests(event: str, names: Sequence[str], request_id: str) -> None:
 
 
 def _outcome(error: BaseException) -> str:
-    from lifecycle.errors import IllegalTransitionError, InvalidConfigError
+    from lifecycle._errors import IllegalTransitionError, InvalidConfigError
 
     return "refused" if isinstance(error, (IllegalTransitionError, InvalidConfigError)) else "failed"
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lifecycle.errors import InvalidConfigError, LifecycleError
+from lifecycle._errors import InvalidConfigError, LifecycleError
 
 
 class OpsError(LifecycleError):

@@ -18,7 +18,7 @@ from torch import nn
 from adapters.errors import AdapterError
 from adapters.protocols import CacheAdapter
 from lifecycle import audit
-from lifecycle.holds import CACHE_MOUNTS
+from lifecycle._holds import CACHE_MOUNTS
 
 
 class CacheContext:

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from torch import nn
 
-from lifecycle.errors import InvalidConfigError, UnsupportedModuleError
-from lifecycle.locking import OwnerLock
+from lifecycle._errors import InvalidConfigError, UnsupportedModuleError
+from lifecycle._locking import OwnerLock
 from states import LifecyclePolicy, State, Trigger
 
 if TYPE_CHECKING:

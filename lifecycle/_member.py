@@ -1,7 +1,7 @@
 """What the warm-up and the request scope may use of a lifecycle: a ``Member``.
 
-``ModuleLifecycle`` is the one implementation; the warm-up (``lifecycle.warmup``) and the
-request scope (``lifecycle.serving``) are written against this protocol, so neither imports the
+``ModuleLifecycle`` is the one implementation; the warm-up (``lifecycle._warmup``) and the
+request scope (``lifecycle._serving``) are written against this protocol, so neither imports the
 lifecycle, and the pipeline drives its members through the very same code as a lone module.
 Everything here is read-only, or a method through which the lifecycle applies a result.
 """
@@ -14,9 +14,9 @@ from torch import nn
 
 from adapters import BackendAdapter
 from adapters.compiler import Compiler
-from lifecycle.config import ServingPolicy
-from lifecycle.locking import OwnerLock
-from lifecycle.serving_state import RequestResult, ServingState
+from lifecycle._config import ServingPolicy
+from lifecycle._locking import OwnerLock
+from lifecycle._serving_state import RequestResult, ServingState
 from states import LifecyclePolicy, State
 
 

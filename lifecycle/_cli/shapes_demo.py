@@ -12,8 +12,8 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from lifecycle.cli.format import ms, table
-from lifecycle.errors import UnwarmedShapeError
+from lifecycle._cli.format import ms, table
+from lifecycle._errors import UnwarmedShapeError
 
 BUCKETS = ({"height": 64, "width": 64}, {"height": 32, "width": 32})
 UNDECLARED = {"height": 48, "width": 48}
@@ -31,7 +31,7 @@ def run_shapes_demo(
     import torch
 
     from lifecycle import ModuleLifecycle
-    from lifecycle.cli.demo import default_compile_backend, resolve_backend
+    from lifecycle._cli.demo import default_compile_backend, resolve_backend
     from lifecycle.testing.tiny import FluxShape, demo_cache_config, denoise, flux_inputs, tiny_flux
 
     adapter = resolve_backend(backend)

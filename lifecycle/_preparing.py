@@ -8,9 +8,9 @@ import asyncio
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from lifecycle.buckets import check_shapes
-from lifecycle.config import check_steps
-from lifecycle.errors import InvalidConfigError, LifecycleError
+from lifecycle._buckets import check_shapes
+from lifecycle._config import check_steps
+from lifecycle._errors import InvalidConfigError, LifecycleError
 from states import State, Trigger
 
 

@@ -7,7 +7,7 @@ import warnings
 from typing import Any, Literal, NamedTuple
 
 from lifecycle import audit
-from lifecycle.errors import AuditWriteWarning
+from lifecycle._errors import AuditWriteWarning
 from states import State, Trigger
 
 Outcome = Literal["ok", "refused", "failed"]

@@ -3,7 +3,7 @@ history, coverage and statistics (``LifecycleViews``, the base of ``ModuleLifecy
 
 Every view reads single values or snapshots (the bucket book has its own lock), so a readiness
 probe or a metrics scrape never waits on a request or a compile. Nothing here writes: the
-lifecycle (``lifecycle.module``) owns every field read below.
+lifecycle (``lifecycle._module``) owns every field read below.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from adapters import BackendAdapter
 from adapters.artifact_session import ArtifactSession
 from adapters.compiler import Compiler
 from adapters.protocols import CacheAdapter
-from lifecycle.compiling import CompileStep
-from lifecycle.config import CompilePlan, LifecycleConfig, ServingPolicy, Setting
-from lifecycle.context import CacheContext
-from lifecycle.record import TransitionRecord
-from lifecycle.runner import TransitionRunner
-from lifecycle.serving_state import ServingState
+from lifecycle._compiling import CompileStep
+from lifecycle._config import CompilePlan, LifecycleConfig, ServingPolicy, Setting
+from lifecycle._context import CacheContext
+from lifecycle._record import TransitionRecord
+from lifecycle._runner import TransitionRunner
+from lifecycle._serving_state import ServingState
 from states import LifecyclePolicy, State, Trigger, allowed_triggers, destination
 
 _WARMED_UP = State.WARMED_UP.value
@@ -32,7 +32,7 @@ _WARMED_UP = State.WARMED_UP.value
 class LifecycleViews:
     """The lock-free reads of a ``ModuleLifecycle`` (see the module docstring)."""
 
-    # The lifecycle's fields, assigned by its constructor (lifecycle.module).
+    # The lifecycle's fields, assigned by its constructor (lifecycle._module).
     _config: LifecycleConfig
     _module_id: str
     _module: nn.Module

@@ -10,9 +10,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from lifecycle.cli.format import ms, table
-from lifecycle.errors import InvalidConfigError
-from lifecycle.pipeline import PipelineLifecycle
+from lifecycle._cli.format import ms, table
+from lifecycle._errors import InvalidConfigError
+from lifecycle._pipeline import PipelineLifecycle
 from states import LifecyclePolicy
 
 PIPELINE_KINDS = ("flux", "wan22")
@@ -166,7 +166,7 @@ def _check_kind(kind: str) -> None:
 
 
 def _device_of(backend: str) -> str:
-    from lifecycle.cli.demo import resolve_backend
+    from lifecycle._cli.demo import resolve_backend
 
     return str(resolve_backend(backend).device_type)
 

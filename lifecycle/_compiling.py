@@ -20,13 +20,13 @@ from adapters.artifact_session import ArtifactSession
 from adapters.artifacts import ArtifactKey, ArtifactReport, build_key
 from adapters.compiler import Compiler, CompileReport, Example
 from adapters.protocols import CacheAdapter
-from lifecycle.config import LifecycleConfig
-from lifecycle.context import CacheContext
-from lifecycle.errors import InvalidConfigError
-from lifecycle.holds import COMPILED
-from lifecycle.record import emit_checked, warn_unwritten
-from lifecycle.runner import TransitionStep
-from lifecycle.warmup import Buckets, call_at_shape
+from lifecycle._config import LifecycleConfig
+from lifecycle._context import CacheContext
+from lifecycle._errors import InvalidConfigError
+from lifecycle._holds import COMPILED
+from lifecycle._record import emit_checked, warn_unwritten
+from lifecycle._runner import TransitionStep
+from lifecycle._warmup import Buckets, call_at_shape
 from states import State, Trigger
 
 

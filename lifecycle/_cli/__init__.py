@@ -1,6 +1,6 @@
 """``python -m lifecycle`` / ``dit-lifecycle``: demo, graph, audit verify, audit show.
 
-This module only holds the entry point; the commands live in ``lifecycle.cli.commands`` and are
+This module only holds the entry point; the commands live in ``lifecycle._cli.commands`` and are
 imported inside ``main``, so that a Ctrl-C at any point of start-up (importing structlog or
 torch) prints one line and exits 130 instead of a traceback. ``graph`` and ``audit`` never
 import torch.
@@ -29,7 +29,7 @@ def interrupted() -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 1 failure, 2 usage, 130 interrupted)."""
     try:
-        from lifecycle.cli.commands import run
+        from lifecycle._cli.commands import run
 
         return run(argv)
     except KeyboardInterrupt:
@@ -38,10 +38,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def __getattr__(name: str) -> Any:
     if name == "build_parser":
-        from lifecycle.cli.commands import build_parser
+        from lifecycle._cli.commands import build_parser
 
         return build_parser
-    raise AttributeError(f"module 'lifecycle.cli' has no attribute {name!r}")
+    raise AttributeError(f"module 'lifecycle._cli' has no attribute {name!r}")
 
 
 __all__ = ["INTERRUPTED", "PROG", "build_parser", "interrupted", "main"]

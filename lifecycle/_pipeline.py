@@ -7,15 +7,15 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
-from lifecycle import walk
+from lifecycle import _walk as walk
+from lifecycle._buckets import shape_key
+from lifecycle._config import check_steps
+from lifecycle._errors import InvalidConfigError, LifecycleError, PipelineError
+from lifecycle._member import Member
+from lifecycle._module import ModuleLifecycle
+from lifecycle._preparing import AsyncPrepare, check_shapes_audited
+from lifecycle._serving import RequestRecord, RequestScope
 from lifecycle.audit import signals
-from lifecycle.buckets import shape_key
-from lifecycle.config import check_steps
-from lifecycle.errors import InvalidConfigError, LifecycleError, PipelineError
-from lifecycle.member import Member
-from lifecycle.module import ModuleLifecycle
-from lifecycle.preparing import AsyncPrepare, check_shapes_audited
-from lifecycle.serving import RequestRecord, RequestScope
 from states import PROGRESS, State, Trigger
 
 # Pipeline attributes managed by from_diffusers, in order.

@@ -37,11 +37,11 @@ from adapters.calls import (
     with_shared_dims,
 )
 from lifecycle import audit
-from lifecycle.buckets import IMPLICIT_KEY, BucketBook, BucketWarmup, shape_key
-from lifecycle.errors import TransitionFailedError
-from lifecycle.member import Member
-from lifecycle.record import emit_checked, warn_unwritten
-from lifecycle.serving_state import MemberWarmup
+from lifecycle._buckets import IMPLICIT_KEY, BucketBook, BucketWarmup, shape_key
+from lifecycle._errors import TransitionFailedError
+from lifecycle._member import Member
+from lifecycle._record import emit_checked, warn_unwritten
+from lifecycle._serving_state import MemberWarmup
 
 # The warm-up calls run at most this many rounds per bucket while cache-dit's context is
 # steered towards its cached branch; a warm-up that makes one denoising step needs three.

@@ -30,7 +30,7 @@ class LockConflict(RuntimeError):
 class OwnerLock:
     """A re-entrant lock whose owner is ``owner_token()``.
 
-    Lifecycles that share one module share one ``OwnerLock`` (``lifecycle.holds``), so their
+    Lifecycles that share one module share one ``OwnerLock`` (``lifecycle._holds``), so their
     requests and transitions on that module run one at a time; other modules never wait.
     """
 

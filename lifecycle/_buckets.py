@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from lifecycle.errors import InvalidConfigError
+from lifecycle._errors import InvalidConfigError
 
 Shape = Mapping[str, Any]
 # The key of the implicit bucket a warm-up without declared shapes warms.

@@ -1,8 +1,8 @@
 """The transition runner: one lifecycle's state, its trigger attempts, their commit and history.
 
-Every trigger is fired on the policy's transitions machine (``lifecycle.machine``), which decides
+Every trigger is fired on the policy's transitions machine (``lifecycle._machine``), which decides
 legality from the states table. The work runs in the machine's ``before`` callback, so work that
-raises leaves the state unchanged; the commit hook (``lifecycle.commit``) agrees before the state
+raises leaves the state unchanged; the commit hook (``lifecycle._commit``) agrees before the state
 moves; the audit event and the ``history`` record are written from the machine's ``after`` /
 ``on_exception`` callbacks.
 
@@ -22,8 +22,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from lifecycle import audit
-from lifecycle.commit import CommitHook
-from lifecycle.errors import (
+from lifecycle._commit import CommitHook
+from lifecycle._errors import (
     REFUSALS,
     AuditWriteError,
     IllegalTransitionError,
@@ -32,9 +32,9 @@ from lifecycle.errors import (
     RankDivergenceError,
     TransitionFailedError,
 )
-from lifecycle.locking import LockConflict, OwnerLock
-from lifecycle.machine import MachineError, StateHolder, events_for
-from lifecycle.record import Outcome, TransitionRecord, warn_unwritten
+from lifecycle._locking import LockConflict, OwnerLock
+from lifecycle._machine import MachineError, StateHolder, events_for
+from lifecycle._record import Outcome, TransitionRecord, warn_unwritten
 from states import LifecyclePolicy, State, Trigger, allowed_triggers, explain_illegal
 
 HISTORY_LIMIT = 10_000
@@ -51,7 +51,7 @@ Work = Callable[["TransitionStep"], None]
 
 
 class TransitionStep:
-    """One trigger attempt, run by the machine's callbacks (``lifecycle.machine.Attempt``)."""
+    """One trigger attempt, run by the machine's callbacks (``lifecycle._machine.Attempt``)."""
 
     __slots__ = (
         "after_error", "done", "extra", "runner", "source", "started", "trigger", "undo", "voted",

@@ -14,8 +14,8 @@ import time
 from collections.abc import MutableMapping
 from typing import Any, TextIO
 
+from lifecycle._cli.format import ms
 from lifecycle.audit import events as audit
-from lifecycle.cli.format import ms
 from states import LifecyclePolicy, State, Trigger, destination
 
 # Why a phase may take a while, shown when it starts.

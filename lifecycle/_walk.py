@@ -7,7 +7,7 @@
   only the declared buckets not warm yet are warmed.
 - ``warm_together``: one ``warm_up`` transition per member around one shared warm-up: member
   i's transition runs member i+1's (``_warm_step``), the innermost runs the warm-up
-  (``lifecycle.warmup.run_warmup``), and each member applies its own part of the result as the
+  (``lifecycle._warmup.run_warmup``), and each member applies its own part of the result as the
   transitions return. A failure fails every member's warm-up (each stays where it was, each
   audits ``failed`` with the same cause).
 
@@ -20,10 +20,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, Protocol
 
-from lifecycle.errors import LifecycleError
-from lifecycle.member import Member
-from lifecycle.preparing import check_prepare_arguments, check_shapes_audited
-from lifecycle.warmup import Buckets, MemberWarmup, buckets_to_warm, call_at_shape, run_warmup
+from lifecycle._errors import LifecycleError
+from lifecycle._member import Member
+from lifecycle._preparing import check_prepare_arguments, check_shapes_audited
+from lifecycle._warmup import Buckets, MemberWarmup, buckets_to_warm, call_at_shape, run_warmup
 from states import State, Trigger
 
 # How a pipeline turns one member's failure into its own error.

@@ -13,11 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lifecycle.cli.format import ms, table
-from lifecycle.cli.progress import Progress
-from lifecycle.config import CompilePlan
-from lifecycle.errors import BackendUnavailableError, InvalidConfigError
-from lifecycle.module import ModuleLifecycle
+from lifecycle._cli.format import ms, table
+from lifecycle._cli.progress import Progress
+from lifecycle._config import CompilePlan
+from lifecycle._errors import BackendUnavailableError, InvalidConfigError
+from lifecycle._module import ModuleLifecycle
 from states import LifecyclePolicy, State
 
 # On the CPU the demo compiles with aot_eager: inductor generates and builds C++ kernels, which

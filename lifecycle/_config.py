@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, overload
 
-from lifecycle.errors import InvalidConfigError, UnsupportedModuleError
+from lifecycle._errors import InvalidConfigError, UnsupportedModuleError
 from states import LifecyclePolicy, State, Trigger
 
 if TYPE_CHECKING:
@@ -238,7 +238,7 @@ def check_lifecycle_arguments(
     from adapters import _torch_internals as internals
     from adapters.errors import AdapterError
     from adapters.protocols import CacheAdapter
-    from lifecycle.errors import translate_adapter_error
+    from lifecycle._errors import translate_adapter_error
 
     if not isinstance(name, str) or not name:
         raise InvalidConfigError(f"name must be a non-empty str, got {name!r}")
@@ -334,7 +334,7 @@ def open_artifact_store(
     """
     from adapters.errors import AdapterError
     from adapters.store import open_store
-    from lifecycle.errors import translate_adapter_error
+    from lifecycle._errors import translate_adapter_error
 
     loaded = State.LOADED
     if artifact_dir is None:
@@ -379,7 +379,7 @@ def _refuse_host_compiled(module: nn.Module, name: str) -> None:
     """A module the host compiled in place is refused, never compiled or mounted over:
     mounting cache-dit now would leave that code on the unwrapped path."""
     from adapters import _torch_internals as internals
-    from lifecycle.holds import COMPILED
+    from lifecycle._holds import COMPILED
 
     if COMPILED.holders(module):
         return  # compiled by another lifecycle: adopted at compile()

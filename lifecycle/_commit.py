@@ -3,7 +3,7 @@
 ``ModuleLifecycle`` calls a hook that ``votes`` exactly once per trigger attempt, whatever the
 outcome, after the work and before the state moves (refused and failed attempts vote too, so
 that a peer never waits). ``LocalCommit`` does not vote: it agrees with every success, so it is
-asked only about failures and refusals; ``lifecycle.distributed`` supplies a rank vote.
+asked only about failures and refusals; ``lifecycle._distributed`` supplies a rank vote.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from lifecycle.errors import TransitionFailedError
+from lifecycle._errors import TransitionFailedError
 from states import State, Trigger
 
 

@@ -1,15 +1,15 @@
 """What one lifecycle's warm-ups and requests leave behind: the serving state.
 
-The warm-up (``lifecycle.warmup``) returns a ``MemberWarmup`` and the request scope
-(``lifecycle.serving``) hands a ``RequestResult`` back to its member; the lifecycle applies
+The warm-up (``lifecycle._warmup``) returns a ``MemberWarmup`` and the request scope
+(``lifecycle._serving``) hands a ``RequestResult`` back to its member; the lifecycle applies
 either here, and only the lifecycle calls the writing methods below (a test scans for any other
 caller). Reads take no lifecycle lock: the bucket book has its own, and the rest are single
 values.
 
 Parts:
-- ``context``: the module's cache-dit context (``lifecycle.context``), the one writer of its own
+- ``context``: the module's cache-dit context (``lifecycle._context``), the one writer of its own
   fields; the warm-up and the request scope drive it (steer, restore, fresh).
-- ``book``: the buckets, their warm-ups, requests and misses (``lifecycle.buckets``).
+- ``book``: the buckets, their warm-ups, requests and misses (``lifecycle._buckets``).
 - the counters: requests served, graphs compiled since the latest warm-up, the running request.
 - the bucket graphs: whether the declared buckets share dynamic graphs (decided before the
   compile, never written into ``compile_options``) and the dims the latest warm-up made dynamic.
@@ -20,8 +20,8 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from adapters.calls import SharedDims
-from lifecycle.buckets import BucketBook, BucketWarmup, ShapeMiss
-from lifecycle.context import CacheContext
+from lifecycle._buckets import BucketBook, BucketWarmup, ShapeMiss
+from lifecycle._context import CacheContext
 
 
 class MemberWarmup(NamedTuple):
@@ -155,7 +155,7 @@ class ServingState:
         return self._recompiles
 
 
-# The methods above that write: called by the lifecycle (lifecycle/module.py) only.
+# The methods above that write: called by the lifecycle (lifecycle/_module.py) only.
 WRITERS = frozenset({
     "decide_sharing", "declare", "apply_warmup", "invalidate", "forget",
     "request_started", "request_cancelled", "request_ended",

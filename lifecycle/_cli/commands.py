@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from lifecycle.cli import PROG
+from lifecycle._cli import PROG
 
 PIPELINES = ("flux", "wan22")
 
@@ -239,7 +239,7 @@ def _quiet_third_party() -> None:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from lifecycle.cli import build
+    from lifecycle._cli import build
 
     try:
         options = json.loads(args.compile_options)
@@ -271,7 +271,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from lifecycle import audit
-    from lifecycle.cli.progress import Progress
+    from lifecycle._cli.progress import Progress
 
     _quiet_third_party()
     progress = Progress(enabled=not args.quiet)
@@ -297,14 +297,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         if args.pipeline:
             result = _run_pipeline(args, progress)
         elif args.shapes:
-            from lifecycle.cli.shapes_demo import run_shapes_demo
+            from lifecycle._cli.shapes_demo import run_shapes_demo
 
             result = run_shapes_demo(
                 backend=args.backend, compile_backend=args.compile_backend, steps=args.steps,
                 warmup_steps=args.warmup_steps,
             )
         else:
-            from lifecycle.cli.demo import DemoOptions, run_demo
+            from lifecycle._cli.demo import DemoOptions, run_demo
 
             options = DemoOptions(
                 backend=args.backend,
@@ -335,11 +335,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     elif args.pipeline:
         sys.stdout.write(_format_pipeline(result))
     elif args.shapes:
-        from lifecycle.cli.shapes_demo import format_shapes_demo
+        from lifecycle._cli.shapes_demo import format_shapes_demo
 
         sys.stdout.write(format_shapes_demo(result))
     else:
-        from lifecycle.cli.demo import format_summary
+        from lifecycle._cli.demo import format_summary
 
         sys.stdout.write(format_summary(result))
         if "ops" in result:
@@ -353,13 +353,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _run_pipeline(args: argparse.Namespace, progress: Any) -> dict[str, Any]:
     try:
-        from lifecycle.cli.pipeline_demo import run_pipeline_demo
+        from lifecycle._cli.pipeline_demo import run_pipeline_demo
     except ImportError as exc:
         raise CliError(
-            f"--pipeline needs lifecycle.cli.pipeline_demo.run_pipeline_demo, which is not available "
+            f"--pipeline needs lifecycle._cli.pipeline_demo.run_pipeline_demo, which is not available "
             f"in this installation ({exc})"
         ) from None
-    from lifecycle.cli.demo import default_compile_backend, resolve_backend
+    from lifecycle._cli.demo import default_compile_backend, resolve_backend
 
     compile_backend = args.compile_backend
     if compile_backend is None:
@@ -387,7 +387,7 @@ def _run_pipeline(args: argparse.Namespace, progress: Any) -> dict[str, Any]:
 
 def _format_pipeline(result: dict[str, Any]) -> str:
     try:
-        from lifecycle.cli.pipeline_demo import format_pipeline_demo
+        from lifecycle._cli.pipeline_demo import format_pipeline_demo
     except ImportError:
         return _format_generic(result)
     verdict = "OK" if result["ok"] else "FAILED"
@@ -401,7 +401,7 @@ def _format_pipeline(result: dict[str, Any]) -> str:
 
 def _format_generic(result: dict[str, Any]) -> str:
     """Scalars as ``key: value``; lists of dicts as tables (for the pipeline demo's result)."""
-    from lifecycle.cli.format import table
+    from lifecycle._cli.format import table
 
     scalars, tables = [], []
     for key, value in result.items():
@@ -417,7 +417,7 @@ def _format_generic(result: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------- entry point
 def run(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the command; returns the exit status (0 ok, 1 failure, 2 usage).
-    ``lifecycle.cli.main`` wraps it and turns a Ctrl-C into one line and 130."""
+    ``lifecycle._cli.main`` wraps it and turns a Ctrl-C into one line and 130."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -443,7 +443,7 @@ def _expected(exc: Exception) -> bool:
     if isinstance(exc, CliError):
         return True
     kinds = [getattr(sys.modules.get(module), name, None) for module, name in
-             (("lifecycle.errors", "LifecycleError"), ("lifecycle.audit.sink", "AuditSinkError"))]
+             (("lifecycle._errors", "LifecycleError"), ("lifecycle.audit.sink", "AuditSinkError"))]
     return any(isinstance(kind, type) and isinstance(exc, kind) for kind in kinds)
 
 

@@ -37,10 +37,9 @@ import structlog
 from adapters.calls import CallDecision, guard_calls, input_signature, signature_sizes, with_shared_dims
 from adapters.compiler import OUTSIDE_BOUNDS, OutsideBounds
 from lifecycle import audit
-from lifecycle.audit import signals
-from lifecycle.buckets import BucketCoverage, ShapeMiss, canonical_shape, shape_key
-from lifecycle.config import OnUnwarmed, check_on_unwarmed, check_steps
-from lifecycle.errors import (
+from lifecycle._buckets import BucketCoverage, ShapeMiss, canonical_shape, shape_key
+from lifecycle._config import OnUnwarmed, check_on_unwarmed, check_steps
+from lifecycle._errors import (
     REFUSALS,
     AuditWriteError,
     IllegalTransitionError,
@@ -49,10 +48,11 @@ from lifecycle.errors import (
     TransitionFailedError,
     UnwarmedShapeError,
 )
-from lifecycle.locking import LockConflict
-from lifecycle.member import Member
-from lifecycle.record import emit_checked, warn_unwritten
-from lifecycle.serving_state import RequestResult
+from lifecycle._locking import LockConflict
+from lifecycle._member import Member
+from lifecycle._record import emit_checked, warn_unwritten
+from lifecycle._serving_state import RequestResult
+from lifecycle.audit import signals
 from states import Trigger, allowed_triggers, destination, explain_illegal
 
 RequestOutcome = Literal["running", "ok", "refused", "failed"]

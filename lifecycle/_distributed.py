@@ -10,7 +10,7 @@ agreed the same way. The vote is an ordinary collective, so nothing here is devi
 tested with gloo on CPUs; with NCCL, call ``torch.cuda.set_device(local_rank)`` before
 constructing, as ``all_gather_object`` requires.
 
-The vote is the lifecycle's commit hook (``lifecycle.commit``): ``ModuleLifecycle`` calls it once
+The vote is the lifecycle's commit hook (``lifecycle._commit``): ``ModuleLifecycle`` calls it once
 per attempt, after the work and before the state moves; it never overrides the lifecycle's
 internals. Every audit event carries ``rank`` and ``world_size`` (the hook's audit fields).
 
@@ -36,16 +36,16 @@ from typing import Any
 import torch.distributed as dist
 from torch import nn
 
-from lifecycle.errors import (
+from lifecycle._errors import (
     REFUSALS,
     DistributedTransitionError,
     InvalidConfigError,
     LifecycleError,
     RankDivergenceError,
 )
-from lifecycle.module import ModuleLifecycle, WarmupRun
-from lifecycle.preparing import check_prepare_arguments
-from lifecycle.record import Outcome
+from lifecycle._module import ModuleLifecycle, WarmupRun
+from lifecycle._preparing import check_prepare_arguments
+from lifecycle._record import Outcome
 from states import State, Trigger
 
 

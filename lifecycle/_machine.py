@@ -15,7 +15,7 @@ Models are never added to the machine: ``Event.trigger(model)`` needs only the m
 attribute, so the machine holds no reference to any lifecycle (nothing to detach, no cycles, no
 per-lifecycle memory beyond a two-slot holder), and transitions never binds methods onto an
 ``nn.Module`` (``nn.Module.compile`` exists). The caller serialises triggers per model with its
-own lock (``lifecycle.locking``): a ``LockedMachine`` would take one lock for all models.
+own lock (``lifecycle._locking``): a ``LockedMachine`` would take one lock for all models.
 """
 
 from __future__ import annotations

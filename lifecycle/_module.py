@@ -4,9 +4,9 @@ The lifecycle fires each trigger and applies what its helpers return; each helpe
 fields: ``config`` (the checked arguments, a ``LifecycleConfig``), ``runner`` (state, commit,
 audit, history), ``compiling`` (the compile step and its bookkeeping), ``context`` (the cache-dit
 mount and context), ``serving_state`` (what warm-ups and requests leave behind, applied here),
-``holds`` (who drives and holds the module). Its lock-free reads are ``lifecycle.views``.
+``holds`` (who drives and holds the module). Its lock-free reads are ``lifecycle._views``.
 ``prepare`` walks ``states.remaining_path`` through the lifecycle's own steps, as a pipeline's
-walk (``lifecycle.walk``) does.
+walk (``lifecycle._walk``) does.
 """
 
 from __future__ import annotations
@@ -26,22 +26,22 @@ from adapters.artifacts import ArtifactKey
 from adapters.compiler import Compiler, Example
 from adapters.errors import AdapterError
 from adapters.protocols import CacheAdapter
-from lifecycle import walk
+from lifecycle import _walk as walk
+from lifecycle._commit import CommitHook, LocalCommit
+from lifecycle._compiling import CompileStep, check_examples, warmup_examples
+from lifecycle._config import CompilePlan, ServingPolicy, check_lifecycle_arguments, check_steps
+from lifecycle._context import CacheContext
+from lifecycle._errors import InvalidConfigError, LifecycleError, translate_adapter_error
+from lifecycle._holds import DRIVERS, check_drivers
+from lifecycle._locking import OwnerLock
+from lifecycle._preparing import AsyncPrepare, check_callable, check_shapes_audited
+from lifecycle._record import TransitionRecord
+from lifecycle._runner import HISTORY_LIMIT, TransitionRunner, TransitionStep
+from lifecycle._serving import RequestRecord, RequestScope, refuse_trigger_inside_request
+from lifecycle._serving_state import RequestResult, ServingState
+from lifecycle._views import LifecycleViews
+from lifecycle._warmup import MAX_WARMUP_RUNS, Buckets, MemberWarmup, WarmupCoverageWarning
 from lifecycle.audit import signals
-from lifecycle.commit import CommitHook, LocalCommit
-from lifecycle.compiling import CompileStep, check_examples, warmup_examples
-from lifecycle.config import CompilePlan, ServingPolicy, check_lifecycle_arguments, check_steps
-from lifecycle.context import CacheContext
-from lifecycle.errors import InvalidConfigError, LifecycleError, translate_adapter_error
-from lifecycle.holds import DRIVERS, check_drivers
-from lifecycle.locking import OwnerLock
-from lifecycle.preparing import AsyncPrepare, check_callable, check_shapes_audited
-from lifecycle.record import TransitionRecord
-from lifecycle.runner import HISTORY_LIMIT, TransitionRunner, TransitionStep
-from lifecycle.serving import RequestRecord, RequestScope, refuse_trigger_inside_request
-from lifecycle.serving_state import RequestResult, ServingState
-from lifecycle.views import LifecycleViews
-from lifecycle.warmup import MAX_WARMUP_RUNS, Buckets, MemberWarmup, WarmupCoverageWarning
 from states import LifecyclePolicy, State, Trigger, remaining_path
 
 WarmupRun = Callable[..., object]
@@ -151,7 +151,7 @@ class ModuleLifecycle(LifecycleViews, AsyncPrepare):
         self._compiling = CompileStep(
             config, module, self._module_id, self._compiler, self._artifacts, self._context, self._base
         )
-        # Lifecycles over one module share its lock (lifecycle.holds); registered last, so a
+        # Lifecycles over one module share its lock (lifecycle._holds); registered last, so a
         # construction that failed above leaves no trace.
         self._drivers = DRIVERS.join(module, self)
         self._lock: OwnerLock = self._drivers.lock
