@@ -64,6 +64,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     started_process = float(args.started)
     device = torch.device(args.device)
     buckets = TINY_BUCKETS if args.tiny else BUCKETS
+    if args.buckets:
+        buckets = {name: buckets[name] for name in args.buckets}
 
     def sync() -> None:
         if device.type == "cuda":
@@ -110,7 +112,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         outputs = {}
         for name, tokens in buckets.items():
             times = []
-            for _ in range(1 + args.repeats):
+            # Replicas sharing one GPU measure readiness, not serving: one request per bucket.
+            for _ in range(1 + (args.repeats if args.scenario != "fleet" else 0)):
                 sync()
                 t = time.perf_counter()
                 with torch.inference_mode(), lc.request(num_inference_steps=args.steps):
@@ -118,9 +121,10 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
                 sync()
                 times.append(time.perf_counter() - t)
             outputs[name] = out.float().cpu()
-            steady = statistics.median(times[1:])
-            served[name] = {"tokens": tokens, "first_s": round(times[0], 4), "steady_s": round(steady, 4),
-                            "first_over_steady": round(times[0] / steady, 3)}
+            served[name] = {"tokens": tokens, "first_s": round(times[0], 4)}
+            if len(times) > 1:
+                steady = statistics.median(times[1:])
+                served[name].update(steady_s=round(steady, 4), first_over_steady=round(times[0] / steady, 3))
         result["requests"] = served
         result["request_graphs"] = dynamo_graph_count() - graphs
     torch.save(outputs, Path(args.outputs) / f"{args.scenario}-{args.index}.pt")
@@ -159,7 +163,9 @@ def _command(args: argparse.Namespace, scenario: str, index: int, artifacts: str
             "--index", str(index), "--artifacts", artifacts, "--outputs", str(outputs),
             "--device", args.device, "--blocks", *map(str, args.blocks), "--steps", str(args.steps),
             "--warmup-steps", str(args.warmup_steps), "--repeats", str(args.repeats),
-            "--threshold", str(args.threshold), "--timeout", str(args.timeout), "--cache-dir", cache_dir,
+            "--threshold", str(args.threshold),
+            *(["--buckets", *args.buckets] if args.buckets else []),
+            "--timeout", str(args.timeout), "--cache-dir", cache_dir,
             "--started", repr(time.time()), *(["--endpoint", endpoint] if endpoint else []),
             *(["--tiny"] if args.tiny else [])]
 
@@ -183,10 +189,12 @@ def parent(args: argparse.Namespace) -> dict[str, Any]:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="fleet-"))
+    # A --work folder kept between runs lets the scenarios be split over several invocations
+    # (the restarts load the store an earlier invocation built).
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="fleet-"))
     local = work / "store"
     outputs = work / "outputs"
-    outputs.mkdir()
+    outputs.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"bench": "gpu_fleet", "machine": machine_info(), "args": vars(args),
                               "cxx": os.environ.get("CXX"), "runs": []}
     server, endpoint = _start_s3() if {"aot-restart-s3", "fleet"} & set(args.scenarios) else (None, None)
@@ -245,7 +253,8 @@ def parent(args: argparse.Namespace) -> dict[str, Any]:
             and not path.stem.startswith("jit")
         }
     gpu = (report["machine"].get("gpu") or "cpu").replace(" ", "-")
-    path = out / f"gpu_fleet-{gpu}.json"
+    part = "-".join(args.scenarios) if args.work else ""
+    path = out / (f"gpu_fleet-{gpu}-{part}.json" if part else f"gpu_fleet-{gpu}.json")
     path.write_text(json.dumps(report, indent=1) + "\n")
     print("wrote", path)
     return report
@@ -263,6 +272,8 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=4)
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--buckets", nargs="+", help="a subset of the buckets, by name")
+    parser.add_argument("--work", help="keep the store and outputs here, across invocations")
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS))
     parser.add_argument("--child", action="store_true")
     parser.add_argument("--scenario")
