@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +32,18 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _runs import (  # noqa: E402
+    bench_parser,
+    bit_identical,
+    dispatch,
+    empty_compiler_caches,
+    first_and_steady,
+    model_arguments,
+    run_child,
+    write_report,
+)
+
 BUCKETS = {"1024x1024": 4096, "512x512": 1024, "768x1344": 4032, "768x768": 2304}
 INSIDE = {"640x640": 1600}
 TINY_BUCKETS = {"b64": 64, "b16": 16, "b48": 48, "b32": 32}
@@ -44,14 +54,12 @@ SCENARIOS = ("jit-blocks", "aot-one", "aot-build", "aot-restart")
 def child(args: argparse.Namespace) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT))
     import torch
+    from _flux import bench_flux
 
     from adapters import dynamo_graph_count
     from lifecycle import CompilePlan, ModuleLifecycle
     from lifecycle.testing import capture_audit
     from lifecycle.testing.tiny import demo_cache_config, denoise
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _flux import bench_flux
 
     device = torch.device(args.device)
     buckets, inside = (TINY_BUCKETS, TINY_INSIDE) if args.tiny else (BUCKETS, INSIDE)
@@ -103,9 +111,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
                 times.append(time.perf_counter() - t)
                 new_graphs += req.new_graphs
             outputs[name] = out.float().cpu()
-            steady = statistics.median(times[1:])
-            served[name] = {"tokens": tokens, "first_s": round(times[0], 4), "steady_s": round(steady, 4),
-                            "first_over_steady": round(times[0] / steady, 3), "new_graphs": new_graphs}
+            served[name] = {**first_and_steady(tokens, times), "new_graphs": new_graphs}
         result["requests"] = served
         result["request_graphs"] = dynamo_graph_count() - graphs
         result["shape_misses"] = len(events.of("lifecycle.shape_miss"))
@@ -114,9 +120,6 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parent(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from _machine import machine_info
 
     out = Path(args.out)
@@ -132,62 +135,30 @@ def parent(args: argparse.Namespace) -> dict[str, Any]:
     for scenario, index in plan:
         if scenario not in args.scenarios:
             continue
-        caches = tempfile.mkdtemp(prefix=f"inductor-{scenario}-{index}-")
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": caches, "TRITON_CACHE_DIR": caches + "/triton"}
         directory = artifacts if scenario in ("aot-build", "aot-restart") else work / f"own-{scenario}"
         command = [sys.executable, str(Path(__file__).resolve()), "--child", "--scenario", scenario,
                    "--index", str(index), "--artifacts", str(directory), "--outputs", str(outputs),
-                   "--device", args.device, "--blocks", *map(str, args.blocks), "--steps", str(args.steps),
-                   "--warmup-steps", str(args.warmup_steps), "--repeats", str(args.repeats),
-                   "--threshold", str(args.threshold), *(["--tiny"] if args.tiny else [])]
-        started = time.perf_counter()
-        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.timeout)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-        entry: dict[str, Any] = json.loads(lines[-1]) if done.returncode == 0 and lines else {}
-        entry.update({"scenario": scenario, "index": index, "returncode": done.returncode,
-                      "process_s": round(time.perf_counter() - started, 2)})
-        if done.returncode != 0:
-            entry["stderr"] = done.stderr[-3000:]
+                   *model_arguments(args), "--repeats", str(args.repeats)]
+        entry = run_child(command, empty_compiler_caches(f"{scenario}-{index}"), args.timeout,
+                          scenario=scenario, index=index)
         report["runs"].append(entry)
         print(json.dumps(entry)[:1200], flush=True)
         (out / "partial.json").write_text(json.dumps(report, indent=1))
     built = outputs / "aot-build-0.pt"
     if built.exists():
-        reference = torch.load(built)
-        report["restarts_bit_identical_to_build"] = {
-            path.stem: all(torch.equal(v, reference[k]) for k, v in torch.load(path).items())
-            for path in sorted(outputs.glob("aot-restart-*.pt"))
-        }
-    gpu = (report["machine"].get("gpu") or "cpu").replace(" ", "-")
-    path = out / f"gpu_aot_lifecycle-{gpu}.json"
-    path.write_text(json.dumps(report, indent=1) + "\n")
-    print("wrote", path)
+        report["restarts_bit_identical_to_build"] = bit_identical(
+            built, sorted(outputs.glob("aot-restart-*.pt")))
+    write_report(report, out, "gpu_aot_lifecycle")
     return report
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--blocks", type=int, nargs=2, default=[2, 4])
-    parser.add_argument("--steps", type=int, default=28)
-    parser.add_argument("--warmup-steps", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threshold", type=float, default=0.6)
+    parser = bench_parser(__doc__, blocks=(2, 4), repeats=3, timeout=400)
     parser.add_argument("--restarts", type=int, default=3)
-    parser.add_argument("--timeout", type=float, default=400)
-    parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS))
-    parser.add_argument("--child", action="store_true")
     parser.add_argument("--scenario")
-    parser.add_argument("--index", type=int, default=0)
-    parser.add_argument("--artifacts")
     parser.add_argument("--outputs")
-    args = parser.parse_args()
-    if args.child:
-        print(json.dumps(child(args)))
-    else:
-        parent(args)
+    dispatch(parser, child, parent)
 
 
 if __name__ == "__main__":

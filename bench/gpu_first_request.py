@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +32,17 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _runs import (  # noqa: E402
+    bench_parser,
+    dispatch,
+    empty_compiler_caches,
+    first_and_steady,
+    model_arguments,
+    run_child,
+    write_report,
+)
+
 BUCKETS = {"1024x1024": 4096, "512x512": 1024, "768x1344": 4032, "768x768": 2304}
 INSIDE = {"640x640": 1600, "896x896": 3136}
 BETWEEN = (1280, 3200)
@@ -66,13 +76,11 @@ def _compare(first: dict[str, dict[str, float]], steady: dict[str, dict[str, flo
 def child(args: argparse.Namespace) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT))
     import torch
+    from _flux import bench_flux
 
     from adapters import dynamo_graph_count
     from lifecycle import CompilePlan, ModuleLifecycle
     from lifecycle.testing.tiny import demo_cache_config, denoise
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _flux import bench_flux
 
     device = torch.device(args.device)
     buckets, inside, between = ((TINY_BUCKETS, TINY_INSIDE, TINY_BETWEEN) if args.tiny
@@ -145,16 +153,13 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     served: dict[str, Any] = {}
     for name, tokens in {**buckets, **inside}.items():
         times = [serve(tokens) for _ in range(1 + args.repeats_in_process)]
-        steady = statistics.median(times[1:])
-        served[name] = {"tokens": tokens, "first_s": round(times[0], 4), "steady_s": round(steady, 4),
-                        "first_over_steady": round(times[0] / steady, 3)}
+        served[name] = first_and_steady(tokens, times)
     result["requests"] = served
     result["request_graphs"] = dynamo_graph_count() - graphs
     return result
 
 
 def parent(args: argparse.Namespace) -> dict[str, Any]:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from _machine import machine_info
 
     out = Path(args.out)
@@ -167,24 +172,12 @@ def parent(args: argparse.Namespace) -> dict[str, Any]:
                              if variant != "profile"]
     plan += [("profile", 0)] if "profile" in args.variants else []
     for variant, index in plan:
-        caches = tempfile.mkdtemp(prefix=f"inductor-{variant}-{index}-")
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": caches, "TRITON_CACHE_DIR": caches + "/triton"}
-        if variant == "eager-loading":
-            env["CUDA_MODULE_LOADING"] = "EAGER"
+        env = empty_compiler_caches(f"{variant}-{index}",
+                                    {"CUDA_MODULE_LOADING": "EAGER"} if variant == "eager-loading" else None)
         command = [sys.executable, str(Path(__file__).resolve()), "--child", "--variant", variant,
-                   "--index", str(index), "--artifacts", str(artifacts), "--device", args.device,
-                   "--blocks", *map(str, args.blocks), "--steps", str(args.steps),
-                   "--warmup-steps", str(args.warmup_steps), "--threshold", str(args.threshold),
-                   "--repeats-in-process", str(args.repeats_in_process), "--sdpa", args.sdpa,
-                   *(["--tiny"] if args.tiny else [])]
-        started = time.perf_counter()
-        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.timeout)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-        entry: dict[str, Any] = json.loads(lines[-1]) if done.returncode == 0 and lines else {}
-        entry.update({"variant": variant, "index": index, "returncode": done.returncode,
-                      "process_s": round(time.perf_counter() - started, 2)})
-        if done.returncode != 0:
-            entry["stderr"] = done.stderr[-3000:]
+                   "--index", str(index), "--artifacts", str(artifacts), *model_arguments(args),
+                   "--repeats-in-process", str(args.repeats_in_process), "--sdpa", args.sdpa]
+        entry = run_child(command, env, args.timeout, variant=variant, index=index)
         report["runs"].append(entry)
         bulky = ("first_vs_steady", "cuda_api_first", "cuda_api_steady")
         brief = {k: v for k, v in entry.items() if k not in bulky}
@@ -200,38 +193,19 @@ def parent(args: argparse.Namespace) -> dict[str, Any]:
                             for name in runs[0]["requests"]}
     report["first_over_steady"] = summary
     print(json.dumps(summary, indent=1))
-    gpu = (report["machine"].get("gpu") or "cpu").replace(" ", "-")
-    suffix = "" if args.sdpa == "default" else f"-{args.sdpa}"
-    path = out / f"gpu_first_request-{gpu}{suffix}.json"
-    path.write_text(json.dumps(report, indent=1) + "\n")
-    print("wrote", path)
+    write_report(report, out, "gpu_first_request", "" if args.sdpa == "default" else f"-{args.sdpa}")
     return report
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--blocks", type=int, nargs=2, default=[2, 4])
-    parser.add_argument("--steps", type=int, default=28)
-    parser.add_argument("--warmup-steps", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3, help="processes per variant")
+    parser = bench_parser(__doc__, blocks=(2, 4), repeats=3, timeout=400,
+                          repeats_help="processes per variant")
     parser.add_argument("--repeats-in-process", type=int, default=3, help="steady requests per size")
-    parser.add_argument("--threshold", type=float, default=0.6)
-    parser.add_argument("--timeout", type=float, default=400)
-    parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--sdpa", choices=("default", "no-cudnn"), default="default",
                         help="no-cudnn: export the blocks with cuDNN attention off")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
-    parser.add_argument("--child", action="store_true")
     parser.add_argument("--variant")
-    parser.add_argument("--index", type=int, default=0)
-    parser.add_argument("--artifacts")
-    args = parser.parse_args()
-    if args.child:
-        print(json.dumps(child(args)))
-    else:
-        parent(args)
+    dispatch(parser, child, parent)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,19 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _runs import (  # noqa: E402
+    bench_parser,
+    bit_identical,
+    dispatch,
+    empty_compiler_caches,
+    finished,
+    first_and_steady,
+    model_arguments,
+    run_child,
+    write_report,
+)
+
 BUCKETS = {"1024x1024": 4096, "512x512": 1024, "768x1344": 4032, "768x768": 2304}
 TINY_BUCKETS = {"b64": 64, "b16": 16, "b48": 48, "b32": 32}
 SCENARIOS = ("jit-model", "jit-blocks", "aot-build", "aot-restart-local", "aot-restart-s3", "fleet")
@@ -52,14 +64,12 @@ def _store_options(endpoint: str | None) -> dict[str, Any] | None:
 def child(args: argparse.Namespace) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT))
     import torch
+    from _flux import bench_flux
 
     from adapters import dynamo_graph_count
     from lifecycle import CompilePlan, ModuleLifecycle
     from lifecycle.testing import capture_audit
     from lifecycle.testing.tiny import demo_cache_config, denoise
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _flux import bench_flux
 
     started_process = float(args.started)
     device = torch.device(args.device)
@@ -121,10 +131,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
                 sync()
                 times.append(time.perf_counter() - t)
             outputs[name] = out.float().cpu()
-            served[name] = {"tokens": tokens, "first_s": round(times[0], 4)}
-            if len(times) > 1:
-                steady = statistics.median(times[1:])
-                served[name].update(steady_s=round(steady, 4), first_over_steady=round(times[0] / steady, 3))
+            served[name] = first_and_steady(tokens, times)
         result["requests"] = served
         result["request_graphs"] = dynamo_graph_count() - graphs
     torch.save(outputs, Path(args.outputs) / f"{args.scenario}-{args.index}.pt")
@@ -161,30 +168,13 @@ def _command(args: argparse.Namespace, scenario: str, index: int, artifacts: str
              endpoint: str | None, cache_dir: str) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), "--child", "--scenario", scenario,
             "--index", str(index), "--artifacts", artifacts, "--outputs", str(outputs),
-            "--device", args.device, "--blocks", *map(str, args.blocks), "--steps", str(args.steps),
-            "--warmup-steps", str(args.warmup_steps), "--repeats", str(args.repeats),
-            "--threshold", str(args.threshold),
+            *model_arguments(args), "--repeats", str(args.repeats),
             *(["--buckets", *args.buckets] if args.buckets else []),
             "--timeout", str(args.timeout), "--cache-dir", cache_dir,
-            "--started", repr(time.time()), *(["--endpoint", endpoint] if endpoint else []),
-            *(["--tiny"] if args.tiny else [])]
-
-
-def _finish(done: subprocess.CompletedProcess[str], scenario: str, index: int,
-            seconds: float) -> dict[str, Any]:
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    entry: dict[str, Any] = json.loads(lines[-1]) if done.returncode == 0 and lines else {}
-    entry.update({"scenario": scenario, "index": index, "returncode": done.returncode,
-                  "process_s": round(seconds, 2)})
-    if done.returncode != 0:
-        entry["stderr"] = done.stderr[-3000:]
-    return entry
+            "--started", repr(time.time()), *(["--endpoint", endpoint] if endpoint else [])]
 
 
 def parent(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from _machine import machine_info
 
     out = Path(args.out)
@@ -200,9 +190,8 @@ def parent(args: argparse.Namespace) -> dict[str, Any]:
     server, endpoint = _start_s3() if {"aot-restart-s3", "fleet"} & set(args.scenarios) else (None, None)
 
     def env_for(name: str) -> dict[str, str]:
-        caches = tempfile.mkdtemp(prefix=f"inductor-{name}-")
-        return {**os.environ, "TORCHINDUCTOR_CACHE_DIR": caches, "TRITON_CACHE_DIR": caches + "/triton",
-                "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+        credentials = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+        return empty_compiler_caches(name, credentials)
 
     try:
         for scenario in [s for s in SCENARIOS if s in args.scenarios and s != "fleet"]:
@@ -213,11 +202,9 @@ def parent(args: argparse.Namespace) -> dict[str, Any]:
                 artifacts = f"s3://{BUCKET_NAME}/restart"
             else:
                 artifacts = str(local if scenario.startswith("aot") else work / f"own-{scenario}")
-            started = time.perf_counter()
-            done = subprocess.run(_command(args, scenario, 0, artifacts, outputs, endpoint,
-                                           tempfile.mkdtemp(prefix="node-cache-")),
-                                  capture_output=True, text=True, env=env_for(scenario), timeout=args.timeout)
-            entry = _finish(done, scenario, 0, time.perf_counter() - started)
+            entry = run_child(_command(args, scenario, 0, artifacts, outputs, endpoint,
+                                       tempfile.mkdtemp(prefix="node-cache-")),
+                              env_for(scenario), args.timeout, scenario=scenario, index=0)
             report["runs"].append(entry)
             print(json.dumps(entry)[:1500], flush=True)
             (out / "partial.json").write_text(json.dumps(report, indent=1))
@@ -232,7 +219,7 @@ def parent(args: argparse.Namespace) -> dict[str, Any]:
             for index, process in enumerate(processes):
                 stdout, stderr = process.communicate(timeout=args.timeout)
                 done = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-                entries.append(_finish(done, "fleet", index, time.perf_counter() - started))
+                entries.append(finished(done, time.perf_counter() - started, scenario="fleet", index=index))
             report["runs"].extend(entries)
             warm = [e.get("warm_after_process_start_s") for e in entries]
             report["fleet"] = {
@@ -246,48 +233,25 @@ def parent(args: argparse.Namespace) -> dict[str, Any]:
             server.stop()
     reference_path = outputs / "aot-build-0.pt"
     if reference_path.exists():
-        reference = torch.load(reference_path)
-        report["bit_identical_to_build"] = {
-            path.stem: all(torch.equal(v, reference[k]) for k, v in torch.load(path).items())
-            for path in sorted(outputs.glob("*.pt")) if path.stem != "aot-build-0"
-            and not path.stem.startswith("jit")
-        }
-    gpu = (report["machine"].get("gpu") or "cpu").replace(" ", "-")
-    part = "-".join(args.scenarios) if args.work else ""
-    path = out / (f"gpu_fleet-{gpu}-{part}.json" if part else f"gpu_fleet-{gpu}.json")
-    path.write_text(json.dumps(report, indent=1) + "\n")
-    print("wrote", path)
+        report["bit_identical_to_build"] = bit_identical(reference_path, [
+            path for path in sorted(outputs.glob("*.pt"))
+            if path.stem != "aot-build-0" and not path.stem.startswith("jit")])
+    write_report(report, out, "gpu_fleet", "-" + "-".join(args.scenarios) if args.work else "")
     return report
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--blocks", type=int, nargs=2, default=[19, 38])
-    parser.add_argument("--steps", type=int, default=28)
-    parser.add_argument("--warmup-steps", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--threshold", type=float, default=0.6)
+    parser = bench_parser(__doc__, blocks=(19, 38), repeats=2, timeout=900)
     parser.add_argument("--replicas", type=int, default=4)
-    parser.add_argument("--timeout", type=float, default=900)
-    parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--buckets", nargs="+", help="a subset of the buckets, by name")
     parser.add_argument("--work", help="keep the store and outputs here, across invocations")
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS))
-    parser.add_argument("--child", action="store_true")
     parser.add_argument("--scenario")
-    parser.add_argument("--index", type=int, default=0)
-    parser.add_argument("--artifacts")
     parser.add_argument("--outputs")
     parser.add_argument("--endpoint")
     parser.add_argument("--cache-dir")
     parser.add_argument("--started", default="0")
-    args = parser.parse_args()
-    if args.child:
-        print(json.dumps(child(args)))
-    else:
-        parent(args)
+    dispatch(parser, child, parent)
 
 
 if __name__ == "__main__":
