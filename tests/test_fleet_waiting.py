@@ -232,23 +232,30 @@ def test_serve_jit_stops_watching_on_reset_and_stays_jit_after_a_timeout(
     lease = _lease_of(source, store_dir)
     assert lease.try_acquire()
     try:
-        lc = flux_lifecycle(store_dir, cache_dir=tmp_path / "cache", build_wait_s=4, serving=SERVE_JIT)
-        lc.prepare(flux_run, shapes=FLUX_BUCKETS)
-        watch = lc._compiler.package_watch
-        assert lc.ready and watch is not None and not watch.done
-        lc.reset()  # stops the watch: it ends without a word
+        first = flux_lifecycle(store_dir, cache_dir=tmp_path / "cache", build_wait_s=300, serving=SERVE_JIT)
+        first.prepare(flux_run, shapes=FLUX_BUCKETS)
+        watch = first._compiler.package_watch
+        assert first.ready and watch is not None and not watch.done
+        first.reset()  # stops the watch: it ends without a word
         assert watch.wait(10) and watch.outcome == "stopped"
+        assert first.stats()["compiler"].get("while_building") is None
 
+        # A replica whose wait ends before the build does: audited, and just in time it stays.
+        lc = flux_lifecycle(store_dir, cache_dir=tmp_path / "cache", build_wait_s=1, serving=SERVE_JIT)
         lc.prepare(flux_run, shapes=FLUX_BUCKETS)
         _until(lambda: any(e["status"] == "timeout" for e in _artifacts(audit_events)), 60,
                "no timeout event")
         record, _ = _serve(lc)
     finally:
         lease.release()
-    statuses = [e["status"] for e in _artifacts(audit_events)]
-    assert statuses == ["waiting", "serving_jit", "waiting", "serving_jit", "timeout"], statuses
+
+    def statuses(owner: ModuleLifecycle) -> list[str]:
+        return [e["status"] for e in _artifacts(audit_events) if e["module_id"] == owner.module_id]
+
+    assert statuses(first) == ["waiting", "serving_jit"]
+    assert sorted(statuses(lc)) == ["serving_jit", "timeout", "waiting"]
     timeout = next(e for e in _artifacts(audit_events) if e["status"] == "timeout")
-    assert timeout["problem"]
+    assert timeout["problem"] and "serving just in time" in timeout["detail"]
     assert record.outcome == "ok" and aot_blocks(lc.module) == []
     compiler = lc.stats()["compiler"]
     assert compiler["serving"] == "jit_blocks" and compiler["aot_switch"] == "timeout"
