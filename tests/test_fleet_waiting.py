@@ -148,8 +148,8 @@ def test_waiting_reaches_the_audit_while_the_replica_still_waits(tmp_path: Path,
     replica = threading.Thread(target=prepare)
     try:
         replica.start()
-        _until(lambda: any(e["status"] == "waiting" for e in _artifacts(audit_events)) or not replica.is_alive(),
-               240, "no waiting event")
+        _until(lambda: not replica.is_alive() or any(
+            e["status"] == "waiting" for e in _artifacts(audit_events)), 240, "no waiting event")
         # Audited while the compile still waits: not ready, the compile not yet recorded.
         assert replica.is_alive() and not failures and not lc.ready
         assert not [e for e in audit_events.of("lifecycle.transition") if e["trigger"] == "compile"]

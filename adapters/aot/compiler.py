@@ -442,8 +442,9 @@ class AotBlocksCompiler:
             aot_packages={kind: str(info.manifest.get("package", info.path.name))
                           for kind, info in packages.items()},
         )
-        self._fields = {**(self._fields or {}), **fields}
-        self._fields.pop("aot_problem", None)
+        # Built whole, then published: ``describe`` may read it from another thread.
+        self._fields = {key: value for key, value in {**(self._fields or {}), **fields}.items()
+                        if key != "aot_problem"}
         switched = {"action": "aot", "status": "switched", "key": "", "problem": False,
                     "elapsed_s": round(watch.seconds, 3),
                     "detail": f"{binding.blocks} blocks switched from just-in-time code to the packages "
@@ -483,6 +484,7 @@ class AotBlocksCompiler:
         self, module: nn.Module, options: Mapping[str, Any], started: float, bounds: dict[str, Any],
         statuses: dict[str, str], problem: str, ran: bool = True,
     ) -> CompileReport:
+        self._stop_watch()
         if self._binding is not None:
             runtime.unbind(self._binding)
             self._binding = None
