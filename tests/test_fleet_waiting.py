@@ -23,7 +23,7 @@ from aot_builds import FLUX_BUCKETS, SERVING_STEPS, copy_of, flux_lifecycle, flu
 from adapters import dynamo_graph_count
 from adapters.aot import fleet
 from adapters.aot.runtime import aot_blocks
-from adapters.store import NewPackage, Obtained, obtain, open_store
+from adapters.store import Manifest, NewPackage, Obtained, obtain, open_store
 from adapters.store.lease import Lease
 from lifecycle import CompilePlan, InvalidConfigError, LifecyclePolicy, ModuleLifecycle, ServingPolicy
 from lifecycle.testing.tiny import FluxShape, denoise, flux_inputs, tiny_flux
@@ -44,6 +44,15 @@ def _publish(source: Path, store_dir: Path) -> None:
     target = store_dir / "aot"
     shutil.copytree(source / "aot" / "blobs", target / "blobs", dirs_exist_ok=True)
     shutil.copytree(source / "aot" / "manifests", target / "manifests", dirs_exist_ok=True)
+
+
+def _tamper(store_dir: Path) -> None:
+    """One published package's bytes: a byte flipped in its blob (its manifest unchanged)."""
+    manifest = Manifest.from_bytes(sorted((store_dir / "aot" / "manifests").glob("*.json"))[0].read_bytes())
+    blob = store_dir / "aot" / "blobs" / manifest.files["package"].sha256
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    blob.write_bytes(bytes(data))
 
 
 def _artifacts(events: Any) -> list[dict[str, Any]]:
@@ -240,7 +249,10 @@ def test_serve_jit_stops_watching_on_reset_and_stays_jit_after_a_timeout(
         assert watch.wait(10) and watch.outcome == "stopped"
         assert first.stats()["compiler"].get("while_building") is None
 
-        # A replica whose wait ends before the build does: audited, and just in time it stays.
+        # A replica whose wait ends before the build does, and meanwhile finds a tampered package
+        # published: refused (never bound), audited, and just in time it stays.
+        _publish(source, store_dir)
+        _tamper(store_dir)
         lc = flux_lifecycle(store_dir, cache_dir=tmp_path / "cache", build_wait_s=1, serving=SERVE_JIT)
         lc.prepare(flux_run, shapes=FLUX_BUCKETS)
         _until(lambda: any(e["status"] == "timeout" for e in _artifacts(audit_events)), 60,
@@ -253,7 +265,9 @@ def test_serve_jit_stops_watching_on_reset_and_stays_jit_after_a_timeout(
         return [e["status"] for e in _artifacts(audit_events) if e["module_id"] == owner.module_id]
 
     assert statuses(first) == ["waiting", "serving_jit"]
-    assert sorted(statuses(lc)) == ["serving_jit", "timeout", "waiting"]
+    seen = statuses(lc)
+    assert seen[:2] == ["untrusted", "waiting"] and seen[-1] == "timeout", seen
+    assert sorted(seen[2:-1]) == ["serving_jit", "untrusted"], seen  # the watch refused it too
     timeout = next(e for e in _artifacts(audit_events) if e["status"] == "timeout")
     assert timeout["problem"] and "serving just in time" in timeout["detail"]
     assert record.outcome == "ok" and aot_blocks(lc.module) == []
