@@ -141,11 +141,13 @@ class BackendAdapter(ABC):
     def compiler(
         self, plan: CompilePlanLike, options: Mapping[str, Any],
         artifact_dir: str | os.PathLike[str] | PackageStore | None, *, build_wait_s: float = 600.0,
+        while_building: str = "wait",
     ) -> Compiler:
         """The one compiler a lifecycle calls, configured from ``plan`` and validated ``options``
         (see ``adapters.compiler``). ``artifact_dir`` is a local path or an opened artifact store
         (``adapters.store``): ahead-of-time packages are loaded from it, or built once per fleet
-        under its lease while other replicas wait up to ``build_wait_s``. The default compiles
+        under its lease while other replicas wait up to ``build_wait_s`` (``while_building="wait"``)
+        or serve just-in-time blocks meanwhile (``"serve_jit"``). The default compiles
         just in time through ``compile`` and ``decompile``; ``validate_plan`` has refused what
         this backend cannot run.
 
@@ -354,6 +356,7 @@ class TorchCompileAdapter(BackendAdapter):
     def compiler(
         self, plan: CompilePlanLike, options: Mapping[str, Any],
         artifact_dir: str | os.PathLike[str] | PackageStore | None, *, build_wait_s: float = 600.0,
+        while_building: str = "wait",
     ) -> Compiler:
         if not plan.ahead_of_time:
             return super().compiler(plan, options, artifact_dir, build_wait_s=build_wait_s)
@@ -363,7 +366,7 @@ class TorchCompileAdapter(BackendAdapter):
         fallback = JitBlocksCompiler(self.compile, self.decompile, BlocksPlan(reproducible=plan.reproducible))
         return AotBlocksCompiler(
             options=options, reproducible=plan.reproducible, directory=artifact_dir, fallback=fallback,
-            build_wait_s=build_wait_s,
+            build_wait_s=build_wait_s, while_building=while_building,
         )
 
     def compile(self, module: nn.Module, options: Mapping[str, Any], plan: CompilePlanLike) -> None:

@@ -24,8 +24,15 @@ The methods, in the order a lifecycle uses them:
   checks decide misses.
 - ``refusing(refuse)``: a context inside which such a call raises ``OutsideBounds`` instead of
   running eagerly (``on_unwarmed="fail"``), in this thread or task only.
-- ``describe()``: what ``stats()`` reports; ``restore(module)``: the module eager again;
-  ``close()``: release what the compiler keeps on disk for this process only.
+- ``listen(sink)``: where events to audit go as they happen (``lifecycle.artifacts``: a
+  store's ``waiting`` while the compile waits, a background watch's end), rather than in the
+  report when the compile ends.
+- ``switch(module)``: at a request boundary (the lifecycle's lock held, no request running):
+  apply what a background watch found (e.g. another replica's packages replacing just-in-time
+  blocks); None when there is nothing to apply (the common case: it must be cheap).
+- ``describe()``: what ``stats()`` reports; ``restore(module)``: the module eager again (and any
+  background watch stopped); ``close()``: release what the compiler keeps on disk for this
+  process only.
 """
 
 from __future__ import annotations
@@ -41,6 +48,8 @@ from adapters.errors import AdapterError
 from adapters.protocols import CompilePlanLike
 
 Example = Callable[[], object]
+# Receives one ``lifecycle.artifacts`` event's fields (``status``, ``detail``, ``problem``...).
+EventSink = Callable[[dict[str, Any]], None]
 # The ``detected`` value of a request whose block calls lay outside what was compiled.
 OUTSIDE_BOUNDS = "aot_bounds"
 
@@ -91,6 +100,14 @@ class Compiler(Protocol):
 
     def rebind(self, module: nn.Module) -> dict[str, Any]:
         """Follow replaced weights; the fields to audit (empty: nothing changed)."""
+        ...
+
+    def listen(self, sink: EventSink | None) -> None:
+        """Send events to audit to ``sink`` as they happen (None: only in the reports)."""
+        ...
+
+    def switch(self, module: nn.Module) -> CompileReport | None:
+        """At a request boundary: apply what a background watch found; None: nothing to apply."""
         ...
 
     def misses(self, module: nn.Module) -> int | None:
@@ -144,6 +161,12 @@ class _JitCompiler:
     def rebind(self, module: nn.Module) -> dict[str, Any]:
         return {}  # compiled code reads the module's tensors themselves
 
+    def listen(self, sink: EventSink | None) -> None:
+        return None  # nothing happens in the background
+
+    def switch(self, module: nn.Module) -> CompileReport | None:
+        return None
+
     def misses(self, module: nn.Module) -> int | None:
         return None
 
@@ -177,6 +200,7 @@ __all__ = [
     "OUTSIDE_BOUNDS",
     "CompileReport",
     "Compiler",
+    "EventSink",
     "Example",
     "JitBlocksCompiler",
     "JitModelCompiler",

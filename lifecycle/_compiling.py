@@ -5,6 +5,12 @@ latest one reports on each coverage row) and the module's compiled hold; it call
 lifecycle's one ``Compiler`` (picked by the backend) and its artifact session, and records
 what they report in the transition's audit fields. The lifecycle fires the transitions and
 holds the lock; this module never fires one.
+
+The compiler's events (``lifecycle.artifacts``) are audited as they happen: a store's
+``waiting`` while the compile waits, a background watch's end from its thread. At a request
+boundary (``at_request_boundary``: the lock held, no request running) the compiler may switch
+what the blocks run (another replica's packages replacing just-in-time blocks): the coverage
+rows then report it, and the switch is audited.
 """
 
 from __future__ import annotations
@@ -79,6 +85,7 @@ class CompileStep:
         self._compile_s = 0.0
         # What the latest compile reports on each coverage row (e.g. packages loaded or built).
         self._row: dict[str, Any] = {}
+        compiler.listen(self._live)
 
     # ------------------------------------------------------------------ reads
     @property
@@ -153,6 +160,16 @@ class CompileStep:
             if report is not None:
                 self.report(report, extra)
 
+    def at_request_boundary(self) -> None:
+        """Before a request starts (the lock held, none running): apply what the compiler's
+        background work found; a request already running never sees a switch."""
+        report = self.compiler.switch(self.module)
+        if report is not None:
+            if self._row:
+                self._row = {**self._row, **report.row}
+            for event in report.events:
+                self._emit(event, bool(event.get("problem")))
+
     def release(self) -> None:
         """Drop this lifecycle's hold; the last holder restores the original forward."""
         with self.hold.release(self.holder) as last:
@@ -164,6 +181,10 @@ class CompileStep:
         """Audit one load or save; stale, corrupt and failed are warnings, never errors."""
         extra[f"artifacts_{report.action}"] = report.status
         self._emit(report.as_dict(), report.problem)
+
+    def _live(self, event: dict[str, Any]) -> None:
+        """An event the compiler tells as it happens (the compile's thread or a watch's)."""
+        self._emit(event, bool(event.get("problem")))
 
     def _emit(self, fields: Mapping[str, Any], problem: bool) -> None:
         lost = emit_checked("lifecycle.artifacts", "refused" if problem else "ok", {**self.base, **fields})

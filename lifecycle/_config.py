@@ -26,8 +26,10 @@ if TYPE_CHECKING:
 
 Scope = Literal["model", "blocks"]
 OnUnwarmed = Literal["eager", "fail", "compile"]
+WhileBuilding = Literal["wait", "serve_jit"]
 SCOPES: tuple[str, ...] = ("model", "blocks")
 ON_UNWARMED: tuple[str, ...] = ("eager", "fail", "compile")
+WHILE_BUILDING: tuple[str, ...] = ("wait", "serve_jit")
 
 
 def _check_bool(owner: str, name: str, value: object) -> None:
@@ -100,11 +102,23 @@ class ServingPolicy:
       graphs (one compile for all of them), unless ``compile_options`` sets ``dynamic`` itself.
     - ``measure_paths``: after warm-up, time each bucket compiled and eager, and serve it on
       the faster path.
+    - ``while_building``: what a replica does while another replica of the fleet holds the build
+      lease of its ahead-of-time packages (``CompilePlan(ahead_of_time=True)`` with
+      ``artifact_dir``). ``"wait"``: the compile waits for the packages (up to ``build_wait_s``)
+      and the replica is not ready meanwhile. ``"serve_jit"``: the blocks are compiled just in
+      time, so the replica reaches WarmedUp and serves; a background thread watches the store
+      (up to ``build_wait_s``) and, once the packages are published and checked, the next request
+      to start switches the blocks to them (audited ``lifecycle.artifacts`` ``switched``; a
+      request already running finishes just in time). A wait that ends without packages is
+      audited (``timeout``, ``switch_abandoned``) and the replica stays just in time. Such a
+      replica never builds the packages itself. Refused at construction without an
+      ahead-of-time plan, compile on, and ``artifact_dir``.
 
     Args:
         on_unwarmed: ``"eager"``, ``"fail"`` or ``"compile"``.
         share_bucket_graphs: share dynamic graphs between buckets declared before the compile.
         measure_paths: time each bucket compiled and eager, and serve the faster.
+        while_building: ``"wait"`` or ``"serve_jit"``.
 
     Raises:
         InvalidConfigError: a bad value, here at construction.
@@ -118,11 +132,13 @@ class ServingPolicy:
     on_unwarmed: OnUnwarmed = "eager"
     share_bucket_graphs: bool = True
     measure_paths: bool = False
+    while_building: WhileBuilding = "wait"
 
     def __post_init__(self) -> None:
         _check_choice("ServingPolicy", "on_unwarmed", self.on_unwarmed, ON_UNWARMED)
         _check_bool("ServingPolicy", "share_bucket_graphs", self.share_bucket_graphs)
         _check_bool("ServingPolicy", "measure_paths", self.measure_paths)
+        _check_choice("ServingPolicy", "while_building", self.while_building, WHILE_BUILDING)
 
     def as_dict(self) -> dict[str, Any]:
         """The policy as the audit records it."""
@@ -130,6 +146,7 @@ class ServingPolicy:
             "on_unwarmed": self.on_unwarmed,
             "share_bucket_graphs": self.share_bucket_graphs,
             "measure_paths": self.measure_paths,
+            "while_building": self.while_building,
         }
 
 
@@ -278,6 +295,7 @@ def check_lifecycle_arguments(
     store = open_artifact_store(
         name, artifact_dir, artifact_storage_options, artifact_signing_key, cache_dir
     )
+    check_while_building(name, serving, policy, compile_plan, store)
     wait_s = check_build_wait(name, build_wait_s)
     check_not_moved(compile_options, module=name)
     try:
@@ -375,6 +393,27 @@ def check_build_wait(name: str, value: object) -> float:
     return float(value)
 
 
+def check_while_building(
+    name: str, serving: ServingPolicy, policy: LifecyclePolicy, plan: CompilePlan, store: object
+) -> None:
+    """``while_building="serve_jit"`` means something only for a replica that may wait on another
+    replica's ahead-of-time build: refused elsewhere rather than silently ignored."""
+    if serving.while_building == "wait":
+        return
+    missing = [what for what, ok in (
+        ("compile on (LifecyclePolicy(compile=True))", policy.compile),
+        ("compile_plan=CompilePlan(scope='blocks', ahead_of_time=True)", plan.ahead_of_time),
+        ("artifact_dir= (the fleet's artifact store)", store is not None),
+    ) if not ok]
+    if missing:
+        raise InvalidConfigError(
+            f"{name}: ServingPolicy(while_building='serve_jit') serves just-in-time blocks while "
+            "another replica builds the ahead-of-time packages, so it needs "
+            f"{' and '.join(missing)}; pass them, or drop while_building (the default 'wait')",
+            module=name, state=State.LOADED,
+        )
+
+
 def _refuse_host_compiled(module: nn.Module, name: str) -> None:
     """A module the host compiled in place is refused, never compiled or mounted over:
     mounting cache-dit now would leave that code on the unwrapped path."""
@@ -433,14 +472,17 @@ __all__ = [
     "MOVED_OPTIONS",
     "ON_UNWARMED",
     "SCOPES",
+    "WHILE_BUILDING",
     "CompilePlan",
     "OnUnwarmed",
     "Scope",
     "ServingPolicy",
+    "WhileBuilding",
     "check_build_wait",
     "check_lifecycle_arguments",
     "check_not_moved",
     "check_on_unwarmed",
+    "check_while_building",
     "open_artifact_store",
     "check_steps",
 ]

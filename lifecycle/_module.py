@@ -124,13 +124,12 @@ class ModuleLifecycle(LifecycleViews, AsyncPrepare):
         self._module_id = uuid.uuid4().hex[:12]
         self._module = module
         try:
-            self._artifacts = (
-                ArtifactSession(config.store) if config.store is not None and policy.compile else None
-            )
+            store = config.store if policy.compile else None
+            self._artifacts = ArtifactSession(store) if store is not None else None
             # The one compiler this lifecycle calls, picked and configured by the backend.
             self._compiler: Compiler = config.backend.compiler(
                 config.compile_plan if policy.compile else CompilePlan(), config.torch_options, config.store,
-                build_wait_s=config.build_wait_s,
+                build_wait_s=config.build_wait_s, while_building=config.serving.while_building,
             )
             # What the compiler keeps for this process only goes with the lifecycle.
             weakref.finalize(self, self._compiler.close)
@@ -166,6 +165,9 @@ class ModuleLifecycle(LifecycleViews, AsyncPrepare):
     def _locked(self, trigger: Trigger) -> AbstractContextManager[None]:
         """Hold this lifecycle's lock for ``trigger`` (a busy one is refused, audited)."""
         return self._runner.locked(trigger)
+
+    def _request_boundary(self) -> None:
+        self._compiling.at_request_boundary()
 
     def _request_started(self, active: object) -> None:
         self._serving_state.request_started(active)

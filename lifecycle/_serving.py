@@ -7,11 +7,13 @@
    same thread is refused at once: it could only block the loop);
 2. asks the states table whether ``request`` is legal for every member (WarmedUp), and checks
    the arguments, before any member is touched: refused for all or started for all;
-3. starts each member from a fresh cache context built from its own config (identical requests
+3. lets each member apply a switch its compiler prepared in the background (another replica's
+   packages replacing just-in-time blocks): here, between requests, never inside one;
+4. starts each member from a fresh cache context built from its own config (identical requests
    give identical outputs; nothing of a warm-up or an earlier request leaks in);
-4. decides a miss from a named shape (``on_unwarmed="fail"`` refuses before anything runs);
-5. binds ``request_id`` into structlog's context variables for the block;
-6. puts a call guard in front of each member's module: each call is checked against the input
+5. decides a miss from a named shape (``on_unwarmed="fail"`` refuses before anything runs);
+6. binds ``request_id`` into structlog's context variables for the block;
+7. puts a call guard in front of each member's module: each call is checked against the input
    sizes warm-up saw (a miss found by sizes), runs the module's own eager path where the
    policy or a measured bucket says so, and gets the shared dynamic dims marked on aliases.
 
@@ -276,6 +278,8 @@ class RequestScope:
         try:
             self._lock_all()
             checked = self._check_all()
+            for member in self.members:  # legal, locked, none running: a switch may apply here
+                member._request_boundary()
             self._begin_all(*checked)
             self._token = structlog.contextvars.bind_contextvars(request_id=self.request_id)
             for active in self._actives:

@@ -13,7 +13,9 @@ verify.
 - ``compiled``, store ``unreachable``/``timeout``/``missing``/``untrusted``: the store could not
   serve (no answer, another replica's build took longer than ``build_wait_s``, a read-only store
   without them, a refused package not rebuilt): built into a private folder, nothing published.
-- None (fall back to just in time): the build itself failed, with the reason.
+- None (fall back to just in time): the build itself failed, with the reason; or, when the
+  caller will not wait (``wait=False``), ``busy``: another replica holds the lease (the caller
+  serves just in time and watches the store, ``adapters.aot.watch``).
 
 Every package is built and checked in a private folder and published only when complete (blobs
 first, the manifest last, in one write), so no replica ever sees half a package.
@@ -34,7 +36,7 @@ from torch import nn
 from adapters.aot.bounds import CallSpec
 from adapters.aot.build import build
 from adapters.aot.capture import BlockCall
-from adapters.aot.check import verify_packages
+from adapters.aot.check import CheckJob, check_packages
 from adapters.aot.errors import AotError
 from adapters.aot.kinds import _device_of, block_kinds
 from adapters.aot.store import (
@@ -45,7 +47,7 @@ from adapters.aot.store import (
     host_fingerprint,
     package_key,
 )
-from adapters.store import NewPackage, Obtained, PackageStore, StoreEvent, obtain
+from adapters.store import NewPackage, Obtained, Package, PackageStore, StoreEvent, obtain
 
 # The lease's timing (object stores): renewed every ttl/3 while building; a holder that stops
 # renewing is taken over after ``LEASE_TTL_S`` (+ clock skew). Module values, so a test can
@@ -124,9 +126,11 @@ def obtain_packages(
     scratch: Path,
     wait_s: float,
     on_event: Callable[[StoreEvent], None] | None = None,
+    wait: bool = True,
 ) -> FleetResult:
     """Load this module's packages from ``store`` or build them once in the fleet (module
-    docstring). ``scratch`` is a private folder the caller keeps while the packages are bound."""
+    docstring). ``scratch`` is a private folder the caller keeps while the packages are bound;
+    ``on_event`` hears the store's events as they happen (they are in the result too)."""
     stems = stems_for(module, specs, configs)
     kind_of = {stem: kind for kind, (_, stem) in stems.items()}
 
@@ -142,7 +146,7 @@ def obtain_packages(
 
     obtained = obtain(
         store, sorted(kind_of), make, lease_key=lease_key(stems), wait_s=wait_s, poll_s=POLL_S,
-        lease_ttl_s=LEASE_TTL_S, clock_skew_s=CLOCK_SKEW_S, on_event=on_event,
+        lease_ttl_s=LEASE_TTL_S, clock_skew_s=CLOCK_SKEW_S, on_event=on_event, wait=wait,
     )
     fields = _fields(obtained)
     events = [event.as_dict() for event in obtained.events]
@@ -182,10 +186,11 @@ def _settle(
     events: list[dict[str, Any]],
 ) -> FleetResult:
     kind_of = {stem: kind for kind, (_, stem) in stems.items()}
+    if obtained.status == "busy":
+        return FleetResult("busy", None, "busy", fields, events)
     if obtained.status in ("loaded", "built"):
         packages = {
-            kind_of[stem]: PackageInfo(kind_of[stem], stems[kind_of[stem]][0],
-                                       Path(package.files[PACKAGE_FILE]), dict(package.meta))
+            kind_of[stem]: package_info(kind_of[stem], stems[kind_of[stem]][0], package)
             for stem, package in obtained.packages.items()
         }
         if obtained.status == "built":
@@ -213,34 +218,54 @@ def _settle(
     return FleetResult("compiled", built.packages, store_status, fields, events)
 
 
+def package_info(kind: str, key: str, package: Package) -> PackageInfo:
+    """A verified store package as the compiler binds it."""
+    return PackageInfo(kind, key, Path(package.files[PACKAGE_FILE]), dict(package.meta))
+
+
 def _check_loaded(
     store: PackageStore, module: nn.Module, calls: Mapping[str, Sequence[BlockCall]],
     specs: Mapping[str, CallSpec], packages: dict[str, PackageInfo],
     stems: Mapping[str, tuple[str, str]], fields: dict[str, Any],
 ) -> str | None:
+    blocks = {kind: blocks[0] for kind, blocks in block_kinds(module).items()}
+    return check_fetched(store, blocks, {kind: calls[kind][0] for kind in packages}, specs, packages,
+                         stems, fields)
+
+
+def check_fetched(
+    store: PackageStore, blocks: Mapping[str, nn.Module], calls: Mapping[str, BlockCall],
+    specs: Mapping[str, CallSpec], packages: dict[str, PackageInfo],
+    stems: Mapping[str, tuple[str, str]], fields: dict[str, Any],
+    expected: Mapping[str, list[Any]] | None = None,
+) -> str | None:
     """Bound-ready packages, or why not: usable here, and checked on this host (in a child
-    process, once per node: the pass is marked in the node's cache)."""
+    process, once per node: the pass is marked in the node's cache). ``blocks``/``calls``: each
+    kind's first block and a captured call of it; ``expected``: that call's eager outputs when
+    the caller computed them already (then no block runs here)."""
     for kind, info in packages.items():
         problem = _usable(kind, stems[kind][0], specs[kind], info)
         if problem is not None:
             return f"{kind}: {problem}"
-    kinds = block_kinds(module)
     unchecked: dict[str, PackageInfo] = {}
     for kind, info in packages.items():
-        here = host_fingerprint(_device_of(kinds[kind][0]))
+        here = host_fingerprint(_device_of(blocks[kind]))
         if info.verified_on != here and not store.cache.marked(info.sha256, _check_mark(here)):
             unchecked[kind] = info
     if not unchecked:
         fields["aot_checked_here"] = False
         return None
-    checks = verify_packages(module, unchecked, calls={k: calls[k][0] for k in unchecked}, record=False)
+    checks = check_packages([
+        CheckJob(kind, info.path, blocks[kind], calls[kind], expected=(expected or {}).get(kind))
+        for kind, info in unchecked.items()
+    ])
     failed = {kind: check for kind, check in checks.items() if not check.ok}
     if failed:
         return "; ".join(f"{kind}: check {check.outcome} {check.detail}".strip()
                          for kind, check in failed.items())
     for kind, info in unchecked.items():
         try:
-            store.cache.mark(info.sha256, _check_mark(host_fingerprint(_device_of(kinds[kind][0]))))
+            store.cache.mark(info.sha256, _check_mark(host_fingerprint(_device_of(blocks[kind]))))
         except OSError:  # a node cache that cannot be written: checked again next start
             fields["aot_check_recorded"] = False
     fields["aot_checked_here"] = sorted(unchecked)
@@ -263,4 +288,7 @@ def _fields(obtained: Obtained) -> dict[str, Any]:
     return fields
 
 
-__all__ = ["CLOCK_SKEW_S", "LEASE_TTL_S", "POLL_S", "AotBuildRejected", "FleetResult", "obtain_packages"]
+__all__ = [
+    "CLOCK_SKEW_S", "LEASE_TTL_S", "POLL_S", "AotBuildRejected", "FleetResult", "check_fetched",
+    "lease_key", "obtain_packages", "package_info", "stems_for",
+]

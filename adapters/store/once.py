@@ -11,7 +11,8 @@ key's lease while the other replicas wait, then load what was published.
 3. try the lease. Taken: fetch again (a builder may have just published), else ``build()``
    (the caller's work: it returns the packages' files), publish them, release -> ``built``.
    Not taken: a ``waiting`` event (once per holder), then poll again after ``poll_s``, until
-   ``wait_s`` -> ``timeout``.
+   ``wait_s`` -> ``timeout``; or, when the caller will not wait (``wait=False``), ``busy`` at
+   once (the caller serves otherwise and watches the store itself).
 
 Never raises for what happens in the store; ``build()``'s exception is returned (``failed``,
 ``error``) after the lease is released.
@@ -76,6 +77,7 @@ def obtain(
     clock_skew_s: float = 5.0,
     rebuild_untrusted: bool = True,
     on_event: Callable[[StoreEvent], None] | None = None,
+    wait: bool = True,
 ) -> Obtained:
     """Load ``keys`` from ``store``, building them (once in the fleet) when they are not there.
 
@@ -88,6 +90,8 @@ def obtain(
         lease_ttl_s, clock_skew_s: lease objects' expiry (object stores; see ``lease``).
         rebuild_untrusted: build over a refused package (True) or return ``untrusted``.
         on_event: called with each ``StoreEvent`` as it happens (``waiting``, ``untrusted``, ...).
+        wait: False: another replica holding the lease is answered ``busy`` after the ``waiting``
+            event, without waiting.
     """
     _check_times(wait_s=wait_s, poll_s=poll_s, lease_ttl_s=lease_ttl_s, clock_skew_s=clock_skew_s)
     run = _Run(list(keys), time.monotonic(), on_event)
@@ -125,6 +129,8 @@ def obtain(
         if who != last_holder:
             last_holder = who
             run.event("waiting", lease_key, holder)
+        if not wait:
+            return run.done("busy", fetches=fetches, detail=holder)
         if run.waited_from is None:
             run.waited_from = time.monotonic()
         if time.monotonic() - run.started >= wait_s:

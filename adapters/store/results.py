@@ -12,7 +12,8 @@ Obtain (build once per fleet): ``loaded`` (another replica's packages), ``built`
 built them; ``published`` says whether the others can load them), ``untrusted`` (refused and, by
 the caller's choice, not rebuilt), ``unreachable``, ``missing`` (nothing there and nothing may be
 built: a read-only store), ``timeout`` (waited ``build_wait_s`` for another replica's build),
-``failed`` (this process's build raised: ``error``). ``waiting`` is an event, while it lasts.
+``failed`` (this process's build raised: ``error``), ``busy`` (another replica holds the build
+lease and the caller chose not to wait). ``waiting`` is an event, while it lasts.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from adapters.store.manifest import Manifest
 
 FetchStatus = Literal["found", "missing", "untrusted", "unreachable", "denied"]
 PublishStatus = Literal["published", "read_only", "unreachable", "failed"]
-ObtainStatus = Literal["loaded", "built", "untrusted", "unreachable", "missing", "timeout", "failed"]
+ObtainStatus = Literal[
+    "loaded", "built", "untrusted", "unreachable", "missing", "timeout", "failed", "busy",
+]
 # Outcomes whose audit event is a warning.
 PROBLEMS = frozenset({"untrusted", "unreachable", "denied", "read_only", "timeout", "failed"})
 
