@@ -7,7 +7,8 @@ request's output bytes.
 
 Its argument is a JSON object: ``url``, ``options`` (fsspec), ``signing_key`` (hex), ``cache_dir``,
 ``ready`` (a folder: one file per replica ready), ``go`` (start when this file exists), ``out``,
-and ``lease_ttl_s`` (short leases, so a killed builder is taken over quickly).
+``lease_ttl_s`` (short leases, so a killed builder is taken over quickly) and ``waiting`` (a folder:
+a file per replica appears there when its first ``waiting`` event is audited, as it happens).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 
 def main() -> int:
@@ -27,6 +30,7 @@ def main() -> int:
     from adapters import dynamo_graph_count
     from adapters.aot import fleet
     from lifecycle import CompilePlan, ModuleLifecycle
+    from lifecycle.audit import add_listener
     from lifecycle.testing import capture_audit
     from lifecycle.testing.tiny import FluxShape, demo_cache_config, denoise, flux_inputs, tiny_flux
 
@@ -37,6 +41,11 @@ def main() -> int:
         with torch.no_grad():
             denoise(module, flux_inputs(FluxShape(image_tokens=shape["tokens"])), 2)
 
+    def on_audit(event: str, fields: Mapping[str, Any]) -> None:
+        if args.get("waiting") and event == "lifecycle.artifacts" and fields.get("status") == "waiting":
+            (Path(args["waiting"]) / str(os.getpid())).touch()
+
+    add_listener(on_audit)
     module = tiny_flux()
     (Path(args["ready"]) / str(os.getpid())).touch()
     go = Path(args["go"])

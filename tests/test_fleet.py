@@ -128,7 +128,9 @@ def test_a_builder_killed_mid_build_is_taken_over_after_its_lease_ends(
     tmp_path: Path, s3: S3Server
 ) -> None:
     url = s3.url()
-    args = {"url": url, "options": s3.options(), "lease_ttl_s": 3}
+    waiting = tmp_path / "waiting"
+    waiting.mkdir()
+    args = {"url": url, "options": s3.options(), "lease_ttl_s": 3, "waiting": str(waiting)}
     first_go, second_go = tmp_path / "go-1", tmp_path / "go-2"
     builder, _ = _spawn(tmp_path, 0, first_go, **args)
     waiter, waiter_out = _spawn(tmp_path, 1, second_go, **args)
@@ -140,8 +142,11 @@ def test_a_builder_killed_mid_build_is_taken_over_after_its_lease_ends(
         while not client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/aot/leases/").get("KeyCount"):
             assert time.monotonic() < deadline and builder.poll() is None, _stderr(builder)
             time.sleep(0.1)
-        second_go.touch()  # the waiter finds the lease held...
-        time.sleep(2.0)
+        second_go.touch()  # the waiter finds the lease held (it audits `waiting` as it happens)...
+        while not any(waiting.iterdir()):
+            assert time.monotonic() < deadline and waiter.poll() is None, _stderr(waiter)
+            time.sleep(0.05)
+        assert builder.poll() is None, _stderr(builder)
         builder.send_signal(signal.SIGKILL)  # ...and its holder dies mid-build
         builder.wait()
         result = _result(waiter, waiter_out)
