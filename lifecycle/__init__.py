@@ -43,6 +43,8 @@ if TYPE_CHECKING:
     from lifecycle._config import CompilePlan, ServingPolicy
     from lifecycle._distributed import DistributedLifecycle
     from lifecycle._errors import (
+        AuditWriteError,
+        AuditWriteWarning,
         BackendUnavailableError,
         DistributedTransitionError,
         IllegalTransitionError,
@@ -77,6 +79,8 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "AuditWriteError",
+    "AuditWriteWarning",
     "BackendUnavailableError",
     "CompilePlan",
     "DistributedLifecycle",

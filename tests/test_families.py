@@ -42,8 +42,8 @@ from lifecycle import LifecyclePolicy, ModuleLifecycle, PipelineLifecycle, State
 # rows the family runs above recorded in this process.
 pytestmark = pytest.mark.xdist_group("families")
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "pipelines.md"
-# The slowest families on the 2-core CPU (``FamilyCase.slow``). CI runs them too: the suite runs
-# with plain `pytest -q`, which does not deselect `slow`.
+# The slowest families on the 2-core CPU (``FamilyCase.slow``): `scripts/test.sh` leaves them out,
+# `scripts/test.sh --all` (what CI runs) runs them.
 SLOW = frozenset(f.key for f in FAMILIES if f.slow)
 RESULTS: dict[str, FamilyResult] = {}
 
