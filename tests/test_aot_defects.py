@@ -79,6 +79,19 @@ def test_reproducible_builds_in_deterministic_mode_and_the_key_records_it() -> N
     assert aot.package_key(block, configs=plain) != aot.package_key(block, configs=deterministic)
 
 
+def test_the_key_records_which_attention_backends_export_may_choose() -> None:
+    # A host that exports with cuDNN attention off (fewer first-call plans at new sizes) gets
+    # packages of its own; a replica with torch's default flags never loads them, nor they its.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    block = Stack().blocks[0]
+    default = aot.package_key(block)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        without_cudnn = aot.package_key(block)
+    assert without_cudnn != default
+    assert aot.package_key(block) == default  # the flags are back, and so is the key
+
+
 # ------------------------------------------------------------------------ attributes and kinds
 @pytest.mark.slow
 def test_blocks_differing_in_a_plain_attribute_get_their_own_package_and_check(

@@ -161,6 +161,15 @@ def spec_digest(spec: CallSpec) -> str:
     return _digest(spec.to_json(), 16)
 
 
+def attention_backends() -> dict[str, bool]:
+    """Which scaled-dot-product attention backends torch may choose now: its process-wide flags
+    (what ``torch.nn.attention.sdpa_kernel`` sets). Export bakes the op it chose into the package,
+    so packages exported under other flags are other packages."""
+    flags = torch.backends.cuda
+    return {"flash": flags.flash_sdp_enabled(), "efficient": flags.mem_efficient_sdp_enabled(),
+            "math": flags.math_sdp_enabled(), "cudnn": flags.cudnn_sdp_enabled()}
+
+
 def package_key(
     block: nn.Module,
     *,
@@ -171,7 +180,8 @@ def package_key(
 ) -> str:
     """The package's key: block kind (its weights layout and the plain attributes its forward may
     read), its code, torch, device, inductor configs (``configs`` as ``inductor_configs`` made
-    them, else from ``inductor_options``), format, the bounds (``spec``) and a plan token."""
+    them, else from ``inductor_options``), the attention backends allowed, format, the bounds
+    (``spec``) and a plan token."""
     device = _device_of(block)
     _check_device(device)
     if configs is None:
@@ -179,7 +189,7 @@ def package_key(
     return _digest([
         FORMAT_VERSION, block_kind(block), _code_digest(block), torch.__version__,
         device_description(device), json.loads(json.dumps(dict(configs), sort_keys=True, default=repr)),
-        None if spec is None else spec_digest(spec), plan_token,
+        None if spec is None else spec_digest(spec), plan_token, attention_backends(),
     ])
 
 
