@@ -165,9 +165,9 @@ def attention_backends() -> dict[str, bool]:
     """Which scaled-dot-product attention backends torch may choose now: its process-wide flags
     (what ``torch.nn.attention.sdpa_kernel`` sets). Export bakes the op it chose into the package,
     so packages exported under other flags are other packages."""
-    flags = torch.backends.cuda
-    return {"flash": flags.flash_sdp_enabled(), "efficient": flags.mem_efficient_sdp_enabled(),
-            "math": flags.math_sdp_enabled(), "cudnn": flags.cudnn_sdp_enabled()}
+    flags: Any = torch.backends.cuda  # its getters carry no annotations
+    return {"flash": bool(flags.flash_sdp_enabled()), "efficient": bool(flags.mem_efficient_sdp_enabled()),
+            "math": bool(flags.math_sdp_enabled()), "cudnn": bool(flags.cudnn_sdp_enabled())}
 
 
 def package_key(
