@@ -191,6 +191,7 @@ def _fallback_start(artifact_dir: Path, audit_events: Any) -> dict[str, Any]:
 
 
 # A store that cannot be read or written builds on this replica (nothing shared), audited.
+@pytest.mark.slow
 def test_an_artifact_dir_that_is_a_file_builds_locally_audited(tmp_path: Path, audit_events: Any) -> None:
     path = tmp_path / "file"
     path.write_text("not a directory")
@@ -199,12 +200,14 @@ def test_an_artifact_dir_that_is_a_file_builds_locally_audited(tmp_path: Path, a
     assert path.read_text() == "not a directory"
 
 
+@pytest.mark.slow
 def test_a_symlink_loop_builds_locally_audited(tmp_path: Path, audit_events: Any) -> None:
     (tmp_path / "aot").symlink_to(tmp_path / "aot")
     event = _fallback_start(tmp_path, audit_events)
     assert event["ahead_of_time"] == "compiled" and event["aot_store"] in {"unreachable", "missing"}
 
 
+@pytest.mark.slow
 def test_a_read_only_empty_volume_builds_locally_audited(
     tmp_path: Path, audit_events: Any, immutable: Any
 ) -> None:

@@ -67,6 +67,7 @@ def test_the_key_survives_calls_through_cache_dit(cache_config, inputs):
     assert lc._artifact_key() == fresh == lc._artifacts.key
 
 
+@pytest.mark.slow
 def test_the_key_is_the_same_in_every_process(cache_config):
     # diffusers' config carries a list whose order follows string hashing (different per
     # process): measured on an H100, it made every restart's key differ until it was left out.
@@ -266,6 +267,7 @@ def _child(artifact_dir: Path, inductor_cache: Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_restart_loads_artifacts_and_inductor_compiles_nothing(tmp_path):
     artifacts = tmp_path / "artifacts"
     cold = _child(artifacts, tmp_path / "inductor-1")
