@@ -87,8 +87,9 @@ def _store_args(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> di
 
 
 # --------------------------------------------------------------------------- build once
-@pytest.mark.slow
-@pytest.mark.parametrize("kind", ["shared-folder", "s3"])
+# The S3 case runs in the README's test command (the fleet's promise, end to end with the tiny
+# model); the shared folder's, with the slow cases.
+@pytest.mark.parametrize("kind", [pytest.param("shared-folder", marks=pytest.mark.slow), "s3"])
 def test_four_replicas_started_together_build_once_and_agree_bit_for_bit(
     kind: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
