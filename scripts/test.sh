@@ -3,7 +3,7 @@
 # run the core and families tests on the engines' pinned releases, and build the docs site strictly
 # (every page, link and API reference entry).
 #
-#   bash scripts/test.sh          # everything but the cases marked slow (about 10 minutes on 2 cores)
+#   bash scripts/test.sh          # everything but the cases marked slow (7.5-9 minutes on 2 idle cores)
 #   bash scripts/test.sh --all    # the slow cases too: replicas in many processes, every docs page's
 #                                 # examples, ahead-of-time builds (CI runs this: .ci/run)
 #
