@@ -43,7 +43,7 @@ from lifecycle import LifecyclePolicy, ModuleLifecycle, PipelineLifecycle, State
 pytestmark = pytest.mark.xdist_group("families")
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "pipelines.md"
 # The slowest families on the 2-core CPU (``FamilyCase.slow``): `scripts/test.sh` leaves them out,
-# `scripts/test.sh --all` (what CI runs) runs them.
+# `scripts/test_slow.sh` (CI runs it) runs them.
 SLOW = frozenset(f.key for f in FAMILIES if f.slow)
 RESULTS: dict[str, FamilyResult] = {}
 
