@@ -39,6 +39,16 @@ def _lease_of(source: Path, store_dir: Path) -> Lease:
     return open_store(store_dir).child("aot").lease(key)
 
 
+def _building_elsewhere(tmp_path: Path) -> tuple[Path, Path, Lease]:
+    """The shared build's packages (not yet published), an empty store, and its build lease held
+    as another replica holds it while it builds."""
+    source, _ = flux_packages()
+    store_dir = tmp_path / "store"
+    lease = _lease_of(source, store_dir)
+    assert lease.try_acquire()
+    return source, store_dir, lease
+
+
 def _publish(source: Path, store_dir: Path) -> None:
     """What the other replica's build publishes: the blobs first, the manifests last."""
     target = store_dir / "aot"
@@ -141,10 +151,7 @@ def test_while_building_is_checked_and_recorded() -> None:
 # --------------------------------------------------------------------------- through the lifecycle
 @pytest.mark.slow
 def test_waiting_reaches_the_audit_while_the_replica_still_waits(tmp_path: Path, audit_events: Any) -> None:
-    source, _ = flux_packages()
-    store_dir = tmp_path / "store"
-    lease = _lease_of(source, store_dir)
-    assert lease.try_acquire()  # another replica is building
+    source, store_dir, lease = _building_elsewhere(tmp_path)
     lc = flux_lifecycle(store_dir, cache_dir=tmp_path / "cache", build_wait_s=300)
     failures: list[BaseException] = []
 
@@ -179,10 +186,7 @@ def test_waiting_reaches_the_audit_while_the_replica_still_waits(tmp_path: Path,
 def test_serve_jit_is_ready_at_once_and_switches_to_the_packages_between_requests(
     tmp_path: Path, audit_events: Any
 ) -> None:
-    source, _ = flux_packages()
-    store_dir = tmp_path / "store"
-    lease = _lease_of(source, store_dir)
-    assert lease.try_acquire()
+    source, store_dir, lease = _building_elsewhere(tmp_path)
     try:
         lc = flux_lifecycle(store_dir, cache_dir=tmp_path / "cache", build_wait_s=300, serving=SERVE_JIT)
         lc.prepare(flux_run, shapes=FLUX_BUCKETS)
@@ -236,10 +240,7 @@ def test_serve_jit_is_ready_at_once_and_switches_to_the_packages_between_request
 def test_serve_jit_stops_watching_on_reset_and_stays_jit_after_a_timeout(
     tmp_path: Path, audit_events: Any
 ) -> None:
-    source, _ = flux_packages()
-    store_dir = tmp_path / "store"
-    lease = _lease_of(source, store_dir)
-    assert lease.try_acquire()
+    source, store_dir, lease = _building_elsewhere(tmp_path)
     try:
         first = flux_lifecycle(store_dir, cache_dir=tmp_path / "cache", build_wait_s=300, serving=SERVE_JIT)
         first.prepare(flux_run, shapes=FLUX_BUCKETS)
